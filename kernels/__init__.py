@@ -1,0 +1,1 @@
+"""Triton kernels and their chunked PyTorch forms, installed as `hscr_fast.kernels`."""
