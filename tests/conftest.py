@@ -24,3 +24,46 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real Med-VQA data not found: set HSCR_SHARED_DATA or place it at ../shared/data")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    """(model, processor): a tiny real-architecture LLaVA (CLIP vision + Mistral), random weights, float32, eval."""
+    from hscr_fast.models.tiny import build_tiny_llava
+
+    return build_tiny_llava()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_llava):
+    from hscr_fast.models.vlm import VisionLanguageModel
+
+    model, processor = tiny_llava
+    return VisionLanguageModel(model, processor)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_llava):
+    """The tiny LLaVA saved as a standard transformers checkpoint directory."""
+    out = tmp_path_factory.mktemp("tiny_llava")
+    model, processor = tiny_llava
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def random_rgb_images(count: int, seed: int = 0, sizes=((60, 50), (41, 77), (56, 56), (90, 33))):
+    """Random RGB PIL images of assorted (odd) sizes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (sizes[i % len(sizes)][1], sizes[i % len(sizes)][0], 3),
+                                         dtype=np.uint8)) for i in range(count)]
+
+
+@pytest.fixture(scope="session")
+def make_images():
+    """`make_images(count, seed=0)` → random RGB PIL images of odd sizes (a fixture: importlib mode has no conftest
+    imports)."""
+    return random_rgb_images

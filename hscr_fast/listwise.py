@@ -1,0 +1,187 @@
+"""The prefix-shared listwise forward.
+
+A prompt's k+1 responses share the image tokens and the question (~600 tokens for a 336px image) while answers are
+often a few tokens. Each prompt is packed into ONE row:
+
+    [ prefix: text-before-image | visual tokens | text-after-image ][ r0 ][ r1 ] ... [ rk ]
+
+with a 4D boolean attention mask in which prefix tokens attend causally to the prefix and every response token
+attends to the whole prefix and causally to its own response, never to another response. Positions restart after
+the prefix for each response, so every response sees exactly the positions it would see alone. One forward
+therefore computes `prefix + Σ answers` tokens instead of `(k+1)·(prefix + answer)`, and gradients flow to the
+shared prefix once (summed over responses), exactly as in k+1 separate forwards.
+
+The last token of a response is never fed in (nothing is predicted from it): the hidden state that predicts a
+response's first token is the prefix's last one, shared by all responses.
+
+Mask choice: a dense bool mask, which transformers hands to SDPA unchanged (`attn_implementation="sdpa"`; eager gets
+it converted to additive form). It costs B·L² bits and lets SDPA use its memory-efficient kernel; it is exact and
+backend-independent, and it works with gradient checkpointing (no KV cache is carried between layers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .models.prompting import PromptTokens
+
+PREFIX_SEGMENT = 0
+PAD_SEGMENT = -1
+
+
+@dataclass
+class ListwiseExample:
+    """One prompt with its responses (token ids, EOS included). Response 0 is the preferred one by convention."""
+
+    prompt: PromptTokens
+    responses: list[list[int]]
+    visual_tokens: torch.Tensor  # [N, D] in the language model's embedding space (after dropout when applied)
+    visual_attendable: torch.Tensor | None = None  # bool [N]; False = masked out (dropout mode "mask")
+
+    def __post_init__(self):
+        if not self.responses:
+            raise ValueError("a listwise example needs at least one response")
+        for index, response in enumerate(self.responses):
+            if len(response) == 0:
+                raise ValueError(f"response {index} is empty (it must at least hold EOS)")
+
+    @property
+    def prefix_length(self) -> int:
+        return len(self.prompt.before_image) + self.visual_tokens.shape[0] + len(self.prompt.after_image)
+
+    @property
+    def packed_length(self) -> int:
+        return self.prefix_length + sum(len(r) - 1 for r in self.responses)
+
+
+@dataclass
+class PackedBatch:
+    inputs_embeds: torch.Tensor  # [B, L, D]
+    attention_mask: torch.Tensor  # bool [B, 1, L, L], True = may attend
+    position_ids: torch.Tensor  # [B, L]
+    score_rows: torch.Tensor  # [M] flat row index (b·L + position) of the hidden state predicting each answer token
+    score_labels: torch.Tensor  # [M] the answer token it predicts
+    score_slots: torch.Tensor  # [M] flat response slot (b·S + j) the token belongs to
+    valid: torch.Tensor  # bool [B, S]; S = max responses per prompt
+    num_real_tokens: int = 0  # tokens fed through the decoder, padding excluded
+    segment_ids: torch.Tensor = field(default=None, repr=False)  # [B, L]: -1 pad, 0 prefix, j+1 response j
+
+    @property
+    def num_slots(self) -> int:
+        return self.valid.shape[1]
+
+
+def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None) -> PackedBatch:
+    """Builds the packed rows. `embed_tokens(ids [n]) -> [n, D]` is the model's text embedding."""
+    if not examples:
+        raise ValueError("pack_examples needs at least one example")
+    device = device or examples[0].visual_tokens.device
+    batch = len(examples)
+    length = max(ex.packed_length for ex in examples)
+    slots = max(len(ex.responses) for ex in examples)
+    hidden = examples[0].visual_tokens.shape[-1]
+    dtype = examples[0].visual_tokens.dtype
+
+    # One embedding call for all text in the batch.
+    text_ids = []
+    for ex in examples:
+        text_ids += list(ex.prompt.before_image) + list(ex.prompt.after_image)
+        for response in ex.responses:
+            text_ids += response[:-1]
+    text_embeds = embed_tokens(torch.tensor(text_ids, dtype=torch.long, device=device)).to(dtype)
+
+    rows, positions, segments, attendable = [], [], [], []
+    score_rows, score_labels, score_slots = [], [], []
+    valid = torch.zeros(batch, slots, dtype=torch.bool)
+    cursor = 0
+    for b, ex in enumerate(examples):
+        n_before, n_after, n_visual = len(ex.prompt.before_image), len(ex.prompt.after_image), ex.visual_tokens.shape[0]
+        pieces = [text_embeds[cursor:cursor + n_before], ex.visual_tokens.to(dtype),
+                  text_embeds[cursor + n_before:cursor + n_before + n_after]]
+        cursor += n_before + n_after
+        prefix = ex.prefix_length
+        row_segments = [PREFIX_SEGMENT] * prefix
+        row_positions = list(range(prefix))
+        visual_ok = (torch.ones(n_visual, dtype=torch.bool) if ex.visual_attendable is None
+                     else ex.visual_attendable.to("cpu", torch.bool))
+        row_attendable = [True] * n_before + visual_ok.tolist() + [True] * n_after
+        offset = prefix
+        for j, response in enumerate(ex.responses):
+            fed = len(response) - 1
+            pieces.append(text_embeds[cursor:cursor + fed])
+            cursor += fed
+            # Hidden state predicting token i of the response: the prefix's last token for i = 0, else token i-1.
+            predicting = [prefix - 1] + list(range(offset, offset + fed))
+            score_rows += [b * length + p for p in predicting]
+            score_labels += list(response)
+            score_slots += [b * slots + j] * len(response)
+            row_segments += [j + 1] * fed
+            row_positions += list(range(prefix, prefix + fed))
+            row_attendable += [True] * fed
+            offset += fed
+            valid[b, j] = True
+        pad = length - offset
+        if pad:
+            pieces.append(torch.zeros(pad, hidden, dtype=dtype, device=device))
+        rows.append(torch.cat(pieces))
+        segments.append(row_segments + [PAD_SEGMENT] * pad)
+        positions.append(row_positions + [0] * pad)
+        attendable.append(row_attendable + [False] * pad)
+
+    segment_ids = torch.tensor(segments, dtype=torch.long, device=device)
+    attendable_t = torch.tensor(attendable, dtype=torch.bool, device=device)
+    return PackedBatch(
+        inputs_embeds=torch.stack(rows),
+        attention_mask=listwise_attention_mask(segment_ids, attendable_t),
+        position_ids=torch.tensor(positions, dtype=torch.long, device=device),
+        score_rows=torch.tensor(score_rows, dtype=torch.long, device=device),
+        score_labels=torch.tensor(score_labels, dtype=torch.long, device=device),
+        score_slots=torch.tensor(score_slots, dtype=torch.long, device=device),
+        valid=valid.to(device),
+        num_real_tokens=sum(ex.packed_length for ex in examples),
+        segment_ids=segment_ids,
+    )
+
+
+def listwise_attention_mask(segment_ids: torch.Tensor, attendable: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, L, L]: key k is visible to query q iff k ≤ q, k is attendable, and k is in the prefix or in q's
+    own response. Padding queries see only themselves, so no softmax row is empty."""
+    length = segment_ids.shape[1]
+    index = torch.arange(length, device=segment_ids.device)
+    causal = index[None, :] <= index[:, None]  # [q, k]
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    same_view = (seg_k == PREFIX_SEGMENT) | (seg_k == seg_q)
+    mask = causal[None] & same_view & attendable[:, None, :]
+    pad_query = (segment_ids == PAD_SEGMENT)[:, :, None] & torch.eye(length, dtype=torch.bool,
+                                                                      device=segment_ids.device)[None]
+    return (mask | pad_query)[:, None]
+
+
+def answer_hidden_states(vlm, batch: PackedBatch) -> torch.Tensor:
+    """[M, D] final hidden states that predict each answer token of the batch (in `score_rows` order)."""
+    hidden = vlm.decoder_hidden_states(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_rows)
+
+
+def sum_by_slot(token_values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Per-token values [M] → per-response sums [B, S] (0 at invalid slots)."""
+    out = torch.zeros(batch.valid.numel(), dtype=token_values.dtype, device=token_values.device)
+    out = out.index_add(0, batch.score_slots, token_values)
+    return out.view(batch.valid.shape)
+
+
+def listwise_logprobs(vlm, batch: PackedBatch) -> torch.Tensor:
+    """Sequence log-probs [B, S] (sum over answer tokens, float32) of every response, differentiable."""
+    from hscr_fast.kernels import fused_linear_logprobs
+
+    hidden = answer_hidden_states(vlm, batch)
+    token_logps = fused_linear_logprobs(hidden, vlm.lm_head_weight, batch.score_labels)
+    return sum_by_slot(token_logps, batch)
+
+
+def encode_examples(vlm, pixel_values: torch.Tensor, prompts: list[PromptTokens],
+                    responses: list[list[list[int]]]) -> list[ListwiseExample]:
+    """Runs the vision tower once for the batch's images and pairs each prompt with its visual tokens."""
+    visual = vlm.encode_images(pixel_values)
+    return [ListwiseExample(prompt, resp, visual[i]) for i, (prompt, resp) in enumerate(zip(prompts, responses))]

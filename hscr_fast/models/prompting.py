@@ -1,0 +1,91 @@
+"""Prompt formats and tokenisation, as LLaVA trains and evaluates.
+
+A prompt holds exactly one image placeholder. Like LLaVA's `tokenizer_image_token`, the text is split at the
+placeholder and each chunk is tokenised on its own (BOS only on the first); the visual tokens are spliced in between
+at embedding time, so the placeholder never needs an embedding and any number of visual tokens fits (visual token
+dropout in `remove` mode shortens the sequence).
+
+The answer is tokenised as a continuation of the text after the image, then EOS is appended, so the tokens the model
+is scored on are exactly the tokens it would generate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<image>"
+# LLaVA's `conv_vicuna_v1`, the conversation format LLaVA-Med v1.5's Med-VQA evaluation uses.
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+PROMPT_FORMATS = ("llava-med", "chat-template")
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenised prompt: text before the image (with BOS) and after it (up to where the answer starts)."""
+
+    before_image: tuple[int, ...]
+    after_image: tuple[int, ...]
+    text: str
+
+    @property
+    def num_text_tokens(self) -> int:
+        return len(self.before_image) + len(self.after_image)
+
+
+def strip_image_tag(question: str) -> str:
+    """The question text without LLaVA's `<image>` tag and the newline that follows it."""
+    return question.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def format_prompt(question: str, tokenizer, prompt_format: str = "llava-med") -> str:
+    """The full prompt text with one `<image>` placeholder, ending where the assistant's answer begins."""
+    question = strip_image_tag(question)
+    if prompt_format == "llava-med":
+        return f"{VICUNA_V1_SYSTEM} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+    if prompt_format == "chat-template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt format 'chat-template' needs a tokenizer with a chat_template; "
+                             "this tokenizer has none (use --prompt-format llava-med)")
+        messages = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {PROMPT_FORMATS}")
+
+
+def _encode(tokenizer, text: str, *, with_bos: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if with_bos and bos is not None and not (ids and ids[0] == bos):
+        ids = [bos] + ids
+    return ids
+
+
+def tokenize_prompt(tokenizer, prompt_text: str) -> PromptTokens:
+    before, sep, after = prompt_text.partition(IMAGE_PLACEHOLDER)
+    if not sep or IMAGE_PLACEHOLDER in after:
+        raise ValueError(f"a prompt must contain exactly one {IMAGE_PLACEHOLDER} placeholder: {prompt_text!r}")
+    # The template may already spell out BOS as text (chat templates often do); never add a second one.
+    bos_text = tokenizer.bos_token or ""
+    has_bos_text = bool(bos_text) and before.startswith(bos_text)
+    return PromptTokens(tuple(_encode(tokenizer, before, with_bos=not has_bos_text)),
+                        tuple(_encode(tokenizer, after, with_bos=False)), prompt_text)
+
+
+def tokenize_answer(tokenizer, prompt: PromptTokens, answer: str, *, add_eos: bool = True) -> list[int]:
+    """Answer tokens as a continuation of the prompt text after the image, plus EOS.
+
+    Tokenising `after + " " + answer` and removing the prompt's own tokens keeps the word-initial marker the model
+    saw in training ("▁yes", not "yes"). If the tokenizer merged across the boundary, the split falls back to
+    character offsets.
+    """
+    after_text = prompt.text.partition(IMAGE_PLACEHOLDER)[2]
+    continuation = after_text + " " + answer.strip()
+    encoded = tokenizer(continuation, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    n_prompt = len(prompt.after_image)
+    if list(ids[:n_prompt]) == list(prompt.after_image):
+        answer_ids = list(ids[n_prompt:])
+    else:
+        answer_ids = [tok for tok, (start, _end) in zip(ids, offsets) if start >= len(after_text)]
+    if add_eos:
+        answer_ids.append(tokenizer.eos_token_id)
+    return answer_ids

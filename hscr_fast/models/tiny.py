@@ -1,0 +1,116 @@
+"""Tiny real-architecture LLaVA models built in code: CLIP vision tower + MLP projector + Mistral decoder, random
+weights, a working tokenizer and processor. Used by the tests and as the starting point of the demo model.
+
+Nothing here touches the network: the tokenizer is a small BPE trained in memory on a word list, wrapped in
+transformers' `PreTrainedTokenizerFast`, so it saves and reloads with `AutoTokenizer` like any real one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .prompting import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER]
+
+# Enough English for the conversation scaffold and test sentences; callers add their own domain corpus.
+BASE_CORPUS = [
+    VICUNA_V1_SYSTEM,
+    "USER: ASSISTANT:",
+    "Is there a lesion in the left lung? yes no",
+    "Where is the abnormality? The right upper lobe shows a small nodule.",
+    "What organ is shown in this image? chest abdomen brain head neck liver kidney heart lung",
+    "How many lesions are there? zero one two three four five 0 1 2 3 4 5 6 7 8 9 10",
+    "What modality is used? CT MRI X-ray ultrasound. Is this a normal image? Describe the image.",
+    "large small left right upper lower lobe lesion nodule mass effusion pneumonia fracture none seen",
+    "a an the of in on at with and or is are was were this that there these those which what where how",
+]
+
+
+@dataclass
+class TinyLlavaSpec:
+    """Shapes of a tiny LLaVA; the defaults give a model that runs a forward in milliseconds on one CPU core."""
+
+    image_size: int = 56
+    patch_size: int = 14
+    vision_hidden: int = 32
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 128
+    tokenizer_vocab: int = 512
+    max_position_embeddings: int = 2048
+    seed: int = 0
+    corpus: list[str] = field(default_factory=list)
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int):
+    """A SentencePiece-style (Metaspace + BPE) fast tokenizer trained in memory, like Mistral's in behaviour."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'\"()-/%▁\n"))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(list(corpus), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        additional_special_tokens=[IMAGE_PLACEHOLDER], padding_side="left",
+    )
+
+
+def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str = "sdpa"):
+    """Returns (model, processor) with random weights. `processor.tokenizer` and `processor.image_processor` work."""
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, MistralConfig)
+
+    spec = spec or TinyLlavaSpec()
+    tokenizer = train_tokenizer(BASE_CORPUS + list(spec.corpus), spec.tokenizer_vocab)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    vision_config = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden, intermediate_size=spec.vision_hidden * 4, num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden,
+    )
+    text_config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
+        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+        num_key_value_heads=spec.text_kv_heads, max_position_embeddings=spec.max_position_embeddings,
+        sliding_window=None, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+    )
+    num_patches = (spec.image_size // spec.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
+        image_seq_length=num_patches, projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # The PIL backend: torchvision (the default backend) has no build that installs beside the CPU torch we pin.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
+        do_center_crop=True, do_resize=True, do_normalize=True,
+    )
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor
+
+
+def save_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> Path:
+    """Builds a tiny LLaVA and writes it as a standard transformers checkpoint directory (safetensors)."""
+    out_dir = Path(out_dir)
+    model, processor = build_tiny_llava(spec)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,222 @@
+"""`VisionLanguageModel`: a LLaVA-family checkpoint seen as the separate pieces HSCR needs.
+
+- `encode_images(pixel_values)`: vision tower + projector → visual tokens [B, N, D] in the language model's space;
+- `embed_tokens(ids)`: text embeddings;
+- `decoder_hidden_states(inputs_embeds, attention_mask, position_ids)`: the language model's final hidden states,
+  never the logits (log-probs come from `hscr_fast.kernels.fused_linear_logprobs` over answer positions only);
+- `lm_head_weight`: [V, D], for the fused kernels.
+
+The wrapper holds a reference to the transformers model; when peft injects LoRA layers the module tree is edited in
+place, so the same wrapper keeps working on the adapted model (`adapter_disabled()` gives the reference model).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .prompting import PROMPT_FORMATS
+
+SUPPORTED_ARCHITECTURES = {
+    "LlavaForConditionalGeneration": "llava",
+}
+# Checkpoint layouts we can read after conversion, with the command that converts them.
+CONVERTIBLE_ARCHITECTURES = {
+    "LlavaMistralForCausalLM": "python -m hscr_fast.models.convert SRC DST",
+    "LlavaLlamaForCausalLM": "python -m hscr_fast.models.convert SRC DST",
+}
+SIDECAR_NAME = "hscr_fast.json"
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass
+class ModelOptions:
+    """Per-checkpoint choices that transformers' config does not record (stored in `hscr_fast.json` beside it)."""
+
+    prompt_format: str = "llava-med"
+    # LLaVA-Med pads images to a square with the mean colour before CLIP preprocessing ("pad"); "crop" is CLIP's
+    # own resize + centre crop.
+    image_aspect_ratio: str = "pad"
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "ModelOptions":
+        path = Path(model_dir) / SIDECAR_NAME
+        if not path.is_file():
+            return cls()
+        values = json.loads(path.read_text())
+        options = cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        if options.prompt_format not in PROMPT_FORMATS:
+            raise ValueError(f"{path}: unknown prompt_format {options.prompt_format!r}; expected one of {PROMPT_FORMATS}")
+        return options
+
+    def write(self, model_dir: Path) -> None:
+        (Path(model_dir) / SIDECAR_NAME).write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+
+def read_architecture(model_dir: str | Path) -> str:
+    """The `architectures[0]` entry of a checkpoint's config.json, with a one-line error for anything unusable."""
+    config_path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise FileNotFoundError(f"model directory not found: {model_dir}")
+    if not config_path.is_file():
+        raise UnsupportedModelError(f"{model_dir}: no config.json; expected a transformers checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UnsupportedModelError(f"{config_path}: not valid JSON ({error})") from None
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise UnsupportedModelError(f"{config_path}: no 'architectures' entry; cannot tell which model class to use")
+    architecture = architectures[0]
+    if architecture in CONVERTIBLE_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{model_dir}: architecture {architecture} is the original LLaVA-Med layout; convert it first with "
+            f"`{CONVERTIBLE_ARCHITECTURES[architecture]}`")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{model_dir}: unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return architecture
+
+
+class VisionLanguageModel:
+    def __init__(self, model, processor, options: ModelOptions | None = None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.image_processor = processor.image_processor
+        self.options = options or ModelOptions()
+        self._peft_model = None
+
+    # -- the underlying modules (looked up on every call, so peft's in-place edits are seen) -----------------------
+    @property
+    def llava(self):
+        """The `LlavaForConditionalGeneration` module, also when wrapped by peft."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def language_model(self):
+        return self.llava.model.language_model
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.llava.lm_head.weight
+
+    @property
+    def config(self):
+        return self.llava.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head_weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.text_config.hidden_size
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image (576 for CLIP ViT-L/14@336 with the CLS token dropped)."""
+        vision = self.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    # -- the pieces -------------------------------------------------------------------------------------------------
+    def preprocess_images(self, images) -> torch.Tensor:
+        """PIL RGB images → pixel values [B, 3, H, W] on the model's device and dtype."""
+        if self.options.image_aspect_ratio == "pad":
+            images = [pad_to_square(image, self.image_processor.image_mean) for image in images]
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector: visual tokens [B, N, D] in the language model's embedding space."""
+        llava = self.llava
+        features = llava.model.get_image_features(
+            pixel_values=pixel_values.to(self.device, self.dtype),
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+            return_dict=True,
+        ).pooler_output
+        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(input_ids.to(self.device))
+
+    def decoder_hidden_states(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                              position_ids: torch.Tensor | None = None, past_key_values=None,
+                              use_cache: bool = False):
+        """Final hidden states [B, L, D] of the language model (after its last norm), logits never computed.
+
+        `attention_mask` may be 2D (padding) or a prepared 4D mask (bool, True = attend), which transformers passes
+        to the attention kernel unchanged; that is how the listwise forward gives each response its own view.
+        With `use_cache`, returns (hidden, past_key_values)."""
+        attention_mask = self._adapt_mask(attention_mask, inputs_embeds.dtype)
+        outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      use_cache=use_cache, return_dict=True)
+        if use_cache:
+            return outputs.last_hidden_state, outputs.past_key_values
+        return outputs.last_hidden_state
+
+    def _adapt_mask(self, attention_mask, dtype):
+        # sdpa and flex take a boolean 4D mask as is; eager attention adds the mask to the scores.
+        if attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
+            return attention_mask
+        if self.config.text_config._attn_implementation == "eager":
+            return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
+                ~attention_mask, torch.finfo(dtype).min)
+        return attention_mask
+
+    # -- adapters ---------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """The reference model: the base model with every LoRA adapter switched off (a no-op without peft)."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+
+def pad_to_square(image, background_rgb_mean):
+    """LLaVA's `expand2square`: centre the image on a square canvas filled with the processor's mean colour."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    fill = tuple(int(round(channel * 255)) for channel in background_rgb_mean)
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def load_vlm(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+             attn_implementation: str | None = None) -> VisionLanguageModel:
+    """Loads a LLaVA-family checkpoint and its processor from a local directory (or a hub name when online)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model_path = Path(model_dir)
+    if model_path.exists():
+        read_architecture(model_path)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}[dtype]
+    kwargs = {"dtype": dtype or torch.float32}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), **kwargs).to(device).eval()
+    processor = AutoProcessor.from_pretrained(str(model_dir))
+    options = ModelOptions.read(model_path) if model_path.exists() else ModelOptions()
+    return VisionLanguageModel(model, processor, options)
