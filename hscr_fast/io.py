@@ -1,0 +1,196 @@
+"""Crash-safe file output shared by the long-running commands (convert, generate, evaluate, train).
+
+Two rules keep an interrupted run from leaving a broken file behind:
+
+* Whole files (JSON datasets, reports, checkpoints) are written to a temporary file in the same folder and moved into
+  place with `os.replace`, which is atomic on POSIX and Windows: a reader sees the old file or the new one, never half.
+* Progress logs are JSONL, one record per line, appended and flushed record by record. A run killed mid-write can
+  leave only a torn *last* line; `JsonlAppender` repairs that on reopen and reports which ids are done, so the job
+  resumes where it stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+
+class JsonlError(ValueError):
+    """A JSONL file has a line that is not a JSON object; the message names the file and the line number."""
+
+
+@contextlib.contextmanager
+def atomic_output(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on normal exit move it onto `path`, on an exception delete it.
+
+    For writers that want a file name rather than a string (`torch.save`, `safetensors.torch.save_file`, PIL).
+    The temporary file lives in the destination folder so that `os.replace` never crosses a filesystem.
+    """
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(temporary_name)
+    try:
+        yield temporary
+        _fsync_file(temporary)
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: PathLike, text: str, *, encoding: str = "utf-8") -> None:
+    """Write `text` to `path` so that readers never see a partially written file."""
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding=encoding)
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Serialise `obj` as UTF-8 JSON and write it atomically. Serialisation happens first, so an object that is not
+    JSON-serialisable raises before anything touches the disk."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def parse_jsonl_line(text: str, path: PathLike, line_number: int) -> dict:
+    """Parse one JSONL line into a dict, or raise `JsonlError` naming `path:line_number` and what is wrong."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise JsonlError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise JsonlError(f"{path}:{line_number}: expected a JSON object per line, got {type(value).__name__}")
+    return value
+
+
+def read_jsonl(path: PathLike) -> list[dict]:
+    """Read a JSONL file (one JSON object per line; blank lines ignored) with line-numbered errors.
+
+    A bad final line without a trailing newline is almost always the torn write of an interrupted run; the error says
+    so, because `JsonlAppender` can repair it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: JSONL file not found")
+    with path.open("r", encoding="utf-8") as handle:
+        lines = handle.read().split("\n")
+    records = []
+    for line_number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            records.append(parse_jsonl_line(text, path, line_number))
+        except JsonlError as error:
+            if line_number == len(lines):  # no newline after it: the write was cut off
+                raise JsonlError(f"{error} — the last line is incomplete, probably from an interrupted run; "
+                                 f"reopen the file with JsonlAppender to drop it and resume") from None
+            raise
+    return records
+
+
+class JsonlAppender:
+    """Append JSON records to a JSONL progress file, one flushed line per record, resuming an earlier run.
+
+    On opening an existing file it keeps every complete record and drops a torn last line — a final line that is not
+    valid JSON (with or without a newline), as left by a process killed mid-write — with a warning. A valid final record
+    that merely lacks its newline is kept and the newline added. A bad line *followed by* good lines is not a torn
+    write but a corrupted file: that raises `JsonlError` rather than silently deleting data.
+
+    `ids` holds `str(record[id_key])` of every record in the file (existing and appended), so a job can skip finished
+    work: `if sample.id in appender.ids: continue`. Appending a second record with an id already present raises, since
+    in a resumable job that is a bug. `fsync=True` also forces each line to disk (survives power loss, slower).
+
+        with JsonlAppender(out_path) as out:
+            for sample in samples:
+                if sample.id not in out.ids:
+                    out.append({"id": sample.id, ...})
+    """
+
+    def __init__(self, path: PathLike, *, id_key: str | None = "id", fsync: bool = False):
+        self.path = Path(path)
+        self.id_key = id_key
+        self.fsync = fsync
+        self.ids: set[str] = set()
+        self.num_existing = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._recover_existing()
+        self._handle = self.path.open("ab")
+
+    def _recover_existing(self) -> None:
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")  # for a well-formed file the piece after the final newline is b""
+        keep_bytes = 0  # length of the prefix made of complete, valid lines
+        for line_number, raw in enumerate(lines, start=1):
+            if raw.strip():
+                record = self._parse_or_none(raw)
+                if record is None:
+                    if any(later.strip() for later in lines[line_number:]):
+                        raise JsonlError(f"{self.path}:{line_number}: invalid JSON line followed by further records; "
+                                         f"the file is corrupted, not just cut off — fix or remove that line")
+                    logger.warning("%s:%d: dropping a torn last line (%d bytes) left by an interrupted run",
+                                   self.path, line_number, len(raw))
+                    break
+                self._track(record)
+                self.num_existing += 1
+            keep_bytes += len(raw) + 1
+        keep_bytes = min(keep_bytes, len(data))
+        if keep_bytes < len(data):
+            with self.path.open("r+b") as handle:
+                handle.truncate(keep_bytes)
+        elif data and not data.endswith(b"\n"):
+            # A complete record whose newline never got written: finish the line so the next append starts fresh.
+            with self.path.open("ab") as handle:
+                handle.write(b"\n")
+
+    @staticmethod
+    def _parse_or_none(raw: bytes) -> dict | None:
+        try:
+            value = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _track(self, record: dict) -> None:
+        if self.id_key is not None and self.id_key in record:
+            self.ids.add(str(record[self.id_key]))
+
+    def append(self, record: dict) -> None:
+        """Write `record` as one line and flush it (and fsync when asked) before returning."""
+        if self._handle.closed:
+            raise ValueError(f"{self.path}: JsonlAppender is closed")
+        if self.id_key is not None and self.id_key in record and str(record[self.id_key]) in self.ids:
+            raise ValueError(f"{self.path}: id {record[self.id_key]!r} is already in the file; "
+                             f"check `appender.ids` before appending to resume without duplicates")
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        # One write call per record keeps a crash from interleaving two half records.
+        self._handle.write(line.encode("utf-8"))
+        self._handle.flush()
+        if self.fsync:
+            os.fsync(self._handle.fileno())
+        self._track(record)
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+
+    def __enter__(self) -> "JsonlAppender":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _fsync_file(path: Path) -> None:
+    # Without this, a crash right after os.replace can leave an empty file under the final name on some filesystems.
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
