@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .prompting import PROMPT_FORMATS
+from .prompting import PROMPT_FORMATS, PromptTokens, format_prompt, tokenize_answer, tokenize_prompt
 
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -129,6 +129,15 @@ class VisionLanguageModel:
         vision = self.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    # -- text -------------------------------------------------------------------------------------------------------
+    def prompt_tokens(self, question: str) -> PromptTokens:
+        """The question in this checkpoint's prompt format, tokenised around its image placeholder."""
+        return tokenize_prompt(self.tokenizer, format_prompt(question, self.tokenizer, self.options.prompt_format))
+
+    def answer_tokens(self, prompt: PromptTokens, answer: str) -> list[int]:
+        """Answer tokens (EOS included) exactly as the model would generate them after `prompt`."""
+        return tokenize_answer(self.tokenizer, prompt, answer)
 
     # -- the pieces -------------------------------------------------------------------------------------------------
     def preprocess_images(self, images) -> torch.Tensor:
