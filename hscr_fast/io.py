@@ -100,9 +100,9 @@ class JsonlAppender:
     """Append JSON records to a JSONL progress file, one flushed line per record, resuming an earlier run.
 
     On opening an existing file it keeps every complete record and drops a torn last line — a final line that is not
-    valid JSON (with or without a newline), as left by a process killed mid-write — with a warning. A valid final record
-    that merely lacks its newline is kept and the newline added. A bad line *followed by* good lines is not a torn
-    write but a corrupted file: that raises `JsonlError` rather than silently deleting data.
+    valid JSON (with or without a newline), as left by a process killed mid-write — with a warning. A valid final
+    record that merely lacks its newline is kept and the newline added. A bad line *followed by* good lines is not a
+    torn write but a corrupted file: that raises `JsonlError` rather than silently deleting data.
 
     `ids` holds `str(record[id_key])` of every record in the file (existing and appended), so a job can skip finished
     work: `if sample.id in appender.ids: continue`. Appending a second record with an id already present raises, since

@@ -6,7 +6,7 @@
 
 Each writes `OUT/train.json`, `OUT/test.json` (and `OUT/validate.json` where the source has a validation split),
 `OUT/images/` holding the images the records use (hard links when the filesystem allows, else copies; `--copy`
-forces copies), and `OUT/conversion_report.json` with counts and the reasons records were skipped. Use
+forces copies — a hard link is the source file itself, so editing it in place would edit the release too), and `OUT/conversion_report.json` with counts and the reasons records were skipped. Use
 `--image-folder OUT/images` with the JSON files. Sources, as released:
 
 * VQA-RAD (the MEVF split): `trainset.json`, `testset.json`, `images/synpic*.jpg`.
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from hscr_fast.data.images import ImageLoadError, validate_image
-from hscr_fast.data.records import (DataFormatError, SkipReason, VQARecord, count_skip_reasons,
+from hscr_fast.data.records import (BadRecord, DataFormatError, SkipReason, VQARecord, count_skip_reasons,
                                     normalize_answer_type, read_json_list, write_llava_med_json)
 from hscr_fast.io import atomic_write_json
 
@@ -103,7 +103,8 @@ class ConversionReport:
         for name, split in self.splits.items():
             counts = count_skip_reasons(split.skipped)
             skipped = ", ".join(f"{reason}: {n}" for reason, n in counts.items()) or "none"
-            lines.append(f"  {name}.json: {len(split.records)} records written; skipped {len(split.skipped)} ({skipped})")
+            lines.append(f"  {name}.json: {len(split.records)} records written; "
+                         f"skipped {len(split.skipped)} ({skipped})")
             for reason, messages in split.summary()["skip_examples"].items():
                 if reason != "non-English":  # expected filtering, not a data problem worth listing
                     lines.extend(f"    {message}" for message in messages)
@@ -112,13 +113,6 @@ class ConversionReport:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Normalisation shared by all datasets
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 def normalize_answer(value: Any) -> str:
@@ -144,23 +138,25 @@ def infer_answer_type(answer: str) -> str:
 def _to_record(item: SourceQA, dataset: str, split: str, image_root: Path,
                check_image: Callable[[Path], str | None]) -> VQARecord:
     if not isinstance(item.image, str) or not item.image.strip():
-        raise _Skip("no image", f"no image name (got {item.image!r})")
+        raise BadRecord("no image", f"no image name (got {item.image!r})")
+    if Path(item.image).is_absolute() or ".." in Path(item.image).parts:
+        # the path is reused under OUT/images/, so it must stay inside that folder
+        raise BadRecord("bad image path", f"image path must be relative and inside the image folder: {item.image!r}")
     image_path = image_root / item.image
     problem = check_image(image_path)
     if problem is not None:
-        raise _Skip("missing image" if problem == "missing" else "unreadable image",
-                    f"image {image_path}: {problem}")
+        raise BadRecord("missing image" if problem == "missing" else "unreadable image", f"image {image_path}: {problem}")
     question = " ".join(str(item.question).split()) if isinstance(item.question, (str, int, float)) else ""
     if not question:
-        raise _Skip("empty question", f"question is empty (got {item.question!r})")
+        raise BadRecord("empty question", f"question is empty (got {item.question!r})")
     try:
         answer = normalize_answer(item.answer)
     except ValueError as error:
-        raise _Skip("empty answer", str(error)) from None
+        raise BadRecord("empty answer", str(error)) from None
     try:
         answer_type = normalize_answer_type(item.answer_type)
     except ValueError as error:
-        raise _Skip("bad answer_type", str(error)) from None
+        raise BadRecord("bad answer_type", str(error)) from None
     return VQARecord(id=f"{dataset}-{split}-{item.index}", image=item.image, question=question, answer=answer,
                      answer_type=answer_type or infer_answer_type(answer), metadata=item.metadata)
 
@@ -192,7 +188,7 @@ def _build_split(dataset: str, source: SourceSplit, image_root: Path,
     for item in source.items:
         try:
             records.append(_to_record(item, dataset, source.name, image_root, check_image))
-        except _Skip as skip:
+        except BadRecord as skip:
             skipped.append(SkipReason(reason=skip.reason, record_id=str(item.index),
                                       message=f"{source.source_file}: record {item.index}: {skip.detail}"))
     return SplitResult(name=source.name, source_file=source.source_file, records=records, skipped=skipped)
@@ -210,7 +206,8 @@ def _place_file(source: Path, destination: Path, use_links: bool) -> bool:
         if os.path.samefile(source, destination):
             return True
         source_stat, destination_stat = source.stat(), destination.stat()
-        if (source_stat.st_size, int(source_stat.st_mtime)) == (destination_stat.st_size, int(destination_stat.st_mtime)):
+        same_size = source_stat.st_size == destination_stat.st_size
+        if same_size and int(source_stat.st_mtime) == int(destination_stat.st_mtime):
             return False
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
@@ -228,7 +225,8 @@ def _place_file(source: Path, destination: Path, use_links: bool) -> bool:
     return linked
 
 
-def _place_images(splits: Iterable[SplitResult], image_root: Path, out_images: Path, use_links: bool) -> tuple[int, str]:
+def _place_images(splits: Iterable[SplitResult], image_root: Path, out_images: Path,
+                  use_links: bool) -> tuple[int, str]:
     images = sorted({record.image for split in splits for record in split.records})
     linked = 0
     for image in images:

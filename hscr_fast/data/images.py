@@ -37,9 +37,13 @@ def _open_decoded(path: str | os.PathLike) -> Image.Image:
     try:
         image = Image.open(path)
     except Image.UnidentifiedImageError:
-        raise ImageLoadError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except Exception as error:  # PIL raises assorted types (OSError, ValueError, SyntaxError, DecompressionBombError)
-        raise ImageLoadError(f"{path}: cannot open image ({type(error).__name__}: {error})") from error
+        raise ImageLoadError(f"{path}: not a readable image (unknown format, or the file is truncated or corrupt)") \
+            from None
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"{path}: image too large to load safely ({error})") from error
+    except Exception as error:  # PIL's format plugins raise assorted types (OSError, SyntaxError, ValueError, ...)
+        raise ImageLoadError(f"{path}: cannot read the image header, the file is truncated or corrupt "
+                             f"({type(error).__name__}: {error})") from error
     try:
         image.load()  # forces the full decode: truncation shows up here, not at first use
     except Exception as error:

@@ -109,8 +109,10 @@ def read_json_list(path: str | os.PathLike, what: str = "a JSON list of records"
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found")
-    with path.open("r", encoding="utf-8") as handle:
-        text = handle.read()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {error.start}); expected {what}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -126,8 +128,9 @@ def read_json_list(path: str | os.PathLike, what: str = "a JSON list of records"
     return data
 
 
-class _BadEntry(Exception):
-    """Internal: one record is bad; `reason` is its category, `detail` the explanation."""
+class BadRecord(Exception):
+    """One record is unusable: `reason` is its category (for counting), `detail` the explanation. Raised by the record
+    parsers and turned by the loaders into a `DataFormatError` or a `SkipReason` with the record's location."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -138,24 +141,25 @@ class _BadEntry(Exception):
 def _first_exchange(conversations: Any) -> tuple[str, str]:
     """The first human turn's text and the first gpt answer after it."""
     if not isinstance(conversations, list) or not conversations:
-        raise _BadEntry("bad conversations", "'conversations' must be a non-empty list of {from, value} turns")
+        raise BadRecord("bad conversations", "'conversations' must be a non-empty list of {from, value} turns")
     question = None
     for turn_number, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise _BadEntry("bad conversations", f"conversations[{turn_number}] must be an object with 'from' and 'value'")
+            raise BadRecord("bad conversations",
+                            f"conversations[{turn_number}] must be an object with 'from' and 'value'")
         role, value = turn["from"], turn["value"]
         is_question = question is None and role in _HUMAN_ROLES
         is_answer = question is not None and role in _GPT_ROLES
         if (is_question or is_answer) and not isinstance(value, str):
-            raise _BadEntry("bad conversations", f"conversations[{turn_number}] ({role}) value must be a string, "
+            raise BadRecord("bad conversations", f"conversations[{turn_number}] ({role}) value must be a string, "
                                                  f"got {value!r}")
         if is_question:
             question = value
         elif is_answer:
             return question, value
     if question is None:
-        raise _BadEntry("no question", "no human turn in conversations")
-    raise _BadEntry("no answer", "no gpt turn (answer) after the human question")
+        raise BadRecord("no question", "no human turn in conversations")
+    raise BadRecord("no answer", "no gpt turn (answer) after the human question")
 
 
 def _strip_image_token(text: str) -> str:
@@ -164,25 +168,25 @@ def _strip_image_token(text: str) -> str:
 
 def _check_image(image: Any, image_folder: Path | None) -> str:
     if not isinstance(image, str) or not image.strip():
-        raise _BadEntry("no image", f"missing or empty 'image' (got {image!r})")
+        raise BadRecord("no image", f"missing or empty 'image' (got {image!r})")
     if image_folder is not None and not (image_folder / image).is_file():
-        raise _BadEntry("missing image", f"image file not found: {image_folder / image}")
+        raise BadRecord("missing image", f"image file not found: {image_folder / image}")
     return image
 
 
 def _parse_llava_med_entry(entry: Any, image_folder: Path | None) -> VQARecord:
     if not isinstance(entry, dict):
-        raise _BadEntry("not an object", f"expected a JSON object, got {type(entry).__name__}")
+        raise BadRecord("not an object", f"expected a JSON object, got {type(entry).__name__}")
     if entry.get("id") is None or str(entry["id"]).strip() == "":
-        raise _BadEntry("no id", "missing or empty 'id'")
+        raise BadRecord("no id", "missing or empty 'id'")
     image = _check_image(entry.get("image"), image_folder)
     question, answer = _first_exchange(entry.get("conversations"))
     if not answer.strip():
-        raise _BadEntry("empty answer", "the gpt answer is empty")
+        raise BadRecord("empty answer", "the gpt answer is empty")
     try:
         answer_type = normalize_answer_type(entry.get("answer_type"))
     except ValueError as error:
-        raise _BadEntry("bad answer_type", str(error)) from None
+        raise BadRecord("bad answer_type", str(error)) from None
     metadata = {key: value for key, value in entry.items() if key not in _LLAVA_MED_KEYS}
     return VQARecord(id=str(entry["id"]), image=image, question=_strip_image_token(question), answer=answer.strip(),
                      answer_type=answer_type, metadata=metadata)
@@ -208,8 +212,8 @@ def load_llava_med_json(path: str | os.PathLike, image_folder: str | os.PathLike
         try:
             record = _parse_llava_med_entry(entry, folder)
             if record.id in first_index_of:
-                raise _BadEntry("duplicate id", f"id already used by record {first_index_of[record.id]}")
-        except _BadEntry as bad:
+                raise BadRecord("duplicate id", f"id already used by record {first_index_of[record.id]}")
+        except BadRecord as bad:
             location = f"record {index}" + (f" (id {record_id!r})" if record_id is not None else "")
             _report(f"{path}: {location}: {bad.detail}", bad.reason, record_id, on_error, skipped)
             continue
@@ -226,26 +230,27 @@ def write_llava_med_json(path: str | os.PathLike, records: list[VQARecord]) -> N
 def _parse_preference_entry(entry: dict, image_folder: Path | None, min_responses: int) -> PreferenceRecord:
     missing = [key for key in ("id", "image", "prompt", "responses") if key not in entry]
     if missing:
-        raise _BadEntry("missing keys", f"missing key(s) {missing}; a preference line needs id, image, prompt, responses")
+        raise BadRecord("missing keys",
+                        f"missing key(s) {missing}; a preference line needs id, image, prompt, responses")
     image = _check_image(entry["image"], image_folder)
     if not isinstance(entry["prompt"], str):
-        raise _BadEntry("bad prompt", f"'prompt' must be a string, got {type(entry['prompt']).__name__}")
+        raise BadRecord("bad prompt", f"'prompt' must be a string, got {type(entry['prompt']).__name__}")
     responses = entry["responses"]
     if not isinstance(responses, list) or not responses:
-        raise _BadEntry("empty responses", f"'responses' must be a non-empty list of strings "
+        raise BadRecord("empty responses", f"'responses' must be a non-empty list of strings "
                                            f"[preferred, dispreferred...], got {responses!r}")
     for position, response in enumerate(responses):
         if not isinstance(response, str) or not response.strip():
-            raise _BadEntry("bad response", f"responses[{position}] must be a non-empty string, got {response!r}")
+            raise BadRecord("bad response", f"responses[{position}] must be a non-empty string, got {response!r}")
     if len(responses) < min_responses:
-        raise _BadEntry("too few responses", f"{len(responses)} response(s); need at least {min_responses} "
+        raise BadRecord("too few responses", f"{len(responses)} response(s); need at least {min_responses} "
                                              f"(the preferred one and at least one dispreferred)")
     similarity = entry.get("similarity")
     if similarity is not None and (not isinstance(similarity, list) or not all(map(_is_finite_number, similarity))):
-        raise _BadEntry("bad similarity", f"'similarity' must be a list of finite numbers, got {similarity!r}")
+        raise BadRecord("bad similarity", f"'similarity' must be a list of finite numbers, got {similarity!r}")
     weight = entry.get("weight")
     if weight is not None and (not _is_finite_number(weight) or weight < 0):
-        raise _BadEntry("bad weight", f"'weight' must be a finite number >= 0, got {weight!r}")
+        raise BadRecord("bad weight", f"'weight' must be a finite number >= 0, got {weight!r}")
     metadata = {key: value for key, value in entry.items() if key not in _PREFERENCE_KEYS}
     return PreferenceRecord(id=str(entry["id"]), image=image, prompt=entry["prompt"], responses=responses,
                             similarity=None if similarity is None else [float(s) for s in similarity],
@@ -269,11 +274,15 @@ def load_preference_jsonl(path: str | os.PathLike, image_folder: str | os.PathLi
     records: list[PreferenceRecord] = []
     skipped: list[SkipReason] = []
     first_line_of: dict[str, int] = {}
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, text in enumerate(handle, start=1):
-            if not text.strip():
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise JsonlError(f"{path}:{line_number}: not UTF-8 text") from None
                 entry = parse_jsonl_line(text, path, line_number)
             except JsonlError as error:
                 _report(str(error), "invalid JSON", None, on_error, skipped)
@@ -282,8 +291,8 @@ def load_preference_jsonl(path: str | os.PathLike, image_folder: str | os.PathLi
             try:
                 record = _parse_preference_entry(entry, folder, min_responses)
                 if record.id in first_line_of:
-                    raise _BadEntry("duplicate id", f"id already used on line {first_line_of[record.id]}")
-            except _BadEntry as bad:
+                    raise BadRecord("duplicate id", f"id already used on line {first_line_of[record.id]}")
+            except BadRecord as bad:
                 location = f"{path}:{line_number}" + (f" (id {record_id!r})" if record_id is not None else "")
                 _report(f"{location}: {bad.detail}", bad.reason, record_id, on_error, skipped)
                 continue
