@@ -131,7 +131,8 @@ def dpo_loss(
     All four inputs are [B] sequence log-probs. This is `mlpo_loss` with K = 1 (a single pair has no implicit term), so
     it returns the same metrics dict; `accuracy_explicit` is the usual DPO reward accuracy.
     """
-    for name, tensor in (("policy_rejected", policy_rejected), ("ref_chosen", ref_chosen), ("ref_rejected", ref_rejected)):
+    others = {"policy_rejected": policy_rejected, "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
+    for name, tensor in others.items():
         if tensor.shape != policy_chosen.shape:
             raise ValueError(f"dpo_loss: {name} has shape {tuple(tensor.shape)}, policy_chosen has "
                              f"{tuple(policy_chosen.shape)}; all four must be [B]")
@@ -168,7 +169,7 @@ def _check_inputs(policy_logps, ref_logps, valid, weight) -> torch.Tensor:
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    # where, not multiply by the mask: a non-finite value in a masked cell must not turn the sum into NaN (inf·0 = NaN).
+    # where, not a multiply by the mask: a non-finite value in a masked cell must not make the sum NaN (inf·0 = NaN).
     return torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(dim=dims)
 
 
