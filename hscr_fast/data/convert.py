@@ -6,7 +6,8 @@
 
 Each writes `OUT/train.json`, `OUT/test.json` (and `OUT/validate.json` where the source has a validation split),
 `OUT/images/` holding the images the records use (hard links when the filesystem allows, else copies; `--copy`
-forces copies — a hard link is the source file itself, so editing it in place would edit the release too), and `OUT/conversion_report.json` with counts and the reasons records were skipped. Use
+forces copies: a hard link is the source file itself, so editing it in place would edit the release too),
+and `OUT/conversion_report.json` with counts and the reasons records were skipped. Use
 `--image-folder OUT/images` with the JSON files. Sources, as released:
 
 * VQA-RAD (the MEVF split): `trainset.json`, `testset.json`, `images/synpic*.jpg`.
@@ -145,7 +146,8 @@ def _to_record(item: SourceQA, dataset: str, split: str, image_root: Path,
     image_path = image_root / item.image
     problem = check_image(image_path)
     if problem is not None:
-        raise BadRecord("missing image" if problem == "missing" else "unreadable image", f"image {image_path}: {problem}")
+        reason = "missing image" if problem == "missing" else "unreadable image"
+        raise BadRecord(reason, f"image {image_path}: {problem}")
     question = " ".join(str(item.question).split()) if isinstance(item.question, (str, int, float)) else ""
     if not question:
         raise BadRecord("empty question", f"question is empty (got {item.question!r})")
