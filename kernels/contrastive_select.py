@@ -1,0 +1,501 @@
+"""Fused self-contrastive selection for HSCR stage 1 (DESIGN.md, Stage 1 steps 3-5).
+
+For answer position t with label y_t, full-image logits L[t] and image-dropped logits L'[t] (both [V]):
+
+    sensitivity  s_t = log softmax(L[t])[y_t] − log softmax(L'[t])[y_t]          (sensitivity="logprob", default)
+                 s_t = L[t, y_t] − L'[t, y_t]                                     (sensitivity="logit")
+    contrast     c_t(v) = (1+β)·L[t, v] − β·L'[t, v],   P_diff,t = softmax(c_t)
+    candidates   top-`num_candidates` tokens of L'[t] (ties: lower token id)
+                 ∪ {v : p_full(v) ≥ α·max p_full} = {v : L[t, v] − max L[t] ≥ log α}
+                 minus y_t
+    replacement  the candidate with the lowest P_diff,t, i.e. the lowest c_t (softmax is monotone within a row);
+                 ties: lower token id; -1 when there is no candidate or the position is ignored
+    positions    the top-`top_n` eligible positions (label != ignore_index and content_mask) by descending s_t,
+                 ties: lower position first
+
+Note the plausible set is not bounded by 1/α: it is relative to max p_full, so a flat row can pass every token.
+
+How it runs: two passes over V per row pair, nothing vocabulary-sized stored beyond the inputs.
+  pass 1 (statistics): max and sum-exp of both rows (online), and a running top-k of L' kept as packed int64 keys
+      (order-preserving bits of the value in the high word, 0x7FFFFFFF − token id in the low word, so one integer
+      max picks the larger logit and, among equal logits, the lower id). Output: both log-normalisers, max L, and the
+      k-th largest key of L', which is all pass 2 needs to decide top-k membership of any token.
+  pass 2 (candidates): candidate mask and a running min over packed (contrast, token id) keys.
+  Label logits are gathered once; the top-n over T positions is a stable sort of T floats.
+The Triton form splits each row's vocabulary across programs (grid rows × splits, so short answers still fill the
+GPU); each program streams BLOCK_V tiles and writes per-split partials that a few tiny torch ops merge. Traffic from
+logits: pass 1 reads both rows once (2·V·itemsize), pass 2 reads them again. The torch form walks the same passes over
+vocabulary chunks of [T, chunk] tiles. `contrastive_select_from_hidden` computes those chunks from the hidden states
+and lm_head (fp32 GEMM output) and runs both passes on them, recomputing the chunk logits in pass 2, so [T, V] logits
+never exist.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+from ._common import check_labels, linear_logits_fp32, resolve_backend
+
+INT64_MIN = -(2**63)
+INT64_MAX = 2**63 - 1
+_TILE_ELEMENTS = 2**21  # elements of one [T, chunk] fp32 tile in the torch form / from-hidden chunks
+_MAX_BLOCK_V = 2048
+_INTERPRETER_SPLITS = 4  # enough programs per row to exercise the split merge under TRITON_INTERPRET
+
+# triton.language, the kernels and their constants, bound by _triton_kernels() on first use (see there).
+tl = None
+_KEY_MIN = _KEY_MAX = None
+_ordered_bits = _keys_by_value_desc = _keys_by_value_asc = _stats_kernel = _candidates_kernel = None
+
+
+@dataclass
+class ContrastiveSelection:
+    """Stage-1 selection for one sequence of T answer positions."""
+
+    sensitivity: torch.Tensor  # float32 [T]; s_t, -inf where ignored or not content
+    sensitive_positions: torch.Tensor  # int64 [n], n = min(top_n, eligible), by descending s_t, ties lower position first
+    replacement: torch.Tensor  # int64 [T]; replacement token per position, -1 where ignored or no candidate
+    logprob_full: torch.Tensor  # float32 [T]; log p(y_t | full image), 0 where ignored
+    logprob_drop: torch.Tensor  # float32 [T]; log p(y_t | dropped image), 0 where ignored
+
+
+class _Options(NamedTuple):
+    top_n: int
+    num_candidates: int
+    sensitivity: str
+    ignore_index: int
+    log_alpha: float
+    coef_full: float  # 1 + beta
+    coef_drop: float  # beta
+
+
+class _Stats(NamedTuple):
+    """Per-row results of pass 1: what pass 2 and the final assembly need."""
+
+    max_full: torch.Tensor  # [T] max_v L[t, v]
+    lse_full: torch.Tensor  # [T]
+    lse_drop: torch.Tensor  # [T]
+    kth_key: torch.Tensor  # [T] int64, k-th largest (L', id) key; INT64_MIN when V < k, INT64_MAX when k = 0
+
+
+class _Partial(NamedTuple):
+    """Pass-1 partials of one vocabulary range, S splits of it: [T, S] each, top keys [T, S·k]."""
+
+    max_full: torch.Tensor
+    sumexp_full: torch.Tensor  # Σ exp(L − max_full) over the range
+    max_drop: torch.Tensor
+    sumexp_drop: torch.Tensor
+    top_keys: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Triton form
+
+
+@functools.cache
+def _triton_kernels():
+    """Import triton and define the kernels on the first Triton-path call, not at module import.
+
+    `import hscr_fast.kernels` must work where triton is not installed (macOS), and Triton decides between compiling
+    and interpreting (TRITON_INTERPRET) when a kernel is decorated, so tests can still set it at their import time.
+    The names are module globals (`global`) because Triton resolves a kernel's names through its module's globals.
+    """
+    global tl, _KEY_MIN, _KEY_MAX, _ordered_bits, _keys_by_value_desc, _keys_by_value_asc
+    global _stats_kernel, _candidates_kernel
+    import triton
+    import triton.language as tl
+
+    _KEY_MIN = tl.constexpr(INT64_MIN)
+    _KEY_MAX = tl.constexpr(INT64_MAX)
+
+    @triton.jit
+    def _ordered_bits(values):
+        # fp32 -> int32 with the same order; -0.0 first becomes +0.0 so that equal floats give equal integers
+        values = tl.where(values == 0.0, 0.0, values)
+        bits = values.to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _keys_by_value_desc(values, ids):
+        # max key = largest value, then lowest id
+        return (_ordered_bits(values).to(tl.int64) << 32) | (0x7FFFFFFF - ids)
+
+    @triton.jit
+    def _keys_by_value_asc(values, ids):
+        # min key = smallest value, then lowest id
+        return (_ordered_bits(values).to(tl.int64) << 32) | ids
+
+    @triton.jit
+    def _stats_kernel(
+        full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span, vocab_offset,
+        max_full_ptr, sumexp_full_ptr, max_drop_ptr, sumexp_drop_ptr, top_keys_ptr, num_splits,
+        K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        start = split * span
+        stop = tl.minimum(start + span, n_cols)
+        full_row = full_ptr + row * full_row_stride
+        drop_row = drop_ptr + row * drop_row_stride
+        max_full = float("-inf")
+        sumexp_full = 0.0
+        max_drop = float("-inf")
+        sumexp_drop = 0.0
+        slots = tl.arange(0, K_PAD)
+        # empty slots hold the smallest key; padding slots (>= K) the largest, so they are never the one replaced
+        top = tl.where(slots < K, _KEY_MIN, _KEY_MAX)
+        for block_start in range(start, stop, BLOCK_V):
+            cols = block_start + tl.arange(0, BLOCK_V)
+            in_range = cols < stop
+            full = tl.load(full_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+            drop = tl.load(drop_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
+
+            new_max = tl.maximum(max_full, tl.max(full, 0))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            sumexp_full = sumexp_full * tl.exp(max_full - shift) + tl.sum(tl.exp(full - shift), 0)
+            max_full = new_max
+            new_max = tl.maximum(max_drop, tl.max(drop, 0))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            sumexp_drop = sumexp_drop * tl.exp(max_drop - shift) + tl.sum(tl.exp(drop - shift), 0)
+            max_drop = new_max
+
+            # Merge the tile into the running top-k: move the tile's best key in while it beats the worst kept one.
+            # Keys are unique (they hold the token id), so each move takes out exactly one tile element; after the
+            # first tiles only the few tokens that enter the top-k cost an iteration.
+            keys = tl.where(in_range, _keys_by_value_desc(drop, cols.to(tl.int64) + vocab_offset), _KEY_MIN)
+            best = tl.max(keys, 0)
+            worst_kept = tl.min(top, 0)
+            while best > worst_kept:
+                top = tl.where(slots == tl.argmin(top, 0), best, top)
+                keys = tl.where(keys == best, _KEY_MIN, keys)
+                best = tl.max(keys, 0)
+                worst_kept = tl.min(top, 0)
+        out = row * num_splits + split
+        tl.store(max_full_ptr + out, max_full)
+        tl.store(sumexp_full_ptr + out, sumexp_full)
+        tl.store(max_drop_ptr + out, max_drop)
+        tl.store(sumexp_drop_ptr + out, sumexp_drop)
+        tl.store(top_keys_ptr + out * K + slots, top, mask=slots < K)
+
+    @triton.jit
+    def _candidates_kernel(
+        full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span, vocab_offset,
+        labels_ptr, max_full_ptr, kth_key_ptr, best_ptr, num_splits, log_alpha, coef_full, coef_drop,
+        BLOCK_V: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        start = split * span
+        stop = tl.minimum(start + span, n_cols)
+        full_row = full_ptr + row * full_row_stride
+        drop_row = drop_ptr + row * drop_row_stride
+        label = tl.load(labels_ptr + row)
+        max_full = tl.load(max_full_ptr + row)
+        kth_key = tl.load(kth_key_ptr + row)
+        best = tl.full([], _KEY_MAX, tl.int64)
+        for block_start in range(start, stop, BLOCK_V):
+            cols = block_start + tl.arange(0, BLOCK_V)
+            in_range = cols < stop
+            ids = cols.to(tl.int64) + vocab_offset
+            full = tl.load(full_row + cols, mask=in_range, other=0.0).to(tl.float32)
+            drop = tl.load(drop_row + cols, mask=in_range, other=0.0).to(tl.float32)
+            in_top_k = _keys_by_value_desc(drop, ids) >= kth_key
+            plausible = (full - max_full) >= log_alpha
+            candidate = in_range & (in_top_k | plausible) & (ids != label)
+            contrast = coef_full * full - coef_drop * drop
+            keys = tl.where(candidate, _keys_by_value_asc(contrast, ids), _KEY_MAX)
+            best = tl.minimum(best, tl.min(keys, 0))
+        tl.store(best_ptr + row * num_splits + split, best)
+
+    return _stats_kernel, _candidates_kernel
+
+
+def _split_layout(rows: int, cols: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_V, span, splits): each row's `cols` go to `splits` programs of `span` columns (a multiple of BLOCK_V)."""
+    import triton
+
+    block = min(_MAX_BLOCK_V, triton.next_power_of_2(cols))
+    blocks = triton.cdiv(cols, block)
+    if device.type == "cuda":
+        # about 4 programs per SM in all, however few rows there are
+        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(blocks, triton.cdiv(programs, max(rows, 1))))
+    else:
+        splits = min(blocks, _INTERPRETER_SPLITS)
+    span = triton.cdiv(blocks, splits) * block
+    return block, span, triton.cdiv(cols, span)
+
+
+def _stats_triton(full, drop, vocab_offset, k):
+    import triton
+
+    stats_kernel, _ = _triton_kernels()
+    rows, cols = full.shape
+    block, span, splits = _split_layout(rows, cols, full.device)
+    partial = [full.new_empty(rows, splits, dtype=torch.float32) for _ in range(4)]
+    top_keys = full.new_empty(rows, splits * k, dtype=torch.int64)
+    stats_kernel[(rows, splits)](
+        full, drop, full.stride(0), drop.stride(0), cols, span, vocab_offset, *partial, top_keys, splits,
+        K=k, K_PAD=triton.next_power_of_2(max(k, 1)), BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+    )
+    return _Partial(*partial, top_keys)
+
+
+def _candidates_triton(full, drop, vocab_offset, labels, stats, options):
+    _, candidates_kernel = _triton_kernels()
+    rows, cols = full.shape
+    block, span, splits = _split_layout(rows, cols, full.device)
+    best = full.new_empty(rows, splits, dtype=torch.int64)
+    candidates_kernel[(rows, splits)](
+        full, drop, full.stride(0), drop.stride(0), cols, span, vocab_offset,
+        labels, stats.max_full, stats.kth_key, best, splits, options.log_alpha, options.coef_full, options.coef_drop,
+        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+    )
+    return best.amin(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Torch form (same passes, on [T, chunk] fp32 tiles)
+
+
+def _ordered_bits_torch(values: torch.Tensor) -> torch.Tensor:
+    bits = values.masked_fill(values == 0, 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _keys_by_value_desc_torch(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return (_ordered_bits_torch(values).long() << 32) | (0x7FFFFFFF - ids)
+
+
+def _keys_by_value_asc_torch(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return (_ordered_bits_torch(values).long() << 32) | ids
+
+
+def _max_and_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    row_max = x.amax(dim=1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    return row_max, (x - shift[:, None]).exp_().sum(dim=1)
+
+
+def _stats_torch(full, drop, vocab_offset, k):
+    rows, cols = full.shape
+    max_full, sumexp_full = _max_and_sumexp(full)
+    max_drop, sumexp_drop = _max_and_sumexp(drop)
+    top_keys = torch.full((rows, k), INT64_MIN, dtype=torch.int64, device=full.device)
+    if k:
+        ids = torch.arange(vocab_offset, vocab_offset + cols, device=full.device)
+        kept = min(k, cols)
+        top_keys[:, :kept] = _keys_by_value_desc_torch(drop, ids).topk(kept, dim=1, sorted=False).values
+    return _Partial(max_full[:, None], sumexp_full[:, None], max_drop[:, None], sumexp_drop[:, None], top_keys)
+
+
+def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
+    ids = torch.arange(vocab_offset, vocab_offset + full.shape[1], device=full.device)
+    in_top_k = _keys_by_value_desc_torch(drop, ids) >= stats.kth_key[:, None]
+    plausible = (full - stats.max_full[:, None]) >= options.log_alpha
+    candidate = (in_top_k | plausible) & (ids[None, :] != labels[:, None])
+    contrast = options.coef_full * full - options.coef_drop * drop
+    return _keys_by_value_asc_torch(contrast, ids).masked_fill_(~candidate, INT64_MAX).amin(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared driver
+
+
+def _merge_lse(maxima: torch.Tensor, sumexps: torch.Tensor) -> torch.Tensor:
+    row_max = maxima.amax(dim=1)
+    shift = torch.where(row_max == float("-inf"), 0.0, row_max)
+    return shift + (sumexps * (maxima - shift[:, None]).exp()).sum(dim=1).log()
+
+
+def _merge_stats(parts: list[_Partial], k: int) -> _Stats:
+    max_full = torch.cat([part.max_full for part in parts], dim=1)
+    lse_full = _merge_lse(max_full, torch.cat([part.sumexp_full for part in parts], dim=1))
+    lse_drop = _merge_lse(torch.cat([part.max_drop for part in parts], dim=1),
+                          torch.cat([part.sumexp_drop for part in parts], dim=1))
+    if k:
+        # every part holds k keys per row, padded with INT64_MIN, so there are at least k
+        kth_key = torch.cat([part.top_keys for part in parts], dim=1).topk(k, dim=1).values[:, -1]
+    else:
+        kth_key = torch.full_like(lse_full, INT64_MAX, dtype=torch.int64)
+    return _Stats(max_full.amax(dim=1).contiguous(), lse_full, lse_drop, kth_key.contiguous())
+
+
+def _gather_label_logits(chunk: torch.Tensor, vocab_offset: int, labels: torch.Tensor, out: torch.Tensor) -> None:
+    in_chunk = (labels >= vocab_offset) & (labels < vocab_offset + chunk.shape[1])
+    index = (labels - vocab_offset).clamp(0, chunk.shape[1] - 1)[:, None]
+    out.copy_(torch.where(in_chunk, chunk.gather(1, index).squeeze(1).float(), out))
+
+
+Chunks = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
+
+
+@torch.no_grad()
+def _select(chunks: Chunks, labels: torch.Tensor, content_mask, options: _Options, backend: str) -> ContrastiveSelection:
+    """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, then the assembly."""
+    stats_pass, candidates_pass = (_stats_triton, _candidates_triton) if backend == "triton" else (_stats_torch, _candidates_torch)
+    rows, device = labels.shape[0], labels.device
+    label_full = torch.zeros(rows, dtype=torch.float32, device=device)
+    label_drop = torch.zeros(rows, dtype=torch.float32, device=device)
+    parts = []
+    for vocab_offset, full, drop in chunks():
+        parts.append(stats_pass(full, drop, vocab_offset, options.num_candidates))
+        _gather_label_logits(full, vocab_offset, labels, label_full)
+        _gather_label_logits(drop, vocab_offset, labels, label_drop)
+    stats = _merge_stats(parts, options.num_candidates)
+    best = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
+    for vocab_offset, full, drop in chunks():
+        best = torch.minimum(best, candidates_pass(full, drop, vocab_offset, labels, stats, options))
+
+    valid = labels != options.ignore_index
+    logprob_full = torch.where(valid, label_full - stats.lse_full, 0.0)
+    logprob_drop = torch.where(valid, label_drop - stats.lse_drop, 0.0)
+    if options.sensitivity == "logprob":
+        score = logprob_full - logprob_drop
+    else:
+        score = label_full - label_drop
+    eligible = valid if content_mask is None else valid & content_mask
+    sensitivity = torch.where(eligible, score, float("-inf"))
+    count = min(options.top_n, int(eligible.sum()))
+    # stable descending sort: equal sensitivities keep position order, so the lower position comes first
+    sensitive_positions = torch.sort(sensitivity, descending=True, stable=True).indices[:count]
+    # the low word of an ascending key is the token id
+    replacement = torch.where(valid & (best != INT64_MAX), best & 0xFFFFFFFF, -1)
+    return ContrastiveSelection(sensitivity, sensitive_positions, replacement, logprob_full, logprob_drop)
+
+
+def _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, content_mask, ignore_index, device, op):
+    if not math.isfinite(beta):
+        raise ValueError(f"{op}: beta must be a finite number, got {beta}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{op}: alpha is the plausibility cut p(v) >= alpha * max p and must lie in [0, 1], got {alpha}")
+    if top_n < 0 or num_candidates < 0:
+        raise ValueError(f"{op}: top_n and num_candidates must be >= 0, got {top_n} and {num_candidates}")
+    if sensitivity not in ("logprob", "logit"):
+        raise ValueError(f"{op}: sensitivity must be 'logprob' or 'logit', got {sensitivity!r}")
+    if content_mask is not None:
+        if content_mask.dtype != torch.bool or content_mask.shape != (rows,) or content_mask.device != device:
+            raise ValueError(f"{op}: content_mask must be a bool tensor of shape [{rows}] on {device}, got "
+                             f"{content_mask.dtype} {list(content_mask.shape)} on {content_mask.device}")
+    return _Options(int(top_n), int(num_candidates), sensitivity, ignore_index,
+                    math.log(alpha) if alpha > 0 else float("-inf"), 1.0 + float(beta), float(beta))
+
+
+def _empty_selection(device) -> ContrastiveSelection:
+    empty_float = torch.empty(0, dtype=torch.float32, device=device)
+    empty_long = torch.empty(0, dtype=torch.int64, device=device)
+    return ContrastiveSelection(empty_float, empty_long, empty_long.clone(), empty_float.clone(), empty_float.clone())
+
+
+def _default_chunk_width(rows: int, vocab: int) -> int:
+    return max(1, min(vocab, _TILE_ELEMENTS // max(rows, 1)))
+
+
+def contrastive_select(
+    logits_full: torch.Tensor,
+    logits_drop: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.9,
+    top_n: int = 10,
+    alpha: float = 0.1,
+    num_candidates: int = 8,
+    sensitivity: str = "logprob",
+    content_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> ContrastiveSelection:
+    """Sensitivities, sensitive positions and replacement tokens from full- and dropped-image logits [T, V].
+
+    The semantics are the module docstring's. Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is
+    fp32. `chunk_size`: vocabulary columns per tile in the torch form (default: tiles of about 2M elements).
+    """
+    op = "contrastive_select"
+    if logits_full.dim() != 2 or logits_full.shape != logits_drop.shape:
+        raise ValueError(f"{op}: logits_full and logits_drop must both be [T, V], got "
+                         f"{list(logits_full.shape)} and {list(logits_drop.shape)}")
+    if not logits_full.is_floating_point() or not logits_drop.is_floating_point():
+        raise TypeError(f"{op}: logits must be floating point, got {logits_full.dtype} and {logits_drop.dtype}")
+    if logits_drop.device != logits_full.device or labels.device != logits_full.device:
+        raise ValueError(f"{op}: logits_full, logits_drop and labels must be on one device")
+    rows, vocab = logits_full.shape
+    if vocab == 0:
+        raise ValueError(f"{op}: logits have an empty vocabulary")
+    check_labels(labels, rows, vocab, ignore_index, op=op)
+    options = _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, content_mask, ignore_index,
+                             logits_full.device, op)
+    backend = resolve_backend(backend, logits_full.device)
+    if rows == 0:
+        return _empty_selection(logits_full.device)
+
+    if backend == "triton":
+        # the kernels read the inputs where they are (any float dtype), splitting V across programs
+        full = logits_full if logits_full.stride(1) == 1 else logits_full.contiguous()
+        drop = logits_drop if logits_drop.stride(1) == 1 else logits_drop.contiguous()
+
+        def chunks():
+            yield 0, full, drop
+    else:
+        width = chunk_size or _default_chunk_width(rows, vocab)
+
+        def chunks():
+            for start in range(0, vocab, width):
+                yield (start, logits_full[:, start:start + width].float(), logits_drop[:, start:start + width].float())
+
+    return _select(chunks, labels.long().contiguous(), content_mask, options, backend)
+
+
+def contrastive_select_from_hidden(
+    hidden_full: torch.Tensor,
+    hidden_drop: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    beta: float = 0.9,
+    top_n: int = 10,
+    alpha: float = 0.1,
+    num_candidates: int = 8,
+    sensitivity: str = "logprob",
+    content_mask: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> ContrastiveSelection:
+    """`contrastive_select` on L = hidden_full @ weight.T and L' = hidden_drop @ weight.T without forming [T, V].
+
+    hidden_full, hidden_drop [T, D] and weight [V, D] (the lm_head, no bias) share one dtype. Each pass computes
+    [T, chunk_size] fp32 logit chunks (default: about 2M elements) and discards them after use.
+    """
+    op = "contrastive_select_from_hidden"
+    if hidden_full.dim() != 2 or hidden_full.shape != hidden_drop.shape or weight.dim() != 2:
+        raise ValueError(f"{op}: hidden_full and hidden_drop must both be [T, D] and weight [V, D], got "
+                         f"{list(hidden_full.shape)}, {list(hidden_drop.shape)}, {list(weight.shape)}")
+    if hidden_full.shape[1] != weight.shape[1]:
+        raise ValueError(f"{op}: hidden states have D={hidden_full.shape[1]} but weight has D={weight.shape[1]}")
+    if not weight.is_floating_point() or not hidden_full.dtype == hidden_drop.dtype == weight.dtype:
+        raise TypeError(f"{op}: hidden states and weight must share one floating dtype, got "
+                        f"{hidden_full.dtype}, {hidden_drop.dtype}, {weight.dtype}")
+    if not hidden_full.device == hidden_drop.device == weight.device == labels.device:
+        raise ValueError(f"{op}: hidden states, weight and labels must be on one device")
+    rows, vocab = hidden_full.shape[0], weight.shape[0]
+    if vocab == 0:
+        raise ValueError(f"{op}: weight has an empty vocabulary")
+    check_labels(labels, rows, vocab, ignore_index, op=op)
+    options = _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, content_mask, ignore_index,
+                             weight.device, op)
+    backend = resolve_backend(backend, weight.device)
+    if rows == 0:
+        return _empty_selection(weight.device)
+    width = chunk_size or _default_chunk_width(rows, vocab)
+
+    def chunks():
+        for start in range(0, vocab, width):
+            head = weight[start:start + width]
+            yield (start, linear_logits_fp32(hidden_full, head).float(), linear_logits_fp32(hidden_drop, head).float())
+
+    return _select(chunks, labels.long().contiguous(), content_mask, options, backend)

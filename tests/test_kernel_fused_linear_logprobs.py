@@ -1,0 +1,239 @@
+"""hscr_fast.kernels.fused_linear_logprobs: the torch form and the Triton form against a float64 reference.
+
+Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set below, at import time, before the
+first Triton-path call builds the kernels (the kernels module imports triton lazily, so the order of test-module
+imports does not matter). Shapes are odd on purpose: N not a multiple of any block or chunk, prime V = 1031, D odd,
+and one V = 32000 case.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+from hscr_fast.kernels import fused_linear_logprobs  # noqa: E402
+from hscr_fast.kernels._common import triton_available, triton_interpret_mode  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")),
+]
+
+
+def reference_fused_linear_logprobs(hidden, weight, labels, ignore_index=-100):
+    """Plain float64: materialised logits -> log_softmax -> gather."""
+    logprobs = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+    valid = labels != ignore_index
+    picked = logprobs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1)
+    return torch.where(valid, picked, 0.0)
+
+
+def plain_low_precision(hidden, weight, labels, ignore_index=-100):
+    """What PyTorch computes in the input dtype: the yardstick for low-precision error (flash-attention style)."""
+    logprobs = torch.log_softmax(hidden @ weight.T, dim=-1)
+    valid = labels != ignore_index
+    return torch.where(valid, logprobs.gather(1, torch.where(valid, labels, 0)[:, None]).squeeze(1), 0.0).float()
+
+
+def make_inputs(rows, vocab, dim, *, dtype=torch.float32, logit_scale=3.0, ignored=(), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, dim, generator=generator)
+    weight = torch.randn(vocab, dim, generator=generator) * (logit_scale / dim**0.5)
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    labels[list(ignored)] = -100
+    upstream = torch.randn(rows, generator=generator)
+    return hidden.to(DEVICE, dtype), weight.to(DEVICE, dtype), labels.to(DEVICE), upstream.to(DEVICE)
+
+
+def run(hidden, weight, labels, upstream, *, weight_grad, fn=fused_linear_logprobs, **kwargs):
+    """Values and gradients (hidden, and weight when weight_grad) for upstream gradient `upstream`."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(weight_grad)
+    out = fn(hidden, weight, labels, **kwargs)
+    out.backward(upstream.to(out.dtype))
+    return out.detach().double(), hidden.grad.double(), (weight.grad.double() if weight_grad else None)
+
+
+def max_error(actual, expected):
+    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_error_within_pytorchs_own(ours, plain, reference, *, factor=2.0, eps=1e-6):
+    """flash-attention's criterion: |ours - fp64| <= factor * |plain PyTorch in the input dtype - fp64| + eps,
+    for the values and every gradient (entries that are None were not computed)."""
+    for name, ours_value, plain_value, ref_value in zip(("log-prob", "grad hidden", "grad weight"), ours, plain, reference):
+        if ref_value is None:
+            continue
+        ours_error, plain_error = max_error(ours_value, ref_value), max_error(plain_value, ref_value)
+        assert ours_error <= factor * plain_error + eps, f"{name}: error {ours_error:.3g} vs PyTorch's {plain_error:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
+@pytest.mark.parametrize(
+    "rows,vocab,dim,chunk_size",
+    [(37, 1031, 67, 16), (130, 1031, 45, None), (5, 32000, 33, 2)],
+    ids=["N37-V1031-chunked", "N130-V1031-auto", "N5-V32000-chunked"],
+)
+def test_values_and_gradients_match_float64_reference(backend, weight_grad, rows, vocab, dim, chunk_size):
+    hidden, weight, labels, upstream = make_inputs(rows, vocab, dim, ignored=(0, rows // 2))
+    ours = run(hidden, weight, labels, upstream, weight_grad=weight_grad, backend=backend, chunk_size=chunk_size)
+    plain = run(hidden, weight, labels, upstream, weight_grad=weight_grad, fn=plain_low_precision)
+    reference = run(hidden.double(), weight.double(), labels, upstream.double(), weight_grad=weight_grad,
+                    fn=reference_fused_linear_logprobs)
+    assert ours[0].shape == (rows,)
+    assert_error_within_pytorchs_own(ours, plain, reference)
+    # and in absolute terms: fp32 sums over up to 32000 vocabulary terms
+    torch.testing.assert_close(ours[0], reference[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours[1], reference[1], atol=1e-4, rtol=1e-5)
+    out, grad_hidden = ours[0], ours[1]
+    assert out[0] == 0 and out[rows // 2] == 0
+    assert grad_hidden[0].abs().max() == 0 and grad_hidden[rows // 2].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_is_float32_and_needs_no_graph_under_no_grad(backend):
+    hidden, weight, labels, _ = make_inputs(9, 1031, 17)
+    with torch.no_grad():
+        out = fused_linear_logprobs(hidden.requires_grad_(True), weight, labels, backend=backend)
+    assert out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out.double(), reference_fused_linear_logprobs(hidden, weight, labels), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
+def test_all_ignored_rows_give_zeros(backend, weight_grad):
+    hidden, weight, labels, upstream = make_inputs(11, 1031, 19, ignored=range(11))
+    out, grad_hidden, grad_weight = run(hidden, weight, labels, upstream, weight_grad=weight_grad, backend=backend)
+    assert out.abs().max() == 0 and grad_hidden.abs().max() == 0
+    if weight_grad:
+        assert grad_weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
+def test_empty_input(backend, weight_grad):
+    hidden, weight, labels, upstream = make_inputs(0, 1031, 19)
+    out, grad_hidden, grad_weight = run(hidden, weight, labels, upstream, weight_grad=weight_grad, backend=backend)
+    assert out.shape == (0,) and grad_hidden.shape == (0, 19)
+    if weight_grad:
+        assert grad_weight.abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
+def test_extreme_logits_stay_finite_and_exact(backend, weight_grad):
+    # logits of order ±1e4: a naive exp overflows; the online logsumexp must not
+    hidden, weight, labels, upstream = make_inputs(23, 1031, 21, logit_scale=1e4, ignored=(4,))
+    out, grad_hidden, grad_weight = run(hidden, weight, labels, upstream, weight_grad=weight_grad,
+                                        backend=backend, chunk_size=8)
+    ref, ref_grad_hidden, ref_grad_weight = run(hidden.double(), weight.double(), labels, upstream.double(),
+                                                weight_grad=weight_grad, fn=reference_fused_linear_logprobs)
+    assert ref.abs().max() > 1e3  # the case really is extreme
+    assert torch.isfinite(out).all() and torch.isfinite(grad_hidden).all()
+    # fp32 logits of size 1e4 carry ~1e-3 absolute rounding; relative to the scale this is tight
+    torch.testing.assert_close(out, ref, atol=1e4 * 2e-6, rtol=1e-6)
+    torch.testing.assert_close(grad_hidden, ref_grad_hidden, atol=1e-3 * ref_grad_hidden.abs().max().item(), rtol=0)
+    if weight_grad:
+        assert torch.isfinite(grad_weight).all()
+        torch.testing.assert_close(grad_weight, ref_grad_weight, atol=1e-3 * ref_grad_weight.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_error_is_within_a_small_multiple_of_pytorchs_own(backend, weight_grad, dtype):
+    hidden, weight, labels, upstream = make_inputs(45, 1031, 67, dtype=dtype, ignored=(7,))
+    ours = run(hidden, weight, labels, upstream, weight_grad=weight_grad, backend=backend, chunk_size=16)
+    plain = run(hidden, weight, labels, upstream, weight_grad=weight_grad, fn=plain_low_precision)
+    # the reference sees exactly the low-precision inputs, upcast: only the arithmetic differs
+    reference = run(hidden.double(), weight.double(), labels, upstream.double(), weight_grad=weight_grad,
+                    fn=reference_fused_linear_logprobs)
+    assert_error_within_pytorchs_own(ours, plain, reference)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any torch op produces while active (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.numel = max(self.numel, leaf.numel())
+        return out
+
+
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
+def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad):
+    rows, vocab, dim, chunk = 300, 1031, 40, 64
+    hidden, weight, labels, upstream = make_inputs(rows, vocab, dim)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(weight_grad)
+    with LargestTensor() as largest:
+        fused_linear_logprobs(hidden, weight, labels, chunk_size=chunk, backend="torch").backward(upstream)
+    assert largest.numel <= max(chunk * vocab, vocab * dim) < rows * vocab
+
+
+def test_frozen_weight_keeps_the_gradient_direction_and_trained_weight_keeps_only_lse():
+    rows, vocab, dim = 50, 1031, 24
+    hidden, weight, labels, _ = make_inputs(rows, vocab, dim)
+    for weight_grad, expected_shapes in ((False, [(rows, dim)]), (True, [(rows, dim), (vocab, dim), (rows,), (rows,)])):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            fused_linear_logprobs(hidden.clone().requires_grad_(True), weight.clone().requires_grad_(weight_grad),
+                                  labels, backend="torch")
+        assert saved == expected_shapes
+
+
+def test_bad_inputs_raise_specific_errors():
+    hidden, weight, labels, _ = make_inputs(6, 1031, 19)
+    bad_labels = labels.clone()
+    bad_labels[4] = 1031
+    with pytest.raises(ValueError, match=r"labels\[4\] = 1031 is outside the vocabulary \[0, 1031\)"):
+        fused_linear_logprobs(hidden, weight, bad_labels)
+    with pytest.raises(ValueError, match="D=19 but weight has D=18"):
+        fused_linear_logprobs(hidden, weight[:, :18], labels)
+    with pytest.raises(TypeError, match="share one floating dtype"):
+        fused_linear_logprobs(hidden, weight.double(), labels)
+    with pytest.raises(ValueError, match="shape \\[6\\]"):
+        fused_linear_logprobs(hidden, weight, labels[:5])
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fused_linear_logprobs(hidden, weight, labels, backend="cuda")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernel_compiles_for_hopper():
+    """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin, no GPU needed)."""
+    script = """
+import importlib, triton
+from triton.backends.compiler import GPUTarget
+module = importlib.import_module("hscr_fast.kernels.fused_linear_logprobs")
+kernel = module._triton_kernels()
+signature = {"logits_ptr": "*fp32", "logits_row_stride": "i32", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+             "scale_ptr": "*fp32", "logp_ptr": "*fp32", "grad_ptr": "*bf16", "grad_row_stride": "i32",
+             "n_cols": "i32", "ignore_index": "i32"}
+for has_lse, write_grad, has_scale in [(False, False, False), (False, True, False), (True, True, True)]:
+    constexprs = {"HAS_LSE": has_lse, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "BLOCK_V": 4096}
+    source = triton.compiler.ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
+                                       constexprs=constexprs)
+    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if "No module named" in result.stderr and "nvidia" in result.stderr:
+        pytest.skip("this triton build has no NVIDIA backend")
+    assert result.returncode == 0, result.stderr[-3000:]
+
