@@ -1,0 +1,292 @@
+"""Stage 1 (`hscr_fast.selfcontrast`) on the tiny LLaVA against plain references.
+
+The references never use the packed forward: the full-image condition runs transformers' own Llava forward on
+input_ids with expanded image tokens; the dropped condition splices the kept visual tokens by hand and runs the Llava
+forward on inputs_embeds. Logits are full [T, V], in float64, and the rule of DESIGN.md Stage 1 is restated plainly.
+"""
+import copy
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from hscr_fast.models.dropout import visual_dropout
+from hscr_fast.models.vlm import VisionLanguageModel
+from hscr_fast.selfcontrast import (ContentTokens, SelfContrast, SelfContrastConfig, graded_counts, num_distinct,
+                                    render_marked)
+
+SAMPLES = [
+    ("a", "Is there a lesion in the left lung?", "yes"),
+    ("b", "Where is the abnormality?", "The right upper lobe shows a small nodule."),
+    ("c", "How many lesions are there?", "two lesions, left lung"),
+    ("d", "What organ is shown in this image?", "chest"),
+    ("e", "Describe the image.", "A large mass in the left lower lobe with effusion, no fracture seen."),
+]
+
+
+# -- plain references -------------------------------------------------------------------------------------------------
+def reference_logits(vlm, question, answer_ids, image, dropout=None):
+    """[T, V] float64 logits predicting each answer token, from transformers' own forward."""
+    llava, tokenizer = vlm.llava, vlm.tokenizer
+    prompt = vlm.prompt_tokens(question)
+    pixels = vlm.preprocess_images([image])
+    with torch.no_grad():
+        if dropout is None:
+            image_ids = [llava.config.image_token_id] * vlm.num_visual_tokens
+            ids = list(prompt.before_image) + image_ids + list(prompt.after_image) + list(answer_ids[:-1])
+            logits = llava(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
+        else:
+            visual = vlm.encode_images(pixels)[0]
+            embed = llava.get_input_embeddings()
+            if dropout.mode == "remove":
+                visual, mask = visual[dropout.kept], None
+            before = embed(torch.tensor(prompt.before_image))
+            rest = embed(torch.tensor(list(prompt.after_image) + list(answer_ids[:-1])))
+            embeds = torch.cat([before, visual, rest])[None]
+            if dropout.mode == "mask":
+                mask = torch.ones(1, embeds.shape[1], dtype=torch.long)
+                mask[0, before.shape[0]:before.shape[0] + visual.shape[0]] = dropout.kept.long()
+            logits = llava(inputs_embeds=embeds, attention_mask=mask).logits[0]
+    del tokenizer
+    return logits[-len(answer_ids):].double()
+
+
+def reference_content(tokenizer, answer_ids):
+    special = set(tokenizer.all_special_ids)
+    return [t not in special and any(c.isalnum() for c in tokenizer.decode([t])) for t in answer_ids]
+
+
+def reference_sensitivity(logits_full, logits_drop, labels, kind="logprob"):
+    rows = torch.arange(len(labels))
+    labels = torch.as_tensor(labels)
+    if kind == "logit":
+        return logits_full[rows, labels] - logits_drop[rows, labels]
+    return (logits_full.log_softmax(-1)[rows, labels] - logits_drop.log_softmax(-1)[rows, labels])
+
+
+def reference_top_n(sensitivity, eligible, top_n):
+    positions = [t for t in range(len(eligible)) if eligible[t]]
+    return sorted(positions, key=lambda t: (-float(sensitivity[t]), t))[:top_n]
+
+
+def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alpha, num_candidates):
+    """Candidates: top-k of the image-deprived distribution ∪ {p_full ≥ α·max p_full} − {y_t}; the one with the
+    lowest P_diff = softmax((1+β)L − βL') wins."""
+    p_full = logits_full_row.softmax(-1)
+    candidates = set(torch.topk(logits_drop_row, num_candidates).indices.tolist()) if num_candidates else set()
+    candidates |= set(torch.nonzero(p_full >= alpha * p_full.max()).flatten().tolist())
+    candidates.discard(int(label))
+    if not candidates:
+        return -1
+    p_diff = ((1 + beta) * logits_full_row - beta * logits_drop_row).softmax(-1)
+    return min(candidates, key=lambda v: (float(p_diff[v]), v))
+
+
+def plain_contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, *, beta=0.9, top_n=10, alpha=0.1,
+                                         num_candidates=8, sensitivity="logprob", content_mask=None,
+                                         ignore_index=-100, backend="auto"):
+    """The kernel's contract computed plainly; installed only while hscr_fast.kernels.contrastive_select is missing."""
+    logits_full = hidden_full.double() @ weight.double().T
+    logits_drop = hidden_drop.double() @ weight.double().T
+    labels_list = labels.tolist()
+    eligible = [label != ignore_index and (content_mask is None or bool(content_mask[t]))
+                for t, label in enumerate(labels_list)]
+    safe = [label if label != ignore_index else 0 for label in labels_list]
+    s = reference_sensitivity(logits_full, logits_drop, safe, sensitivity)
+    s = torch.where(torch.tensor(eligible), s, torch.tensor(-math.inf, dtype=s.dtype))
+    replacement = torch.full((len(labels_list),), -1, dtype=torch.long)
+    for t in range(len(labels_list)):
+        if eligible[t]:
+            replacement[t] = reference_replacement(logits_full[t], logits_drop[t], safe[t], beta=beta, alpha=alpha,
+                                                   num_candidates=num_candidates)
+    rows = torch.arange(len(safe))
+    return types.SimpleNamespace(
+        sensitivity=s.float(), sensitive_positions=torch.tensor(reference_top_n(s, eligible, top_n), dtype=torch.long),
+        replacement=replacement, logprob_full=logits_full.log_softmax(-1)[rows, safe].float(),
+        logprob_drop=logits_drop.log_softmax(-1)[rows, safe].float())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def contrastive_select_kernel():
+    """The real kernel when it is installed; until then its contract, computed plainly (test-local only)."""
+    try:
+        import hscr_fast.kernels.contrastive_select  # noqa: F401
+        yield
+    except ImportError:
+        shim = types.ModuleType("hscr_fast.kernels.contrastive_select")
+        shim.contrastive_select_from_hidden = plain_contrastive_select_from_hidden
+        sys.modules[shim.__name__] = shim
+        yield
+        del sys.modules[shim.__name__]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Two OpenMP threads on a shared 2-core machine spin-wait for each other: tiny forwards get ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(make_images):
+    return make_images(len(SAMPLES), seed=3)
+
+
+def run_stage1(vlm, config, samples=SAMPLES, images=None):
+    contrast = SelfContrast(vlm, config)
+    prepared = [contrast.prepare(sid, question, answer) for sid, question, answer in samples]
+    return contrast, prepared, contrast.run(prepared, images)
+
+
+# -- tests ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dropout_mode,sensitivity", [("remove", "logprob"), ("mask", "logprob"),
+                                                      ("remove", "logit")])
+def test_sensitive_positions_and_replacements_match_reference(tiny_vlm, images, dropout_mode, sensitivity):
+    config = SelfContrastConfig(seed=5, top_n=4, dropout_mode=dropout_mode, sensitivity=sensitivity)
+    contrast, prepared, results = run_stage1(tiny_vlm, config, images=images)
+    for (sid, question, _), sample, result, image in zip(SAMPLES, prepared, results, images):
+        dropout = visual_dropout(tiny_vlm.num_visual_tokens, 0.7, global_seed=5, sample_id=sid, mode=dropout_mode)
+        assert dropout.num_kept == tiny_vlm.num_visual_tokens - round(0.7 * tiny_vlm.num_visual_tokens)
+        logits_full = reference_logits(tiny_vlm, question, sample.answer_ids, image)
+        logits_drop = reference_logits(tiny_vlm, question, sample.answer_ids, image, dropout)
+        s = reference_sensitivity(logits_full, logits_drop, sample.answer_ids, sensitivity)
+        eligible = reference_content(tiny_vlm.tokenizer, sample.answer_ids)
+        expected = reference_top_n(s, eligible, config.top_n)
+        assert [token.position for token in result.sensitive] == expected, sid
+        assert len(expected) == min(config.top_n, sum(eligible))
+        for token in result.sensitive:
+            assert token.token_id == sample.answer_ids[token.position]
+            assert token.sensitivity == pytest.approx(float(s[token.position]), abs=2e-4)
+            assert token.replacement_id == reference_replacement(
+                logits_full[token.position], logits_drop[token.position], token.token_id, beta=config.beta,
+                alpha=config.alpha, num_candidates=config.num_candidates), (sid, token)
+            assert token.replacement_id != token.token_id
+
+
+def test_variant_m_replaces_ceil_m_n_over_M_positions(tiny_vlm, images):
+    for top_n, num_variants in [(3, 5), (10, 4), (2, 2)]:
+        config = SelfContrastConfig(top_n=top_n, num_variants=num_variants)
+        _, prepared, results = run_stage1(tiny_vlm, config, images=images)
+        for sample, result in zip(prepared, results):
+            n = len(result.sensitive)
+            assert n == min(top_n, sum(reference_content(tiny_vlm.tokenizer, sample.answer_ids)))
+            assert len(result.variants) == num_variants
+            for m, variant in enumerate(result.variants, start=1):
+                count = math.ceil(m * n / num_variants)
+                assert variant.replaced_positions == [t.position for t in result.sensitive[:count]]
+                changed = [i for i, (a, b) in enumerate(zip(sample.answer_ids, variant.token_ids)) if a != b]
+                assert sorted(changed) == sorted(variant.replaced_positions)
+                assert all(variant.token_ids[t.position] == t.replacement_id for t in result.sensitive[:count])
+                assert variant.text == tiny_vlm.tokenizer.decode(variant.token_ids, skip_special_tokens=True).strip()
+            assert num_distinct(result.variants) == len(set(graded_counts(n, num_variants)))
+
+
+def test_graded_counts_is_ceiling():
+    for n in range(0, 25):
+        for m_total in range(1, 9):
+            assert graded_counts(n, m_total) == [math.ceil(m * n / m_total) for m in range(1, m_total + 1)]
+
+
+def test_sequential_mode_rescores_after_each_replacement(tiny_vlm, images):
+    config = SelfContrastConfig(seed=1, top_n=3, num_variants=3, mode="sequential")
+    _, prepared, results = run_stage1(tiny_vlm, config, images=images)
+    for (sid, question, _), sample, result, image in zip(SAMPLES, prepared, results, images):
+        dropout = visual_dropout(tiny_vlm.num_visual_tokens, 0.7, global_seed=1, sample_id=sid)
+        eligible = reference_content(tiny_vlm.tokenizer, sample.answer_ids)
+        current, expected = list(sample.answer_ids), []
+        for _ in range(min(config.top_n, sum(eligible))):  # Eq. 4 literally: re-score the modified answer each step
+            logits_full = reference_logits(tiny_vlm, question, current, image)
+            logits_drop = reference_logits(tiny_vlm, question, current, image, dropout)
+            s = reference_sensitivity(logits_full, logits_drop, current)
+            replaced = {position for position, _ in expected}
+            position = reference_top_n(s, [ok and t not in replaced for t, ok in enumerate(eligible)], 1)[0]
+            replacement = reference_replacement(logits_full[position], logits_drop[position], current[position],
+                                                beta=config.beta, alpha=config.alpha,
+                                                num_candidates=config.num_candidates)
+            expected.append((position, replacement))
+            current[position] = replacement
+        assert [(t.position, t.replacement_id) for t in result.sensitive] == expected, sid
+        assert result.variants[-1].token_ids == current
+    # The first replacement of a sequential run is the parallel run's first one.
+    _, _, parallel = run_stage1(tiny_vlm, SelfContrastConfig(seed=1, top_n=3, num_variants=3), images=images)
+    assert [r.sensitive[0] for r in results] == [r.sensitive[0] for r in parallel]
+
+
+def test_batch_composition_does_not_change_results(tiny_vlm, images):
+    config = SelfContrastConfig(top_n=5)
+    _, _, together = run_stage1(tiny_vlm, config, images=images)
+    for index in (0, 4):
+        _, _, alone = run_stage1(tiny_vlm, config, samples=SAMPLES[index:index + 1], images=images[index:index + 1])
+        assert [(t.position, t.replacement_id) for t in alone[0].sensitive] == \
+               [(t.position, t.replacement_id) for t in together[index].sensitive]
+        for a, b in zip(alone[0].sensitive, together[index].sensitive):
+            assert a.sensitivity == pytest.approx(b.sensitivity, abs=1e-5)
+
+
+def test_content_tokens_exclude_special_and_punctuation(tiny_vlm):
+    tokenizer = tiny_vlm.tokenizer
+    prompt = tiny_vlm.prompt_tokens("Where?")
+    ids = tiny_vlm.answer_tokens(prompt, "two lesions, left lung")
+    words = ContentTokens(tokenizer).mask(ids)
+    assert words == reference_content(tokenizer, ids)
+    pieces = [tokenizer.decode([t]) for t in ids]
+    assert [p for p, ok in zip(pieces, words) if ok] == ["two", "lesions", "left", "lung"]
+    everything = ContentTokens(tokenizer, include_punctuation=True).mask(ids)
+    assert everything == [t not in tokenizer.all_special_ids for t in ids]
+    assert not everything[-1]  # EOS is never sensitive
+
+
+def test_answers_without_content_have_no_variants(tiny_vlm, images):
+    _, _, results = run_stage1(tiny_vlm, SelfContrastConfig(), samples=[("p", "What?", "?!")], images=images[:1])
+    assert results[0].sensitive == [] and results[0].variants == []
+
+
+def test_closed_yes_answer_turns_into_no(tiny_llava, images):
+    """Edit the tiny model's lm_head so that, at the answer position, "no" is plausible with the full image and what
+    the model would say without it: the candidate rule must then replace "yes" by "no"."""
+    model, processor = tiny_llava
+    vlm = VisionLanguageModel(copy.deepcopy(model), processor)
+    tokenizer = vlm.tokenizer
+    yes, no = (tokenizer(" " + word, add_special_tokens=False)["input_ids"][0] for word in ("yes", "no"))
+    config = SelfContrastConfig(top_n=1, num_variants=1)
+    contrast = SelfContrast(vlm, config)
+    sample = contrast.prepare("closed", "Is there a lesion in the left lung?", "yes")
+    assert sample.answer_ids == [yes, tokenizer.eos_token_id]
+    visual = vlm.encode_images(vlm.preprocess_images(images[:1]))
+    (h_full, h_drop), = contrast.answer_hidden_pairs([sample], [sample.answer_ids], visual)
+    weight = vlm.lm_head_weight
+    with torch.no_grad():
+        full_logits, drop_logits = weight @ h_full[0], weight @ h_drop[0]
+        # w_no · h_full = max full logit − 0.5 (plausible), w_no · h_drop = max dropped logit + 8 (the dropped image's
+        # favourite): the least-norm solution of these two linear equations.
+        hidden = torch.stack([h_full[0], h_drop[0]])
+        targets = torch.stack([full_logits.max() - 0.5, drop_logits.max() + 8.0])
+        weight[no] = torch.linalg.lstsq(hidden.double(), targets.double()[:, None]).solution[:, 0].float()
+    result = contrast.run([sample], images[:1])[0]
+    assert [(t.position, t.token_id, t.replacement_id) for t in result.sensitive] == [(0, yes, no)]
+    assert result.sensitive[0].sensitivity > 2  # without the image "yes" lost most of its probability
+    assert [variant.text for variant in result.variants] == ["no"]
+    # The plain rule agrees on the edited model.
+    logits_full = reference_logits(vlm, "Is there a lesion in the left lung?", sample.answer_ids, images[0])
+    dropout = contrast.dropout_for("closed")
+    logits_drop = reference_logits(vlm, "Is there a lesion in the left lung?", sample.answer_ids, images[0], dropout)
+    assert reference_replacement(logits_full[0], logits_drop[0], yes, beta=0.9, alpha=0.1, num_candidates=8) == no
+
+
+def test_render_marked(tiny_vlm):
+    tokenizer = tiny_vlm.tokenizer
+    prompt = tiny_vlm.prompt_tokens("Where?")
+    ids = tiny_vlm.answer_tokens(prompt, "two lesions, left lung")
+    assert render_marked(tokenizer, ids, [0, 3]) == "[two] lesions, [left] lung"
+    assert render_marked(tokenizer, ids, []) == "two lesions, left lung"
+
+
+def test_config_rejects_bad_values():
+    for bad in [dict(mode="both"), dict(dropout_mode="zero"), dict(sensitivity="prob"), dict(drop_ratio=1.0),
+                dict(top_n=0), dict(num_variants=0), dict(alpha=2.0), dict(num_candidates=-1)]:
+        with pytest.raises(ValueError):
+            SelfContrastConfig(**bad)
