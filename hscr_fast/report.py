@@ -76,6 +76,7 @@ def plot_grouped_bars(path: str | Path, panels: Mapping[str, Mapping[str, Mappin
 
     `panels[panel_title][group][series] = value`: groups sit along the x axis, each holding one bar per series, with
     the same series colours in every panel and one shared legend. A None value leaves its bar out and writes "n/a".
+    An empty panel title draws no title (for a single panel under the figure's title).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -99,13 +100,16 @@ def plot_grouped_bars(path: str | Path, panels: Mapping[str, Mapping[str, Mappin
                 value = values.get(series)
                 x = group_index + offset
                 if value is None or (isinstance(value, float) and math.isnan(value)):
-                    axis.text(x, ylim[0] + 1, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="grey")
+                    axis.text(x, ylim[0] + 0.01 * (ylim[1] - ylim[0]), "n/a", ha="center", va="bottom", fontsize=7,
+                              color="grey")
                     continue
                 bars = axis.bar(x, value, width, color=colours[series_index],
                                 label=series if group_index == 0 else None)
                 axis.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
         axis.set_xticks(range(len(groups)), [str(group) for group in groups])
-        axis.set_title(panel_title)
+        axis.set_xlim(-0.5, len(groups) - 0.5)  # fixed, so a group with no bars keeps its slot
+        if panel_title:
+            axis.set_title(panel_title)
         axis.set_ylabel(ylabel)
         axis.set_ylim(*ylim)
         axis.grid(axis="y", alpha=0.3)
@@ -133,7 +137,7 @@ def write_comparison(out_dir: str | Path, runs: Mapping[str, Mapping[str, Any]],
     md_path, png_path = out_dir / f"{name}.md", out_dir / f"{name}.png"
     atomic_write_text(md_path, comparison_markdown(runs))
     groups = {label: {run: metrics.get(key) for run, metrics in runs.items()} for key, label in HEADLINE_METRICS}
-    plot_grouped_bars(png_path, {"Med-VQA metrics by run": groups}, title="Med-VQA comparison")
+    plot_grouped_bars(png_path, {"": groups}, title="Med-VQA comparison")
     return md_path, png_path
 
 
