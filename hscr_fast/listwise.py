@@ -151,11 +151,11 @@ def listwise_attention_mask(segment_ids: torch.Tensor, attendable: torch.Tensor)
     index = torch.arange(length, device=segment_ids.device)
     causal = index[None, :] <= index[:, None]  # [q, k]
     seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
-    same_view = (seg_k == PREFIX_SEGMENT) | (seg_k == seg_q)
+    is_pad_query = seg_q == PAD_SEGMENT
+    same_view = ((seg_k == PREFIX_SEGMENT) | (seg_k == seg_q)) & ~is_pad_query
     mask = causal[None] & same_view & attendable[:, None, :]
-    pad_query = (segment_ids == PAD_SEGMENT)[:, :, None] & torch.eye(length, dtype=torch.bool,
-                                                                      device=segment_ids.device)[None]
-    return (mask | pad_query)[:, None]
+    pad_self = is_pad_query & torch.eye(length, dtype=torch.bool, device=segment_ids.device)[None]
+    return (mask | pad_self)[:, None]
 
 
 def answer_hidden_states(vlm, batch: PackedBatch) -> torch.Tensor:

@@ -1,0 +1,314 @@
+"""Stage 3 — multi-level preference optimisation (MLPO) on the prefix-shared listwise forward.
+
+    torchrun --nproc_per_node=N -m hscr_fast.train --model DIR --preferences prefs.jsonl --image-folder DIR --out DIR
+    torchrun -m hscr_fast.train                     # no arguments: the demo, end to end (see hscr_fast.demo.pipeline)
+
+The loop below reads top to bottom: validate the data (before any model loads), load the model and attach LoRA,
+compute the reference log-probs once (adapter disabled, cached), then per optimizer step: listwise forward of each
+prompt's k+1 responses, MLPO loss (Eqs. 5-7), backward, step, log, checkpoint. Defaults are the paper's (Table 7).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
+                        r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+
+
+def _arg(default, help_text, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = _arg(None, "SFT model directory (transformers Llava layout); omit for the demo")
+    preferences: str | None = _arg(None, "preference lists JSONL from hscr_fast.generate")
+    image_folder: str | None = _arg(None, "folder the preference records' image paths are relative to")
+    out: str = _arg("runs/hscr-mlpo", "output directory: adapter/, checkpoints/, metrics.jsonl, curves.png")
+    epochs: int = _arg(2, "epochs over the preference lists (paper: 2)")
+    learning_rate: float = _arg(5e-7, "peak learning rate (paper: 5e-7)")
+    warmup_ratio: float = _arg(0.03, "fraction of optimizer steps spent warming up linearly")
+    weight_decay: float = _arg(0.0, "AdamW weight decay (paper: none)")
+    per_device_batch_size: int = _arg(2, "prompts per device per micro-batch (paper: 2)")
+    gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)")
+    gamma: float = _arg(0.1, "reward scale γ in r(y) = γ·(log π − log π_ref)")
+    explicit: bool = _arg(True, "include the explicit loss L_E (y_w vs each y_l)")
+    implicit: bool = _arg(True, "include the implicit loss L_I (y_lj vs each worse y_lm)")
+    lora_r: int = _arg(16, "LoRA rank (paper: 16)")
+    lora_alpha: int = _arg(32, "LoRA alpha")
+    lora_dropout: float = _arg(0.0, "LoRA dropout (0 keeps the policy deterministic: at step 0 it equals the reference)")
+    train_projector: bool = _arg(False, "also train the multimodal projector (fully)")
+    deepspeed: str = _arg("zero2", "'zero2' (built from these flags), 'none' (plain PyTorch), or a DeepSpeed JSON file")
+    gradient_checkpointing: bool = _arg(False, "recompute decoder activations in backward (less memory)")
+    dtype: str = _arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16")
+    attn_implementation: str = _arg("sdpa", "attention kernel for the decoder (sdpa or eager)")
+    max_answer_tokens: int = _arg(512, "longest response accepted, in tokens")
+    save_steps: int = _arg(50, "checkpoint every N optimizer steps (and at the end)")
+    save_total_limit: int = _arg(2, "checkpoints kept")
+    resume: bool = _arg(False, "continue from the latest checkpoint in OUT/checkpoints")
+    stop_after_steps: int | None = _arg(None, "stop (after checkpointing) once this many optimizer steps are done; "
+                                              "the schedule still spans the full run — for time-limited jobs")
+    merge: bool = _arg(False, "also write the merged model (base + adapter) to OUT/merged")
+    seed: int = _arg(0, "seed for data order and initialisation")
+    log_every: int = _arg(1, "optimizer steps between metric lines")
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "TrainConfig":
+        parser = argparse.ArgumentParser(prog="torchrun -m hscr_fast.train", description=__doc__.split("\n\n")[0])
+        for item in dataclasses.fields(cls):
+            flag = "--" + item.name.replace("_", "-")
+            if item.type in ("bool", bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default,
+                                    help=item.metadata["help"])
+            else:
+                kind = {"int": int, "float": float, "int | None": int}.get(str(item.type), str)
+                parser.add_argument(flag, type=kind, default=item.default, help=item.metadata["help"])
+        return cls(**vars(parser.parse_args(argv)))
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    metrics_path: Path
+    plot_path: Path
+    steps: int
+    merged_dir: Path | None = None
+
+
+def init_distributed(use_deepspeed: bool) -> tuple[int, int, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 or use_deepspeed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        elif not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return rank, world_size, device
+
+
+def attach_lora(vlm, config: TrainConfig, model_dir: str):
+    """LoRA on the language model's linear layers (the vision tower's own q/k/v_proj are excluded by the regex)."""
+    from peft import LoraConfig, get_peft_model
+
+    vlm.llava.config._name_or_path = str(model_dir)  # recorded by peft as base_model_name_or_path
+    if config.gradient_checkpointing:
+        vlm.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=LORA_TARGET_LANGUAGE, bias="none",
+                      modules_to_save=["multi_modal_projector"] if config.train_projector else None)
+    vlm.model = get_peft_model(vlm.model, lora)
+    return {name: p for name, p in vlm.model.named_parameters() if p.requires_grad}
+
+
+def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, float]:
+    if world_size == 1:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor)
+    return {k: v / world_size for k, v in zip(keys, tensor.tolist())}
+
+
+def train(config: TrainConfig) -> TrainResult:
+    from transformers import get_cosine_schedule_with_warmup
+
+    from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config
+    from .listwise import listwise_logprobs, pack_examples
+    from .losses import mlpo_loss
+    from .models.vlm import load_vlm
+    from .preferences import (batch_indices, steps_per_epoch, to_examples, tokenize_preferences,
+                              validate_preferences)
+    from .reference import (load_or_compute_reference, reference_cache_path, reference_fingerprint,
+                            reference_tensor)
+    from .training_log import MetricsLog, plot_training_curves
+
+    if not (config.model and config.preferences and config.image_folder):
+        raise SystemExit("error: --model, --preferences and --image-folder are all needed (or none, for the demo)")
+    use_deepspeed = config.deepspeed != "none"
+    rank, world_size, device = init_distributed(use_deepspeed)
+    out = Path(config.out)
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    # 1. Data first: a bad line or image is reported before minutes of model loading.
+    records = validate_preferences(config.preferences, config.image_folder)
+    say(f"[hscr] {len(records)} preference lists validated ({config.preferences})")
+
+    # 2. Model + LoRA.
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if config.dtype == "auto" \
+        else getattr(torch, config.dtype)
+    torch.manual_seed(config.seed)
+    vlm = load_vlm(config.model, dtype=dtype, device=device, attn_implementation=config.attn_implementation)
+    trainable = attach_lora(vlm, config, config.model)
+    say(f"[hscr] trainable parameters: {sum(p.numel() for p in trainable.values()):,} "
+        f"(LoRA r={config.lora_r}{' + projector' if config.train_projector else ''})")
+    items = tokenize_preferences(vlm, records, config.image_folder, max_answer_tokens=config.max_answer_tokens)
+
+    # 3. Reference log-probs, once, adapter disabled.
+    fingerprint = reference_fingerprint(config.model, config.preferences, prompt_format=vlm.options.prompt_format,
+                                        dtype=dtype)
+    reference = load_or_compute_reference(vlm, items, reference_cache_path(config.preferences, fingerprint),
+                                          batch_size=config.per_device_batch_size, rank=rank, world_size=world_size)
+
+    # 4. Optimizer, schedule, engine.
+    micro_per_epoch = steps_per_epoch(len(items), config.per_device_batch_size, world_size)
+    if micro_per_epoch == 0:
+        raise SystemExit(f"error: {len(items)} preference lists are fewer than one global batch "
+                         f"({config.per_device_batch_size} x {world_size} ranks)")
+    total_micro = config.epochs * micro_per_epoch
+    total_steps = total_micro // config.gradient_accumulation_steps
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * total_steps),
+                                                total_steps)
+    common = dict(checkpoint_dir=out / "checkpoints", rank=rank, world_size=world_size, keep=config.save_total_limit)
+    if use_deepspeed:
+        ds_config = (json.loads(Path(config.deepspeed).read_text()) if config.deepspeed != "zero2" else
+                     deepspeed_config(micro_batch=config.per_device_batch_size,
+                                      accumulation=config.gradient_accumulation_steps,
+                                      max_grad_norm=config.max_grad_norm, bf16=dtype == torch.bfloat16))
+        engine = DeepSpeedEngine(vlm.model, list(trainable.values()), optimizer, scheduler, ds_config, **common)
+    else:
+        engine = TorchEngine(trainable, optimizer, scheduler, accumulation=config.gradient_accumulation_steps,
+                             max_grad_norm=config.max_grad_norm, **common)
+
+    run_identity = {"preferences_fingerprint": fingerprint, "world_size": world_size,
+                    "per_device_batch_size": config.per_device_batch_size,
+                    "gradient_accumulation_steps": config.gradient_accumulation_steps, "epochs": config.epochs,
+                    "seed": config.seed}
+    step, micro_step = 0, 0
+    if config.resume and engine.latest_tag():
+        state = engine.load(engine.latest_tag())
+        mismatched = {k: (state["run"][k], v) for k, v in run_identity.items() if state["run"].get(k) != v}
+        if mismatched:
+            raise SystemExit(f"error: cannot resume {out}: the run changed since the checkpoint "
+                             f"(saved, now): {mismatched}")
+        step, micro_step = state["step"], state["micro_step"]
+        say(f"[hscr] resumed from {engine.checkpoint_dir / engine.latest_tag()} at step {step}/{total_steps}")
+    log = MetricsLog(out / "metrics.jsonl", resume_after_step=step if config.resume else None, enabled=rank == 0)
+
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=step, desc="MLPO", unit="step", disable=rank != 0, dynamic_ncols=True)
+    vlm.model.train()
+    window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "metrics": []}
+    last_saved = engine.latest_tag()
+    stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
+    while step < stop_at:
+        # 5. One micro-batch: listwise forward of every prompt's responses, MLPO loss.
+        epoch, step_in_epoch = divmod(micro_step, micro_per_epoch)
+        batch_items = [items[i] for i in batch_indices(
+            len(items), epoch=epoch, step_in_epoch=step_in_epoch, per_device_batch=config.per_device_batch_size,
+            world_size=world_size, rank=rank, seed=config.seed)]
+        packed = pack_examples(vlm.embed_tokens, to_examples(vlm, batch_items))
+        policy_logps = listwise_logprobs(vlm, packed)
+        ref_logps = reference_tensor(reference, batch_items, packed.num_slots, device)
+        weights = None
+        if any(item.weight is not None for item in batch_items):
+            weights = torch.tensor([1.0 if it.weight is None else it.weight for it in batch_items], device=device)
+        loss, metrics = mlpo_loss(policy_logps, ref_logps, gamma=config.gamma, valid=packed.valid,
+                                  explicit=config.explicit, implicit=config.implicit, weight=weights)
+        finite = torch.tensor(float(torch.isfinite(loss)), dtype=torch.float64)
+        if world_size > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            ids = [item.id for item in batch_items]
+            raise TrainingDiverged(
+                f"non-finite loss at optimizer step {step + 1} (epoch {epoch}, batch ids {ids} on rank {rank}); "
+                f"training stopped. Last good checkpoint: {engine.checkpoint_dir / last_saved if last_saved else 'none'}"
+                f" — lower --learning-rate, or check these samples, then rerun with --resume")
+
+        # 6. Backward and (at accumulation boundaries) the optimizer step.
+        engine.backward(loss)
+        boundary = engine.step()
+        micro_step += 1
+        window["tokens"] += packed.num_real_tokens
+        window["samples"] += len(batch_items)
+        window["metrics"].append({k: float(v) for k, v in metrics.items() if v.numel() == 1})
+        if not boundary:
+            continue
+        step += 1
+        progress.update(1)
+
+        # 7. Log: per-step means over micro-batches and ranks; throughput counts real (unpadded) tokens.
+        if step % config.log_every == 0 or step == stop_at:
+            elapsed = time.perf_counter() - window["start"]
+            row = {k: _nanmean([m[k] for m in window["metrics"]]) for k in window["metrics"][0]}
+            row = _mean_across_ranks(row, world_size)
+            totals = _mean_across_ranks({"tokens": window["tokens"], "samples": window["samples"]}, world_size)
+            row.update(step=step, epoch=epoch, lr=engine.current_lr(), grad_norm=engine.grad_norm,
+                       tokens_per_second=totals["tokens"] * world_size / elapsed,
+                       samples_per_second=totals["samples"] * world_size / elapsed)
+            log.append(row)
+            progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy_explicit']:.2f}",
+                                 tok_s=f"{row['tokens_per_second']:.0f}")
+            window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "metrics": []}
+
+        # 8. Checkpoint.
+        if step % config.save_steps == 0 or step == stop_at:
+            last_saved = f"step-{step}"
+            engine.save(last_saved, {"step": step, "micro_step": micro_step, "run": run_identity})
+    progress.close()
+
+    # 9. The adapter in standard PEFT format (PeftModel.from_pretrained loads it), the plot, optionally merged.
+    result = TrainResult(out / "adapter", out / "metrics.jsonl", out / "curves.png", step)
+    if rank == 0:
+        vlm.model.save_pretrained(result.adapter_dir)
+        if log.path.is_file() and log.path.stat().st_size:
+            plot_training_curves(log.path, result.plot_path)
+        if config.merge and step == total_steps:
+            result.merged_dir = out / "merged"
+            merged = vlm.model.merge_and_unload()
+            merged.save_pretrained(result.merged_dir)
+            vlm.processor.save_pretrained(result.merged_dir)
+            vlm.options.write(result.merged_dir)
+        say(f"[hscr] adapter: {result.adapter_dir}\n[hscr] metrics: {result.metrics_path}\n"
+            f"[hscr] curves:  {result.plot_path}" + (f"\n[hscr] merged:  {result.merged_dir}"
+                                                     if result.merged_dir else ""))
+    if world_size > 1:
+        torch.distributed.barrier()
+    return result
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = TrainConfig.from_args(argv)
+    if config.model is None and config.preferences is None:
+        from .demo.pipeline import run_demo
+
+        return run_demo(config)
+    try:
+        train(config)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The prefix-shared listwise forward equals independent full forwards of each prefix+response, in log-probs and in
+every gradient, with responses of different lengths and k varying inside a batch."""
+import pytest
+import torch
+
+from hscr_fast.listwise import ListwiseExample, listwise_attention_mask, listwise_logprobs, pack_examples
+from hscr_fast.models.dropout import visual_dropout
+
+QUESTIONS = ["Is there a lesion?", "Where is the abnormality in the left lung?", "How many lesions are there?"]
+ANSWERS = [["yes", "no", "the left upper lobe of the lung"],
+           ["right lower lobe", "left lobe"],
+           ["two", "one", "zero lesions are seen here", "three"]]
+
+
+def independent_logps(vlm, pixels, prompts, responses, dropouts=None):
+    """One ordinary forward per (prompt, response): full logits, log_softmax, gather."""
+    out = torch.zeros(len(prompts), max(len(r) for r in responses), dtype=torch.float32)
+    for b, (prompt, response_list) in enumerate(zip(prompts, responses)):
+        for j, response in enumerate(response_list):
+            visual = vlm.encode_images(pixels[b:b + 1])[0]
+            attend = torch.ones(visual.shape[0], dtype=torch.long)
+            if dropouts is not None:
+                visual, kept = dropouts[b].apply(visual)
+                attend = kept.long()
+            before = vlm.embed_tokens(torch.tensor(prompt.before_image))
+            after = vlm.embed_tokens(torch.tensor(list(prompt.after_image) + response[:-1]))
+            embeds = torch.cat([before, visual, after])[None]
+            mask = torch.cat([torch.ones(before.shape[0], dtype=torch.long), attend,
+                              torch.ones(after.shape[0], dtype=torch.long)])[None]
+            hidden = vlm.decoder_hidden_states(embeds, mask)[0]
+            prefix = before.shape[0] + visual.shape[0] + len(prompt.after_image)
+            logits = hidden[prefix - 1:prefix - 1 + len(response)] @ vlm.lm_head_weight.T
+            out[b, j] = torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).sum()
+    return out
+
+
+@pytest.mark.parametrize("dropout_mode", [None, "remove", "mask"])
+def test_listwise_equals_independent_forwards_values_and_gradients(tiny_vlm, make_images, dropout_mode):
+    vlm = tiny_vlm
+    prompts = [vlm.prompt_tokens(q) for q in QUESTIONS]
+    responses = [[vlm.answer_tokens(p, a) for a in answers] for p, answers in zip(prompts, ANSWERS)]
+    pixels = vlm.preprocess_images(make_images(3, seed=7))
+    dropouts = None if dropout_mode is None else [
+        visual_dropout(vlm.num_visual_tokens, 0.7, global_seed=0, sample_id=i, mode=dropout_mode) for i in range(3)]
+    upstream = torch.randn(3, 4)
+    params = [p for p in vlm.model.parameters()]
+
+    vlm.model.zero_grad()
+    visual = vlm.encode_images(pixels)
+    examples = []
+    for b in range(3):
+        tokens, attendable = (visual[b], None) if dropouts is None else dropouts[b].apply(visual[b])
+        examples.append(ListwiseExample(prompts[b], responses[b], tokens,
+                                        None if dropout_mode != "mask" else attendable))
+    batch = pack_examples(vlm.embed_tokens, examples)
+    listwise = listwise_logprobs(vlm, batch)
+    (listwise * upstream * batch.valid).sum().backward()
+    listwise_grads = [None if p.grad is None else p.grad.clone() for p in params]
+
+    vlm.model.zero_grad()
+    reference = independent_logps(vlm, pixels, prompts, responses, dropouts)
+    valid = torch.tensor([[j < len(r) for j in range(4)] for r in responses])
+    (reference * upstream * valid).sum().backward()
+    reference_grads = [None if p.grad is None else p.grad.clone() for p in params]
+    vlm.model.zero_grad()
+
+    assert torch.equal(batch.valid.cpu(), valid)
+    torch.testing.assert_close(listwise.detach() * valid, reference.detach() * valid, rtol=1e-5, atol=1e-4)
+    compared = 0
+    for ours, theirs in zip(listwise_grads, reference_grads):
+        if theirs is None:
+            assert ours is None or ours.abs().max() == 0
+            continue
+        # Relative to the tensor's largest entry; the absolute floor covers gradients that are zero in exact
+        # arithmetic (the attention key bias: softmax ignores a shift shared by all keys) and hold only round-off.
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max() + 1e-7
+        compared += 1
+    assert compared > 20  # vision tower, projector, decoder layers, embeddings all received gradients
+
+
+def test_packed_length_is_prefix_plus_answers(tiny_vlm, make_images):
+    vlm = tiny_vlm
+    prompt = vlm.prompt_tokens(QUESTIONS[2])
+    responses = [vlm.answer_tokens(prompt, a) for a in ANSWERS[2]]
+    visual = vlm.encode_images(vlm.preprocess_images(make_images(1)))[0]
+    batch = pack_examples(vlm.embed_tokens, [ListwiseExample(prompt, responses, visual)])
+    prefix = prompt.num_text_tokens + visual.shape[0]
+    assert batch.num_real_tokens == prefix + sum(len(r) - 1 for r in responses)
+    assert batch.score_labels.numel() == sum(len(r) for r in responses)
+
+
+def test_attention_mask_structure():
+    # prefix of 3, response 1 of 2 tokens, response 2 of 1 token, 1 pad; token 1 is a masked-out visual token.
+    segments = torch.tensor([[0, 0, 0, 1, 1, 2, -1]])
+    attendable = torch.tensor([[True, False, True, True, True, True, False]])
+    mask = listwise_attention_mask(segments, attendable)[0, 0]
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0, 0],
+        [1, 0, 1, 1, 0, 0, 0],
+        [1, 0, 1, 1, 1, 0, 0],
+        [1, 0, 1, 0, 0, 1, 0],
+        [0, 0, 0, 0, 0, 0, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
