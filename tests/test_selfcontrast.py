@@ -6,8 +6,6 @@ forward on inputs_embeds. Logits are full [T, V], in float64, and the rule of DE
 """
 import copy
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -82,44 +80,6 @@ def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alph
         return -1
     p_diff = ((1 + beta) * logits_full_row - beta * logits_drop_row).softmax(-1)
     return min(candidates, key=lambda v: (float(p_diff[v]), v))
-
-
-def plain_contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, *, beta=0.9, top_n=10, alpha=0.1,
-                                         num_candidates=8, sensitivity="logprob", content_mask=None,
-                                         ignore_index=-100, backend="auto"):
-    """The kernel's contract computed plainly; installed only while hscr_fast.kernels.contrastive_select is missing."""
-    logits_full = hidden_full.double() @ weight.double().T
-    logits_drop = hidden_drop.double() @ weight.double().T
-    labels_list = labels.tolist()
-    eligible = [label != ignore_index and (content_mask is None or bool(content_mask[t]))
-                for t, label in enumerate(labels_list)]
-    safe = [label if label != ignore_index else 0 for label in labels_list]
-    s = reference_sensitivity(logits_full, logits_drop, safe, sensitivity)
-    s = torch.where(torch.tensor(eligible), s, torch.tensor(-math.inf, dtype=s.dtype))
-    replacement = torch.full((len(labels_list),), -1, dtype=torch.long)
-    for t in range(len(labels_list)):
-        if eligible[t]:
-            replacement[t] = reference_replacement(logits_full[t], logits_drop[t], safe[t], beta=beta, alpha=alpha,
-                                                   num_candidates=num_candidates)
-    rows = torch.arange(len(safe))
-    return types.SimpleNamespace(
-        sensitivity=s.float(), sensitive_positions=torch.tensor(reference_top_n(s, eligible, top_n), dtype=torch.long),
-        replacement=replacement, logprob_full=logits_full.log_softmax(-1)[rows, safe].float(),
-        logprob_drop=logits_drop.log_softmax(-1)[rows, safe].float())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def contrastive_select_kernel():
-    """The real kernel when it is installed; until then its contract, computed plainly (test-local only)."""
-    try:
-        import hscr_fast.kernels.contrastive_select  # noqa: F401
-        yield
-    except ImportError:
-        shim = types.ModuleType("hscr_fast.kernels.contrastive_select")
-        shim.contrastive_select_from_hidden = plain_contrastive_select_from_hidden
-        sys.modules[shim.__name__] = shim
-        yield
-        del sys.modules[shim.__name__]
 
 
 @pytest.fixture(scope="module", autouse=True)
