@@ -203,7 +203,6 @@ def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *, 
     vlm = load_vlm(model_dir, dtype=DTYPES[dtype], device=device)
     if adapter_dir is not None:
         apply_adapter(vlm, adapter_dir, model_dir)
-    vlm.model.eval()
     return vlm
 
 
@@ -383,8 +382,9 @@ def _check_resume_settings(out_dir: Path, run: dict[str, Any]) -> None:
     differences = [f"{key}: {earlier.get(key)!r} there, {run.get(key)!r} now" for key in ANSWER_DETERMINING_SETTINGS
                    if earlier.get(key) != run.get(key)]
     if differences:
-        raise EvaluationError(f"{predictions_path} holds answers generated with other settings ({'; '.join(differences)})"
-                              f"; use another --out, or the same settings to resume (the file is left as it is)")
+        raise EvaluationError(f"{predictions_path} holds answers generated with other settings "
+                              f"({'; '.join(differences)}); use another --out, or the same settings to resume (the "
+                              f"file is left as it is)")
 
 
 def evaluate_vlm(vlm, records: list[VQARecord], out_dir: str | Path, *, image_folder: str | Path | None,
@@ -404,14 +404,38 @@ def evaluate_vlm(vlm, records: list[VQARecord], out_dir: str | Path, *, image_fo
     _check_resume_settings(out_dir, run)
     atomic_write_json(out_dir / RUN_FILE, run)
     predictions_path = out_dir / PREDICTIONS_FILE
-    generated = generate_predictions(vlm, records, image_folder, predictions_path, visual=visual,
-                                     batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                     model_id=str(run.get("model_id", "")), progress=progress)
+    # Dropout layers must be off whatever state the caller left the model in (the trainer calls this mid-run).
+    was_training = vlm.model.training
+    vlm.model.eval()
+    try:
+        generated = generate_predictions(vlm, records, image_folder, predictions_path, visual=visual,
+                                         batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                         model_id=str(run.get("model_id", "")), progress=progress)
+    finally:
+        vlm.model.train(was_training)
     metrics = score_predictions(records, read_predictions(predictions_path), predictions_path=predictions_path,
                                 data_path=data_path, known_ids=known_ids)
     metrics["run"] = {**run, "condition": visual.label, "generated_this_call": generated}
     write_metrics(out_dir, metrics, title=title or f"Med-VQA: {run.get('model_id', 'model')}, {visual.label}")
     return metrics
+
+
+def evaluate_with_and_without_visual(vlm, records: list[VQARecord], out_dir: str | Path, *,
+                                     image_folder: str | Path, run: dict[str, Any], **options) -> dict[str, dict]:
+    """The two conditions of the demo report, in OUT/with_visual and OUT/without_visual.
+
+    Returns {"with visual tokens": metrics, "without visual tokens": metrics}, one entry of `write_demo_report`'s
+    results; `options` go to `evaluate_vlm`. For the reference model, call it inside `vlm.adapter_disabled()`.
+    """
+    from hscr_fast.report import WITH_VISUAL, WITHOUT_VISUAL
+
+    out_dir = Path(out_dir)
+    return {
+        WITH_VISUAL: evaluate_vlm(vlm, records, out_dir / "with_visual", image_folder=image_folder, run=run,
+                                  visual=VisualCondition("full"), **options),
+        WITHOUT_VISUAL: evaluate_vlm(vlm, records, out_dir / "without_visual", image_folder=image_folder, run=run,
+                                     visual=VisualCondition("none"), **options),
+    }
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, image_folder: str | Path | None, out_dir: str | Path, *,
@@ -423,7 +447,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, image_folder: str | 
     all_records = load_eval_records(data, image_folder if visual.mode == "full" else None)
     records = all_records if limit is None else all_records[:limit]
     model_id = Path(model_dir).name + (f"+{Path(adapter_dir).name}" if adapter_dir else "")
-    run = {"model": str(Path(model_dir).resolve()), "adapter": str(Path(adapter_dir).resolve()) if adapter_dir else None,
+    run = {"model": str(Path(model_dir).resolve()),
+           "adapter": str(Path(adapter_dir).resolve()) if adapter_dir else None,
            "data": str(Path(data).resolve()), "image_folder": str(image_folder) if image_folder else None,
            "dtype": dtype, "device": device, "batch_size": batch_size, "limit": limit, "model_id": model_id}
     # The settings check runs before the (slow) model load, so a wrong --out fails at once.
@@ -449,12 +474,24 @@ def score_file(predictions: str | Path, data: str | Path, out_dir: str | Path, *
     return metrics
 
 
+def run_labels(run_dirs: list[str | Path]) -> list[str]:
+    """The shortest trailing parts of the run folders' paths that tell them apart ("hscr", or "a/eval", "b/eval")."""
+    parts = [Path(run_dir).resolve().parts for run_dir in run_dirs]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(path[-depth:]) for path in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(run_dir) for run_dir in run_dirs]
+
+
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
     """`--compare`: the metrics.json of each run directory side by side, as OUT/comparison.md and .png."""
     from hscr_fast.report import write_comparison
 
+    if len({Path(run_dir).resolve() for run_dir in run_dirs}) < len(run_dirs):
+        raise EvaluationError(f"--compare lists a run folder twice: {' '.join(map(str, run_dirs))}")
     runs: dict[str, dict[str, Any]] = {}
-    for run_dir in run_dirs:
+    for label, run_dir in zip(run_labels(run_dirs), run_dirs):
         metrics_path = Path(run_dir) / "metrics.json"
         if not metrics_path.is_file():
             raise EvaluationError(f"{run_dir}: no metrics.json; --compare takes output folders of "
@@ -465,9 +502,6 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path,
             raise EvaluationError(f"{metrics_path}: not valid JSON ({error})") from None
         if not isinstance(metrics, dict) or "closed_accuracy" not in metrics:
             raise EvaluationError(f"{metrics_path}: not a metrics file (no closed_accuracy)")
-        label = str(run_dir)
-        if label in runs:
-            raise EvaluationError(f"--compare lists {run_dir} twice")
         runs[label] = metrics
     return write_comparison(out_dir, runs)
 
@@ -509,7 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="evaluate only the first N questions of the data")
     parser.add_argument("--visual", default="full", choices=VISUAL_MODES,
                         help="none = the prompt with the image removed (accuracy without visual tokens)")
-    parser.add_argument("--drop-ratio", type=float, default=0.0, help="drop this fraction of each image's visual tokens")
+    parser.add_argument("--drop-ratio", type=float, default=0.0,
+                        help="drop this fraction of each image's visual tokens")
     parser.add_argument("--dropout-mode", default="remove", choices=["remove", "mask"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the visual token dropout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

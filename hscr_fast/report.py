@@ -176,8 +176,8 @@ def demo_report_markdown(results: Mapping[str, Mapping[str, Mapping[str, Any]]])
     gains = [(label, conditions) for label, conditions in results.items()
              if WITH_VISUAL in conditions and WITHOUT_VISUAL in conditions]
     if gains:
-        lines += ["", "Gain from the visual tokens (with − without, percentage points): how much the answers depend on "
-                      "the image.", "",
+        lines += ["", "Gain from the visual tokens (with − without, percentage points): how much the answers depend "
+                      "on the image.", "",
                   "| model | " + " | ".join(label for _, label in HEADLINE_METRICS) + " |",
                   "|---|" + "---:|" * len(HEADLINE_METRICS)]
         for label, conditions in gains:

@@ -8,8 +8,8 @@ import torch
 
 import hscr_fast.generation as generation
 from hscr_fast.data.records import VQARecord, write_llava_med_json
-from hscr_fast.evaluate import (AdapterMismatchError, VisualCondition, apply_adapter, evaluate_model, main,
-                                read_predictions)
+from hscr_fast.evaluate import (AdapterMismatchError, VisualCondition, apply_adapter, evaluate_model,
+                                evaluate_with_and_without_visual, main, read_predictions, run_labels)
 from hscr_fast.generation import GenerationPrompt, decode, greedy_generate
 from hscr_fast.models.dropout import visual_dropout
 from hscr_fast.models.vlm import load_vlm
@@ -59,6 +59,12 @@ def _scores(out):
 
 
 @pytest.fixture(scope="module")
+def saved_vlm(tiny_model_dir):
+    """The checkpoint the command evaluates, loaded once for reference generations."""
+    return load_vlm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
 def fresh_run(tmp_path_factory, tiny_model_dir, eval_set):
     out = tmp_path_factory.mktemp("fresh_run")
     assert main(_args(tiny_model_dir, *eval_set, out, "--batch-size", 3)) == 0
@@ -83,11 +89,11 @@ def test_batched_and_unbatched_give_identical_predictions(fresh_run, tiny_model_
     assert "| closed accuracy" in (fresh_run / "metrics.md").read_text()
 
 
-def test_batched_answers_match_direct_generation(fresh_run, tiny_model_dir, eval_set):
+def test_batched_answers_match_direct_generation(fresh_run, saved_vlm, eval_set):
     """The command's answers are what greedy_generate gives each question alone with its image."""
     from PIL import Image
 
-    vlm = load_vlm(tiny_model_dir)
+    vlm = saved_vlm
     data, image_folder = eval_set
     expected = {}
     for index, (question, *_rest) in enumerate(QUESTIONS[:3]):
@@ -256,7 +262,7 @@ def test_missing_arguments_are_named(tmp_path, eval_set, tiny_model_dir, capsys)
     VisualCondition("full", drop_ratio=0.7, dropout_mode="mask", seed=3),
     VisualCondition("full", drop_ratio=0.5, dropout_mode="remove", seed=1),
 ])
-def test_visual_conditions_generate_what_they_say(tiny_model_dir, eval_set, tmp_path, condition):
+def test_visual_conditions_generate_what_they_say(tiny_model_dir, saved_vlm, eval_set, tmp_path, condition):
     """--visual none = no visual tokens at all; --drop-ratio = Stage 1's seeded dropout of that sample's tokens."""
     from PIL import Image
 
@@ -264,7 +270,7 @@ def test_visual_conditions_generate_what_they_say(tiny_model_dir, eval_set, tmp_
     metrics = evaluate_model(tiny_model_dir, data, image_folder, tmp_path, visual=condition, batch_size=2,
                              max_new_tokens=6, limit=3, progress=False)
     assert metrics["num_questions"] == 3 and metrics["run"]["visual"] == condition.mode
-    vlm = load_vlm(tiny_model_dir)
+    vlm = saved_vlm
     for index, (question, *_rest) in enumerate(QUESTIONS[:3]):
         if condition.mode == "none":
             visual, attendable = torch.empty(0, vlm.hidden_size), None
@@ -309,6 +315,34 @@ def test_adapter_is_applied_like_merged_weights(tiny_model_dir, eval_set, fresh_
     assert any(with_adapter[q]["text"] != base[q]["text"] for q in with_adapter)
     run = json.loads((tmp_path / "with_adapter" / "run.json").read_text())
     assert run["adapter"] == str((tmp_path / "adapter").resolve())
+
+
+def test_before_after_report_from_a_model_in_memory(tiny_model_dir, eval_set, fresh_run, tmp_path):
+    """The trainer's path: one peft-wrapped model, the reference = adapter disabled, then the demo report."""
+    from hscr_fast.data.records import load_llava_med_json
+    from hscr_fast.report import write_demo_report
+
+    vlm, peft_model = _save_lora(tiny_model_dir, tmp_path / "adapter")
+    vlm.model = peft_model
+    vlm.model.train()  # as the trainer leaves it; evaluation must switch dropout off and restore the mode
+    records = load_llava_med_json(*eval_set)[0][:4]
+    image_folder = eval_set[1]
+    results = {}
+    with vlm.adapter_disabled():
+        results["before HSCR"] = evaluate_with_and_without_visual(
+            vlm, records, tmp_path / "before", image_folder=image_folder, run={"model": "tiny"}, max_new_tokens=6,
+            progress=False)
+    results["after HSCR"] = evaluate_with_and_without_visual(
+        vlm, records, tmp_path / "after", image_folder=image_folder, run={"model": "tiny", "adapter": "lora"},
+        max_new_tokens=6, progress=False)
+    assert vlm.model.training
+    # the reference model is the base model: same answers as the command gave without an adapter
+    before, base = _predictions(tmp_path / "before" / "with_visual"), _predictions(fresh_run)
+    assert {q: p["text"] for q, p in before.items()} == {q: base[q]["text"] for q in ("q0", "q1", "q2", "q3")}
+    assert json.loads((tmp_path / "after" / "without_visual" / "run.json").read_text())["visual"] == "none"
+    md_path, png_path = write_demo_report(tmp_path / "report", results)
+    assert md_path.read_text().count("| after HSCR |") == 3  # with, without, gain
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture(scope="module")
@@ -367,9 +401,16 @@ def test_compare_runs_draws_a_chart(fresh_run, hand_data, tmp_path, capsys):
     assert main(["--compare", str(fresh_run), str(tmp_path / "hand"), "--out", str(out)]) == 0
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "comparison.md").read_text()
-    assert f"| {tmp_path / 'hand'} | 75.00 | 25.00 | 50.00 | 33.33 | 4 | 3 |" in table
+    assert "| hand | 75.00 | 25.00 | 50.00 | 33.33 | 4 | 3 |" in table
     assert main(["--compare", str(tmp_path / "nothing_here"), "--out", str(out)]) == 2
     assert "nothing_here: no metrics.json" in capsys.readouterr().err
+    assert main(["--compare", str(fresh_run), str(fresh_run) + "/", "--out", str(out)]) == 2
+    assert "lists a run folder twice" in capsys.readouterr().err
+
+
+def test_run_labels_are_the_shortest_distinct_path_ends():
+    assert run_labels(["runs/a/eval", "runs/b/eval", "x/c"]) == ["a/eval", "b/eval", "x/c"]
+    assert run_labels(["runs/base", "other/hscr"]) == ["base", "hscr"]
 
 
 # -- real data, end to end -----------------------------------------------------------------------------------------
