@@ -535,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="LLaVA-Med JSON test set (default: the phantom test set)")
     parser.add_argument("--image-folder", help="folder the data's image paths are relative to")
     parser.add_argument("--out", help="output folder (predictions.jsonl, metrics.json, metrics.md)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                         help="auto = bfloat16 on cuda, float32 on cpu")
