@@ -112,7 +112,6 @@ class SelfContrastResult:
 
     sample_id: str
     answer_ids: list[int]
-    answer_text: str
     sensitive: list[SensitiveToken] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)
 
@@ -302,7 +301,7 @@ class SelfContrast:
                 token_ids[token.position] = token.replacement_id
             variants.append(Variant(token_ids, [token.position for token in sensitive[:count]],
                                     decode_answer(tokenizer, token_ids)))
-        return SelfContrastResult(sample.sample_id, answer, decode_answer(tokenizer, answer), sensitive, variants)
+        return SelfContrastResult(sample.sample_id, answer, sensitive, variants)
 
 
 def num_distinct(variants: list[Variant]) -> int:

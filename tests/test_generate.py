@@ -1,0 +1,251 @@
+"""`python -m hscr_fast.generate` end to end on the tiny LLaVA: record format, the Stage 2 ladder, skips with reasons
+and nothing lost, resume after a kill (byte-identical files), torchrun with 2 CPU processes (gloo) = 1 process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hscr_fast import generate
+from hscr_fast.io import read_jsonl
+
+QA = [
+    ("Is there a lesion in the left lung?", "yes", "CLOSED"),
+    ("Where is the abnormality?", "The right upper lobe shows a small nodule.", "OPEN"),
+    ("How many lesions are there?", "two lesions, left lung", "OPEN"),
+    ("What organ is shown in this image?", "chest", "OPEN"),
+    ("Describe the image.", "A large mass in the left lower lobe with effusion, no fracture seen.", "OPEN"),
+    ("Is this a normal image?", "no", "CLOSED"),
+]
+NUM_GOOD = 48
+LONG_ANSWER = " ".join(["the left lower lobe shows a small nodule"] * 8)
+EXPECTED_SKIPS = {  # id -> (stage, reason)
+    "empty": ("input", "empty_answer"),
+    "nofile": ("generate", "missing_image"),
+    "corrupt": ("generate", "unreadable_image"),
+    "long": ("generate", "too_long"),
+    "punct": ("generate", "no_sensitive_positions"),
+    "g1": ("input", "duplicate_id"),
+}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def entry(sample_id, image, question, answer, answer_type=None):
+    item = {"id": sample_id, "image": image,
+            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
+    if answer_type:
+        item["answer_type"] = answer_type
+    return item
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Two OpenMP threads on a shared 2-core machine spin-wait for each other: tiny forwards get ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tiny_vlm):
+    """Good samples with random images of odd sizes, plus one of each way a sample can be left out."""
+    root = tmp_path_factory.mktemp("sft")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    entries = []
+    for index in range(NUM_GOOD):
+        question, answer, answer_type = QA[index % len(QA)]
+        size = (30 + 7 * (index % 5), 41 + 3 * (index % 7))
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(images / f"g{index}.png")
+        entries.append(entry(f"g{index}", f"g{index}.png", question, answer, answer_type))
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 8)
+    entries[5:5] = [entry("empty", "g0.png", "What is shown?", "   ")]
+    entries[9:9] = [entry("nofile", "missing.png", "What is shown?", "chest")]
+    entries[14:14] = [entry("corrupt", "corrupt.png", "What is shown?", "chest")]
+    entries[20:20] = [entry("long", "g2.png", "Describe the image.", LONG_ANSWER)]
+    entries[26:26] = [entry("punct", "g3.png", "What is shown?", "?!")]
+    entries[31:31] = [entry("g1", "g4.png", "What is shown?", "a duplicate id")]
+    data = root / "sft.json"
+    data.write_text(json.dumps(entries))
+
+    # --max-length: every good sample fits, the long one does not.
+    prompt = tiny_vlm.prompt_tokens(QA[4][0])
+    good = max(len(tiny_vlm.prompt_tokens(q).before_image + tiny_vlm.prompt_tokens(q).after_image)
+               + tiny_vlm.num_visual_tokens + len(tiny_vlm.answer_tokens(tiny_vlm.prompt_tokens(q), a))
+               for q, a, _ in QA)
+    long_length = prompt.num_text_tokens + tiny_vlm.num_visual_tokens + len(tiny_vlm.answer_tokens(prompt, LONG_ANSWER))
+    assert long_length > good
+    return {"data": data, "images": images, "entries": entries, "max_length": good}
+
+
+@pytest.fixture(scope="module")
+def cached_similarity():
+    """One all-MiniLM-L6-v2 for every in-process run of this module (loading it costs seconds)."""
+    from hscr_fast import rerank
+
+    model = rerank.SentenceSimilarity()
+    original = rerank.SentenceSimilarity
+    rerank.SentenceSimilarity = lambda *args, **kwargs: model
+    yield model
+    rerank.SentenceSimilarity = original
+
+
+def argv(tiny_model_dir, dataset, out, *extra):
+    return ["--model", str(tiny_model_dir), "--data", str(dataset["data"]), "--image-folder", str(dataset["images"]),
+            "--out", str(out), "--batch-size", "4", "--max-length", str(dataset["max_length"]), *extra]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir, dataset, cached_similarity):
+    """One uninterrupted single-process run with the default (paper) settings."""
+    out = tmp_path_factory.mktemp("reference") / "prefs.jsonl"
+    assert generate.main(argv(tiny_model_dir, dataset, out)) == 0
+    return out
+
+
+def test_records_ladders_and_skips_lose_nothing(reference_run, dataset):
+    paths = generate.OutputPaths(reference_run)
+    written, skipped = read_jsonl(paths.out), read_jsonl(paths.skipped)
+    summary = json.loads(paths.summary.read_text())
+    entries = {e["id"]: e for e in reversed(dataset["entries"])}  # the first of a duplicated id wins
+
+    # Nothing lost: every input entry is written once or skipped once, with the expected reason.
+    assert len(written) + len(skipped) == len(dataset["entries"])
+    assert {line["id"]: (line["stage"], line["reason"]) for line in skipped} == EXPECTED_SKIPS
+    good_ids = [f"g{i}" for i in range(NUM_GOOD)]
+    assert [line["id"] for line in written] == good_ids  # input order
+    assert summary["read"] == len(dataset["entries"]) and summary["written"] == NUM_GOOD
+    assert summary["skipped_total"] == len(EXPECTED_SKIPS) and summary["not_selected"] == 0
+    assert summary["skipped"] == {reason: 1 for _, reason in EXPECTED_SKIPS.values()}
+    assert summary["mean_k"] == pytest.approx(np.mean([line["k"] for line in written]))
+    assert summary["samples_per_s"] > 0
+
+    for line in written:
+        question, answer = (entries[line["id"]]["conversations"][i]["value"] for i in (0, 1))
+        assert line["prompt"] == question.removeprefix("<image>\n") and line["responses"][0] == answer
+        assert line["answer_type"] == entries[line["id"]]["answer_type"]
+        k = line["k"]
+        assert 1 <= k <= 3 and len(line["responses"]) == len(line["similarity"]) == k + 1
+        assert line["similarity"][0] == 1.0
+        ladder = line["similarity"][1:]
+        assert all(a - b >= 0.1 for a, b in zip(ladder, ladder[1:])), line["similarity"]
+        assert len({r.casefold() for r in line["responses"]}) == k + 1
+        # Parallel mode: sensitive positions by descending s_t, at most top_n, replacements differ from the token.
+        sensitive = line["sensitive"]
+        assert 1 <= len(sensitive) <= 10
+        assert [t["sensitivity"] for t in sensitive] == sorted((t["sensitivity"] for t in sensitive), reverse=True)
+        assert all(t["replacement_id"] != t["token_id"] for t in sensitive)
+        assert len({t["position"] for t in sensitive}) == len(sensitive)
+        assert all(n in {-(-m * len(sensitive) // 5) for m in range(1, 6)} for n in line["num_replaced"])
+        assert 1 <= line["variants_considered"] <= 5
+        assert line["args_fingerprint"] == summary["args_fingerprint"]
+
+
+def test_similarities_are_the_embedding_models(reference_run, cached_similarity):
+    lines = read_jsonl(reference_run)[:6]
+    recomputed = cached_similarity.similarities([line["responses"][0] for line in lines],
+                                                [line["responses"][1:] for line in lines])
+    for line, values in zip(lines, recomputed):
+        assert line["similarity"][1:] == pytest.approx(values, abs=1e-5)
+
+
+def test_rerun_of_finished_output_changes_nothing_and_other_args_are_refused(reference_run, tmp_path, tiny_model_dir,
+                                                                            dataset):
+    out = tmp_path / "prefs.jsonl"
+    paths, reference = generate.OutputPaths(out), generate.OutputPaths(reference_run)
+    out.write_bytes(reference.out.read_bytes())
+    paths.skipped.write_bytes(reference.skipped.read_bytes())
+    assert generate.main(argv(tiny_model_dir, dataset, out)) == 0  # nothing to do: no model is even loaded
+    assert out.read_bytes() == reference.out.read_bytes()
+    assert paths.skipped.read_bytes() == reference.skipped.read_bytes()
+    assert json.loads(paths.summary.read_text())["processed_this_run"] == 0
+    with pytest.raises(SystemExit, match="different arguments"):
+        generate.main(argv(tiny_model_dir, dataset, out, "--beta", "0.5"))
+
+
+def test_sequential_mode_show_and_num_samples(tmp_path, tiny_model_dir, dataset, cached_similarity, capsys):
+    out = tmp_path / "seq.jsonl"
+    assert generate.main(argv(tiny_model_dir, dataset, out, "--mode", "sequential", "--num-samples", "7",
+                              "--top-n", "3", "--num-variants", "3", "--show", "2")) == 0
+    written = read_jsonl(out)
+    summary = json.loads(generate.OutputPaths(out).summary.read_text())
+    # The first 7 records the reader accepts, minus those skipped later; input-stage skips are still all listed.
+    valid = [e["id"] for e in dataset["entries"] if e["id"] != "empty" and not (e["id"] == "g1" and e["image"] == "g4.png")]
+    skipped_later = {i for i, (stage, _) in EXPECTED_SKIPS.items() if stage == "generate"}
+    assert [line["id"] for line in written] == [i for i in valid[:7] if i not in skipped_later]
+    assert summary["selected"] == 7 and summary["not_selected"] == len(valid) - 7
+    assert summary["read"] == summary["written"] + summary["skipped_total"] + summary["not_selected"]
+    assert all(len(line["sensitive"]) <= 3 for line in written)
+    shown = capsys.readouterr()
+    text = shown.out + shown.err
+    assert "── g0" in text and "── g1" in text and "── g2" not in text
+    assert "y_l1" in text and "[" in text and "similarity" in text
+
+
+def test_resume_after_kill_gives_identical_files(reference_run, tmp_path, tiny_model_dir, dataset, cached_similarity):
+    out = tmp_path / "prefs.jsonl"
+    command = [sys.executable, "-m", "hscr_fast.generate", *argv(tiny_model_dir, dataset, out)]
+    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.is_file() and out.read_bytes().count(b"\n") >= 6:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    lines_at_kill = out.read_bytes().count(b"\n")
+    assert 6 <= lines_at_kill < NUM_GOOD, f"the run was not killed mid-way ({lines_at_kill} lines)\n{stderr[-2000:]}"
+    with out.open("ab") as handle:  # as if killed in the middle of a write
+        handle.write(b'{"id": "g47", "image": "g4')
+
+    # The resumed run is in-process (same code path, no second interpreter start-up).
+    assert generate.main(argv(tiny_model_dir, dataset, out)) == 0
+    summary = json.loads(generate.OutputPaths(out).summary.read_text())
+    assert summary["processed_this_run"] < NUM_GOOD + 3  # finished ids were not redone
+    reference = generate.OutputPaths(reference_run)
+    assert out.read_bytes() == reference.out.read_bytes()
+    assert generate.OutputPaths(out).skipped.read_bytes() == reference.skipped.read_bytes()
+
+
+@pytest.mark.slow  # ~35 s: three interpreters (launcher + 2 ranks) each import torch and transformers
+def test_torchrun_two_cpu_processes_match_one(reference_run, tmp_path, tiny_model_dir, dataset):
+    out = tmp_path / "prefs.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "hscr_fast.generate", *argv(tiny_model_dir, dataset, out)]
+    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths, reference = generate.OutputPaths(out), generate.OutputPaths(reference_run)
+    assert out.read_bytes() == reference.out.read_bytes()
+    assert paths.skipped.read_bytes() == reference.skipped.read_bytes()
+    assert json.loads(paths.summary.read_text())["world_size"] == 2
+    assert not list(tmp_path.glob(".*.part"))  # part files were merged and removed
+
+
+def test_demo_world_is_the_default(tmp_path, cached_similarity):
+    demo = pytest.importorskip("hscr_fast.demo")
+    if not hasattr(demo, "ensure_demo_world"):
+        pytest.skip("hscr_fast.demo.ensure_demo_world has not landed yet")
+    out = tmp_path / "demo.jsonl"
+    assert generate.main(["--out", str(out), "--num-samples", "4", "--batch-size", "4"]) == 0
+    summary = json.loads(generate.OutputPaths(out).summary.read_text())
+    assert summary["selected"] == 4 and summary["written"] + summary["skipped_total"] >= 4
+    assert Path(summary["args"]["model"]) == Path(demo.ensure_demo_world().model_dir)
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="both --model and --data"):
+        generate.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit, match="--batch-size"):
+        generate.main(["--batch-size", "0", "--out", str(tmp_path / "x.jsonl")])
