@@ -306,23 +306,33 @@ def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
 # Shared driver
 
 
-def _merge_lse(maxima: torch.Tensor, sumexps: torch.Tensor) -> torch.Tensor:
-    row_max = maxima.amax(dim=1)
+def _combine(maxima: torch.Tensor, sumexps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, S] partial (max, Σ exp(x − max)) pairs -> one [T, 1] pair (online-softmax merge; -inf rows stay -inf)."""
+    row_max = maxima.amax(dim=1, keepdim=True)
     shift = torch.where(row_max == float("-inf"), 0.0, row_max)
-    return shift + (sumexps * (maxima - shift[:, None]).exp()).sum(dim=1).log()
+    return row_max, (sumexps * (maxima - shift).exp()).sum(dim=1, keepdim=True)
 
 
-def _merge_stats(parts: list[_Partial], k: int) -> _Stats:
-    max_full = torch.cat([part.max_full for part in parts], dim=1)
-    lse_full = _merge_lse(max_full, torch.cat([part.sumexp_full for part in parts], dim=1))
-    lse_drop = _merge_lse(torch.cat([part.max_drop for part in parts], dim=1),
-                          torch.cat([part.sumexp_drop for part in parts], dim=1))
-    if k:
-        # every part holds k keys per row, padded with INT64_MIN, so there are at least k
-        kth_key = torch.cat([part.top_keys for part in parts], dim=1).topk(k, dim=1).values[:, -1]
+def _fold(running: _Partial | None, part: _Partial, k: int) -> _Partial:
+    """Merge a chunk's partials into the running ones, so that only [T, k] keys are kept however many chunks."""
+    if running is not None:
+        part = _Partial(*(torch.cat([old, new], dim=1) for old, new in zip(running, part)))
+    # every partial holds k keys per row (padded with INT64_MIN), so there are always at least k to choose from
+    top_keys = part.top_keys.topk(k, dim=1).values if k else part.top_keys
+    return _Partial(*_combine(part.max_full, part.sumexp_full), *_combine(part.max_drop, part.sumexp_drop), top_keys)
+
+
+def _finish_stats(running: _Partial, kth_key_when_untracked: int) -> _Stats:
+    def lse(row_max, sumexp):
+        return torch.where(row_max == float("-inf"), 0.0, row_max).squeeze(1) + sumexp.squeeze(1).log()
+
+    if running.top_keys.shape[1]:
+        kth_key = running.top_keys[:, -1].contiguous()  # topk sorts descending: the last is the k-th largest
     else:
-        kth_key = torch.full_like(lse_full, INT64_MAX, dtype=torch.int64)
-    return _Stats(max_full.amax(dim=1).contiguous(), lse_full, lse_drop, kth_key.contiguous())
+        kth_key = torch.full(running.max_full.shape[:1], kth_key_when_untracked, dtype=torch.int64,
+                             device=running.max_full.device)
+    return _Stats(running.max_full.squeeze(1).contiguous(), lse(running.max_full, running.sumexp_full),
+                  lse(running.max_drop, running.sumexp_drop), kth_key)
 
 
 def _gather_label_logits(chunk: torch.Tensor, vocab_offset: int, labels: torch.Tensor, out: torch.Tensor) -> None:
@@ -335,18 +345,21 @@ Chunks = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
 
 
 @torch.no_grad()
-def _select(chunks: Chunks, labels: torch.Tensor, content_mask, options: _Options, backend: str) -> ContrastiveSelection:
+def _select(chunks: Chunks, vocab: int, labels: torch.Tensor, content_mask, options: _Options, backend: str
+            ) -> ContrastiveSelection:
     """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, then the assembly."""
     stats_pass, candidates_pass = (_stats_triton, _candidates_triton) if backend == "triton" else (_stats_torch, _candidates_torch)
     rows, device = labels.shape[0], labels.device
     label_full = torch.zeros(rows, dtype=torch.float32, device=device)
     label_drop = torch.zeros(rows, dtype=torch.float32, device=device)
-    parts = []
+    # with k >= V every token is in the top-k: nothing to track, and the threshold key INT64_MIN lets every token pass
+    tracked_k = 0 if options.num_candidates >= vocab else options.num_candidates
+    running = None
     for vocab_offset, full, drop in chunks():
-        parts.append(stats_pass(full, drop, vocab_offset, options.num_candidates))
+        running = _fold(running, stats_pass(full, drop, vocab_offset, tracked_k), tracked_k)
         _gather_label_logits(full, vocab_offset, labels, label_full)
         _gather_label_logits(drop, vocab_offset, labels, label_drop)
-    stats = _merge_stats(parts, options.num_candidates)
+    stats = _finish_stats(running, INT64_MIN if options.num_candidates else INT64_MAX)
     best = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
     for vocab_offset, full, drop in chunks():
         best = torch.minimum(best, candidates_pass(full, drop, vocab_offset, labels, stats, options))
@@ -447,7 +460,7 @@ def contrastive_select(
             for start in range(0, vocab, width):
                 yield (start, logits_full[:, start:start + width].float(), logits_drop[:, start:start + width].float())
 
-    return _select(chunks, labels.long().contiguous(), content_mask, options, backend)
+    return _select(chunks, vocab, labels.long().contiguous(), content_mask, options, backend)
 
 
 def contrastive_select_from_hidden(
@@ -498,4 +511,4 @@ def contrastive_select_from_hidden(
             head = weight[start:start + width]
             yield (start, linear_logits_fp32(hidden_full, head).float(), linear_logits_fp32(hidden_drop, head).float())
 
-    return _select(chunks, labels.long().contiguous(), content_mask, options, backend)
+    return _select(chunks, vocab, labels.long().contiguous(), content_mask, options, backend)

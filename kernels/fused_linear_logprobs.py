@@ -181,7 +181,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp):
         if ctx.strategy == "precompute":
             (direction,) = ctx.saved_tensors
-            return direction * grad_logp.to(direction.dtype)[:, None], None, None, None, None, None
+            # fp32 multiply, one rounding into the hidden dtype; `out=` avoids an fp32 [N, D] temporary
+            grad_hidden = torch.mul(direction, grad_logp.float()[:, None], out=torch.empty_like(direction))
+            return grad_hidden, None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
         hidden_needs_grad = ctx.needs_input_grad[0]
         grad_logp = grad_logp.float().contiguous()

@@ -1,0 +1,283 @@
+"""hscr_fast.kernels.contrastive_select(_from_hidden): torch and Triton forms against a float64 reference.
+
+Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set below, at import time, before
+the first Triton-path call builds the kernels (the kernels module imports triton lazily). Random inputs are drawn so
+that exact ties have probability ~0 and selections must equal the reference exactly; the tie rules (lowest token id,
+lowest position) get their own constructed test.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+from hscr_fast.kernels import ContrastiveSelection, contrastive_select, contrastive_select_from_hidden  # noqa: E402
+from hscr_fast.kernels._common import triton_available, triton_interpret_mode  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
+BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")),
+]
+
+
+def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, top_n=10, alpha=0.1,
+                                 num_candidates=8, sensitivity="logprob", content_mask=None, ignore_index=-100):
+    """DESIGN.md Stage 1 steps 3-5 read literally, in float64, one position at a time."""
+    full, drop = logits_full.double().cpu(), logits_drop.double().cpu()
+    labels = labels.cpu()
+    rows, vocab = full.shape
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0)[:, None]
+    logprob_full = torch.where(valid, torch.log_softmax(full, -1).gather(1, safe).squeeze(1), 0.0)
+    logprob_drop = torch.where(valid, torch.log_softmax(drop, -1).gather(1, safe).squeeze(1), 0.0)
+    if sensitivity == "logprob":
+        score = logprob_full - logprob_drop
+    else:
+        score = full.gather(1, safe).squeeze(1) - drop.gather(1, safe).squeeze(1)
+    eligible = valid if content_mask is None else valid & content_mask.cpu()
+    positions = sorted((t for t in range(rows) if eligible[t]), key=lambda t: (-score[t].item(), t))[:top_n]
+    replacement = torch.full((rows,), -1, dtype=torch.int64)
+    for t in range(rows):
+        if not valid[t]:
+            continue
+        candidate = torch.zeros(vocab, dtype=torch.bool)
+        # top-k of the dropped distribution, ties to the lower id (a stable sort keeps id order among equals)
+        candidate[torch.sort(drop[t], descending=True, stable=True).indices[:num_candidates]] = True
+        # p_full >= alpha * max p_full and the order of P_diff, taken in log space: at logits of ±1e4 the
+        # probabilities themselves underflow to 0 even in float64 and would tie everywhere
+        log_p_full = torch.log_softmax(full[t], -1)
+        candidate |= log_p_full >= (math.log(alpha) if alpha > 0 else -math.inf) + log_p_full.max()
+        candidate[labels[t]] = False
+        if candidate.any():
+            ids = candidate.nonzero().squeeze(1)
+            log_p_diff = torch.log_softmax((1 + beta) * full[t] - beta * drop[t], -1)[ids]
+            replacement[t] = ids[(log_p_diff == log_p_diff.min()).nonzero()[0, 0]]
+    return ContrastiveSelection(
+        sensitivity=torch.where(eligible, score, -math.inf),
+        sensitive_positions=torch.tensor(positions, dtype=torch.int64),
+        replacement=replacement,
+        logprob_full=logprob_full,
+        logprob_drop=logprob_drop,
+    )
+
+
+def make_logits(rows, vocab, *, scale=3.0, seed=0, dtype=torch.float32):
+    """Peaked full-image logits and a noisy image-deprived copy, as from a real model; continuous, so no ties."""
+    generator = torch.Generator().manual_seed(seed)
+    full = torch.randn(rows, vocab, generator=generator) * scale
+    drop = full + torch.randn(rows, vocab, generator=generator) * scale / 2
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    # make some labels the full-image favourite, as in teacher forcing, so y_t is often in the candidate sets
+    labels[::3] = full[::3].argmax(-1)
+    return full.to(DEVICE, dtype), drop.to(DEVICE, dtype), labels.to(DEVICE)
+
+
+def assert_same_selection(ours: ContrastiveSelection, expected: ContrastiveSelection, *, atol=1e-4):
+    assert ours.sensitivity.dtype == torch.float32 and ours.logprob_full.dtype == torch.float32
+    assert ours.sensitive_positions.dtype == torch.int64 and ours.replacement.dtype == torch.int64
+    ours_sensitivity = ours.sensitivity.double().cpu()
+    assert torch.equal(torch.isinf(ours_sensitivity), torch.isinf(expected.sensitivity))
+    finite = torch.isfinite(expected.sensitivity)
+    torch.testing.assert_close(ours_sensitivity[finite], expected.sensitivity[finite], atol=atol, rtol=1e-5)
+    torch.testing.assert_close(ours.logprob_full.double().cpu(), expected.logprob_full, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(ours.logprob_drop.double().cpu(), expected.logprob_drop, atol=atol, rtol=1e-5)
+    assert ours.sensitive_positions.cpu().tolist() == expected.sensitive_positions.tolist()
+    assert ours.replacement.cpu().tolist() == expected.replacement.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sensitivity", ["logprob", "logit"])
+@pytest.mark.parametrize("rows,vocab,chunk_size", [(29, 1031, 300), (6, 32000, None)], ids=["T29-V1031", "T6-V32000"])
+def test_matches_reference_on_random_logits(backend, sensitivity, rows, vocab, chunk_size):
+    full, drop, labels = make_logits(rows, vocab, seed=rows)
+    labels[[1, rows - 1]] = -100
+    content_mask = torch.ones(rows, dtype=torch.bool, device=DEVICE)
+    content_mask[[2, 3]] = False
+    kwargs = dict(sensitivity=sensitivity, content_mask=content_mask, top_n=4)
+    ours = contrastive_select(full, drop, labels, backend=backend, chunk_size=chunk_size, **kwargs)
+    expected = reference_contrastive_select(full, drop, labels, **kwargs)
+    assert_same_selection(ours, expected)
+    eligible = set(range(rows)) - {1, 2, 3, rows - 1}
+    assert set(expected.sensitive_positions.tolist()) <= eligible
+    assert len(expected.sensitive_positions) == min(4, len(eligible))
+    assert (expected.replacement[[1, rows - 1]] == -1).all() and (expected.replacement[[0, 2]] >= 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "options",
+    [dict(beta=0.5, alpha=0.3, num_candidates=3, top_n=100), dict(num_candidates=0, alpha=0.05),
+     dict(alpha=0.0, num_candidates=2), dict(alpha=1.0, num_candidates=1, top_n=0), dict(num_candidates=2000)],
+    ids=["beta-alpha-k", "no-top-k", "all-plausible", "max-only", "k-above-V"],
+)
+def test_option_edge_cases_match_reference(backend, options):
+    full, drop, labels = make_logits(13, 1031, seed=7)
+    labels[5] = -100
+    ours = contrastive_select(full, drop, labels, backend=backend, chunk_size=200, **options)
+    assert_same_selection(ours, reference_contrastive_select(full, drop, labels, **options))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", [None, 300])
+def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, chunk_size):
+    rows, vocab, dim = 21, 1031, 45
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn(vocab, dim, generator=generator) * 0.5).to(DEVICE)
+    hidden_full = torch.randn(rows, dim, generator=generator).to(DEVICE)
+    hidden_drop = hidden_full + 0.5 * torch.randn(rows, dim, generator=generator).to(DEVICE)
+    labels = torch.randint(0, vocab, (rows,), generator=generator).to(DEVICE)
+    labels[4] = -100
+    expected = reference_contrastive_select(hidden_full.double() @ weight.double().T,
+                                            hidden_drop.double() @ weight.double().T, labels)
+    with LargestTensor() as largest:
+        ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, backend=backend,
+                                              chunk_size=chunk_size)
+    assert_same_selection(ours, expected)
+    if chunk_size is not None:
+        # at most a [T, chunk] tile of int64 keys or a [chunk, D] slice of the weight; [T, V] fp32 logits are larger
+        assert largest.nbytes <= max(rows * chunk_size * 8, chunk_size * dim * 4) < rows * vocab * 4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tie_rules_lowest_token_id_and_lowest_position(backend, dtype):
+    vocab, k = 1031, 2
+    full = torch.zeros(6, vocab)
+    drop = torch.zeros(6, vocab)
+    labels = torch.full((6,), 50)
+    full[:, 50] = 10.0  # y_t dominates p_full: the plausible set is {y_t} alone
+    drop[:, [700, 9, 300, 17]] = 5.0  # a four-way tie for the top of L': with k=2 the lower ids 9 and 17 win
+    full[:, 300] = -1.0  # 300 has the lowest contrast: chosen in rows 0-2 only if the top-k tie went the wrong way
+    full[1, 50], full[4, 50] = 4.0, 4.0  # rows 1 and 4: smaller s_t, equal to each other
+    drop[3, 9], drop[3, 17] = 6.0, 0.0  # row 3: top 2 = {9, 300} (300 beats 700 at 5.0 by its lower id), and
+    # 300 has the lowest contrast; its lse' also moves, giving row 3 the largest s_t
+    labels[5] = 9  # row 5: y_t = 9 is removed after the top-k is taken: candidates {17} and the plausible {50}
+    full, drop, labels = full.to(DEVICE, dtype), drop.to(DEVICE, dtype), labels.to(DEVICE)
+    ours = contrastive_select(full, drop, labels, num_candidates=k, top_n=5, backend=backend, chunk_size=128)
+    expected = reference_contrastive_select(full, drop, labels, num_candidates=k, top_n=5)
+    assert_same_selection(ours, expected)
+    assert ours.replacement.cpu().tolist() == [9, 9, 9, 300, 9, 17]
+    # rows 0 and 2 are identical, as are rows 1 and 4: equal sensitivities, lower position first
+    assert ours.sensitive_positions.cpu().tolist() == [3, 0, 2, 1, 4]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_give_finite_outputs(backend):
+    full, drop, labels = make_logits(17, 1031, seed=11)
+    full, drop = full * 3e3, drop * 3e3  # entries around ±1e4
+    assert full.abs().max() > 1e4
+    ours = contrastive_select(full, drop, labels, backend=backend, chunk_size=256)
+    expected = reference_contrastive_select(full, drop, labels)
+    for value in (ours.logprob_full, ours.logprob_drop, ours.sensitivity):
+        assert torch.isfinite(value).all()
+    # fp32 carries ~1e-3 absolute rounding at 1e4
+    assert_same_selection(ours, expected, atol=5e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logits_error_is_within_a_small_multiple_of_pytorchs_own(backend):
+    """Same bf16 logits for everyone; fp64 reference on them; PyTorch's bf16 log-softmax is the yardstick."""
+    full, drop, labels = make_logits(24, 1031, seed=5, dtype=torch.bfloat16)
+    ours = contrastive_select(full, drop, labels, backend=backend)
+    expected = reference_contrastive_select(full, drop, labels)
+    safe = labels[:, None]
+    plain_sensitivity = (torch.log_softmax(full, -1).gather(1, safe) - torch.log_softmax(drop, -1).gather(1, safe)).squeeze(1)
+    ours_error = (ours.sensitivity.double().cpu() - expected.sensitivity).abs().max().item()
+    plain_error = (plain_sensitivity.double().cpu() - expected.sensitivity).abs().max().item()
+    assert ours_error <= 2 * plain_error + 1e-6
+    # the discrete outputs are exact: the arithmetic is fp32 on exactly representable inputs
+    assert ours.sensitive_positions.cpu().tolist() == expected.sensitive_positions.tolist()
+    assert ours.replacement.cpu().tolist() == expected.replacement.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_n_larger_than_eligible_and_all_ignored(backend):
+    full, drop, labels = make_logits(9, 1031, seed=2)
+    content_mask = torch.zeros(9, dtype=torch.bool, device=DEVICE)
+    content_mask[[2, 6, 7]] = True
+    ours = contrastive_select(full, drop, labels, top_n=10, content_mask=content_mask, backend=backend)
+    assert sorted(ours.sensitive_positions.tolist()) == [2, 6, 7]
+    assert_same_selection(ours, reference_contrastive_select(full, drop, labels, top_n=10, content_mask=content_mask))
+
+    ignored = torch.full_like(labels, -100)
+    ours = contrastive_select(full, drop, ignored, backend=backend)
+    assert ours.sensitive_positions.numel() == 0
+    assert (ours.replacement == -1).all() and torch.isneginf(ours.sensitivity).all()
+    assert (ours.logprob_full == 0).all() and (ours.logprob_drop == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_sequence(backend):
+    empty = torch.empty(0, 1031, device=DEVICE)
+    ours = contrastive_select(empty, empty, torch.empty(0, dtype=torch.int64, device=DEVICE), backend=backend)
+    assert ours.sensitivity.shape == ours.replacement.shape == ours.sensitive_positions.shape == (0,)
+
+
+def test_bad_inputs_raise_specific_errors():
+    full, drop, labels = make_logits(5, 1031)
+    with pytest.raises(ValueError, match=r"labels\[2\] = -1 is outside the vocabulary"):
+        contrastive_select(full, drop, torch.tensor([0, 1, -1, 3, 4], device=DEVICE))
+    with pytest.raises(ValueError, match="content_mask must be a bool tensor of shape \\[5\\]"):
+        contrastive_select(full, drop, labels, content_mask=torch.ones(5, device=DEVICE))
+    with pytest.raises(ValueError, match="alpha"):
+        contrastive_select(full, drop, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="sensitivity must be"):
+        contrastive_select(full, drop, labels, sensitivity="prob")
+    with pytest.raises(ValueError, match="must both be \\[T, V\\]"):
+        contrastive_select(full, drop[:, :5], labels)
+    with pytest.raises(TypeError, match="share one floating dtype"):
+        contrastive_select_from_hidden(full[:, :8], drop[:, :8], torch.zeros(11, 8, dtype=torch.float64), labels % 11)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any torch op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.nbytes = max(self.nbytes, leaf.numel() * leaf.element_size())
+        return out
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter does not type-check like the compiler: build both kernels for sm_90 (no GPU needed)."""
+    script = """
+import importlib, triton
+from triton.backends.compiler import GPUTarget
+module = importlib.import_module("hscr_fast.kernels.contrastive_select")
+stats_kernel, candidates_kernel = module._triton_kernels()
+common = {"drop_row_stride": "i64", "full_row_stride": "i64", "n_cols": "i32", "span": "i32", "vocab_offset": "i32",
+          "num_splits": "i32"}
+stats = {"max_full_ptr": "*fp32", "sumexp_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "sumexp_drop_ptr": "*fp32",
+         "top_keys_ptr": "*i64"}
+candidates = {"labels_ptr": "*i64", "max_full_ptr": "*fp32", "kth_key_ptr": "*i64", "best_ptr": "*i64",
+              "log_alpha": "fp32", "coef_full": "fp32", "coef_drop": "fp32"}
+for dtype in ("bf16", "fp32"):
+    inputs = {"full_ptr": "*" + dtype, "drop_ptr": "*" + dtype}
+    for kernel, signature, constexprs in ((stats_kernel, stats, {"K": 8, "K_PAD": 8, "BLOCK_V": 2048}),
+                                          (candidates_kernel, candidates, {"BLOCK_V": 2048})):
+        full_signature = {**inputs, **common, **signature, **{k: "constexpr" for k in constexprs}}
+        source = triton.compiler.ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs)
+        assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if "No module named" in result.stderr and "nvidia" in result.stderr:
+        pytest.skip("this triton build has no NVIDIA backend")
+    assert result.returncode == 0, result.stderr[-3000:]
