@@ -114,7 +114,8 @@ def attach_lora(vlm, config: TrainConfig, model_dir: str):
 
     vlm.llava.config._name_or_path = str(model_dir)  # recorded by peft as base_model_name_or_path
     if config.gradient_checkpointing:
-        vlm.llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: the frozen embeddings give inputs that need no grad, which reentrant checkpointing dislikes.
+        vlm.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=LORA_TARGET_LANGUAGE, bias="none",
                       modules_to_save=["multi_modal_projector"] if config.train_projector else None)

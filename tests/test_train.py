@@ -142,3 +142,27 @@ def test_deepspeed_zero2_two_processes_match_one(tiny_model_dir, preference_data
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["margin_explicit"] == pytest.approx(a["margin_explicit"], rel=1e-3, abs=1e-6)
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradient_checkpointing_matches_and_merged_model_equals_adapter(tiny_model_dir, preference_data, tmp_path):
+    from hscr_fast.evaluate import load_model
+    from hscr_fast.listwise import listwise_logprobs, pack_examples
+    from hscr_fast.models.vlm import load_vlm
+    from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
+
+    short = dict(epochs=1, per_device_batch_size=4)
+    plain = train(make_config(tiny_model_dir, preference_data, tmp_path / "plain", **short))
+    checkpointed = train(make_config(tiny_model_dir, preference_data, tmp_path / "gc", gradient_checkpointing=True,
+                                     merge=True, **short))
+    for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "gc")):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert plain.steps == checkpointed.steps == 2
+
+    records = validate_preferences(preference_data / "prefs.jsonl", preference_data / "images")
+    merged = load_vlm(checkpointed.merged_dir)
+    adapted = load_model(tiny_model_dir, checkpointed.adapter_dir)
+    items = tokenize_preferences(merged, records, preference_data / "images")[:3]
+    with torch.no_grad():
+        from_merged = listwise_logprobs(merged, pack_examples(merged.embed_tokens, to_examples(merged, items)))
+        from_adapter = listwise_logprobs(adapted, pack_examples(adapted.embed_tokens, to_examples(adapted, items)))
+    torch.testing.assert_close(from_merged, from_adapter, rtol=1e-4, atol=1e-4)
