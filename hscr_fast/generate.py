@@ -202,10 +202,13 @@ class ProcessGroup:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._dist = None
+        self._owns_group = False
         if self.world > 1:
             import torch.distributed as dist
 
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+            if not dist.is_initialized():  # a caller (e.g. the demo pipeline) may have set one up already
+                dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+                self._owns_group = True
             self._dist = dist
 
     def barrier(self) -> None:
@@ -223,7 +226,7 @@ class ProcessGroup:
         return values
 
     def close(self) -> None:
-        if self._dist is not None:
+        if self._owns_group:
             self._dist.destroy_process_group()
 
 
