@@ -1,7 +1,7 @@
 """Preference-list generation throughput (HSCR Stages 1-2), samples/s.
 
-What is timed is what `python -m hscr_fast.generate` does per batch (`PreferenceBuilder.build`): image loading from
-disk and preprocessing, the vision tower once, the two batched teacher-forced forwards (full / dropped image), the
+What is timed is the loop of `python -m hscr_fast.generate` (`prefetched` + `PreferenceBuilder.build`): image loading
+from disk and preprocessing (a thread, one batch ahead), the vision tower once, the two batched teacher-forced forwards (full / dropped image), the
 contrastive selection per sample, the graded variants, and Stage 2's single embedding call (all-MiniLM-L6-v2).
 
 Models: on CPU the demo model when the demo world exists, else the tiny test LLaVA; on CUDA a LLaVA-Med-7B-shaped
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from hscr_fast.data.records import VQARecord
-from hscr_fast.generate import PreferenceBuilder, build_parser
+from hscr_fast.generate import PreferenceBuilder, build_parser, prefetched
 
 QUESTIONS_AND_ANSWERS = [
     ("Is there a lesion in the left lung?", "yes"),
@@ -96,7 +96,7 @@ def test_generation_throughput(benchmark, tmp_path):
         batches = [records[start:start + batch_size] for start in range(0, num_samples, batch_size)]
 
         def generate_all():
-            written = sum(len(builder.build(batch).records) for batch in batches)
+            written = sum(len(builder.build(loaded).records) for loaded in prefetched(builder, batches))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             return written

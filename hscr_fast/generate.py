@@ -41,6 +41,7 @@ import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,6 +233,14 @@ class ProcessGroup:
 
 # -- one batch --------------------------------------------------------------------------------------------------------
 @dataclass
+class LoadedBatch:
+    batch: list  # the batch as sharded (its composition fixes the numbers)
+    records: list  # those whose image loaded
+    pixel_values: object  # torch.Tensor [len(records), 3, H, W] on the model's device, or None
+    skips: list[dict]
+
+
+@dataclass
 class BatchOutput:
     records: list[dict]
     skips: list[dict]
@@ -259,22 +268,33 @@ class PreferenceBuilder:
     def skip(self, record, reason: str, message: str) -> dict:
         return skip_line(record.id, record.image, STAGE_GENERATE, reason, message, self.fingerprint)
 
-    def build(self, batch, *, show: int = 0) -> BatchOutput:
-        """All of `batch` is computed (fixed batch composition); the caller writes the lines it still needs."""
+    def load(self, batch) -> LoadedBatch:
+        """Images of a batch, read and preprocessed (runs in the loader thread while the model works on the batch
+        before): unreadable ones become skip lines."""
         from hscr_fast.data.images import ImageLoadError, load_image
-        from hscr_fast.rerank import rerank_batch
 
-        skips, ready, prepared, images = [], [], [], []
+        loaded, images, skips = [], [], []
         for record in batch:
             image_path = self.image_folder / record.image
             if not image_path.is_file():
                 skips.append(self.skip(record, "missing_image", f"image file not found: {image_path}"))
                 continue
             try:
-                image = load_image(image_path)
+                images.append(load_image(image_path))
             except ImageLoadError as error:
                 skips.append(self.skip(record, "unreadable_image", str(error)))
                 continue
+            loaded.append(record)
+        pixel_values = self.vlm.preprocess_images(images) if images else None
+        return LoadedBatch(batch, loaded, pixel_values, skips)
+
+    def build(self, loaded: LoadedBatch, *, show: int = 0) -> BatchOutput:
+        """Stages 1-2 for every loaded sample of the batch (fixed batch composition: the caller writes only the lines
+        it still needs)."""
+        from hscr_fast.rerank import rerank_batch
+
+        skips, ready, prepared, keep = list(loaded.skips), [], [], []
+        for index, record in enumerate(loaded.records):
             sample = self.contrast.prepare(record.id, record.question, record.answer)
             length = self.contrast.sequence_length(sample)
             if length > self.max_length:
@@ -283,7 +303,8 @@ class PreferenceBuilder:
                 continue
             ready.append(record)
             prepared.append(sample)
-            images.append(image)
+            keep.append(index)
+        images = loaded.pixel_values[keep] if prepared else []
 
         results = self.contrast.run(prepared, images)
         scored = [(record, result) for record, result in zip(ready, results) if result.sensitive]
@@ -303,7 +324,7 @@ class PreferenceBuilder:
             records.append(self.output_record(record, result, ranking))
             if len(shown) < show:
                 shown.append(self.render(record, result, ranking))
-        order = {record.id: index for index, record in enumerate(batch)}
+        order = {record.id: index for index, record in enumerate(loaded.batch)}
         skips.sort(key=lambda line: order[line["id"]])
         return BatchOutput(records, skips, shown)
 
@@ -344,6 +365,18 @@ class PreferenceBuilder:
             lines.append(f"  y_l{rank} : {marked}   (similarity {similarity:.3f}, "
                          f"{len(variant.replaced_positions)} replaced)")
         return "\n".join(lines)
+
+
+def prefetched(builder: PreferenceBuilder, batches: list[list]):
+    """`builder.load(batch)` for each batch in order, the next batch's images read in a thread while the caller runs
+    the model on the current one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hscr-image-loader") as loader:
+        pending = loader.submit(builder.load, batches[0]) if batches else None
+        for number in range(len(batches)):
+            loaded = pending.result()
+            if number + 1 < len(batches):
+                pending = loader.submit(builder.load, batches[number + 1])
+            yield loaded
 
 
 # -- the command ------------------------------------------------------------------------------------------------------
@@ -420,8 +453,8 @@ def _run(args, group: ProcessGroup) -> dict | None:
     with JsonlAppender(records_path) as record_out, JsonlAppender(skips_path, id_key=None) as skip_out, \
             tqdm(total=sum(len(batch) for batch in batches), unit="sample", desc="hscr generate",
                  disable=group.rank != 0, dynamic_ncols=True) as progress:
-        for batch in batches:
-            output = builder.build(batch, show=to_show)
+        for batch, loaded in zip(batches, prefetched(builder, batches)):
+            output = builder.build(loaded, show=to_show)
             for line in output.records:
                 if line["id"] not in done:
                     record_out.append(line)

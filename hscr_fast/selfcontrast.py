@@ -247,12 +247,14 @@ class SelfContrast:
     # -- the stage ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, samples: list[PreparedSample], images) -> list[SelfContrastResult]:
-        """Stage 1 for a batch: `images` are PIL RGB images, one per sample, in order."""
+        """Stage 1 for a batch. `images`: one per sample, in order, as PIL RGB images or as their pixel values
+        [B, 3, H, W] from `vlm.preprocess_images` (so a loader thread can prepare the next batch)."""
         if len(samples) != len(images):
             raise ValueError(f"SelfContrast.run: {len(samples)} samples but {len(images)} images")
         if not samples:
             return []
-        visual_tokens = self.vlm.encode_images(self.vlm.preprocess_images(list(images)))
+        pixel_values = images if torch.is_tensor(images) else self.vlm.preprocess_images(list(images))
+        visual_tokens = self.vlm.encode_images(pixel_values)
         answers = [list(sample.answer_ids) for sample in samples]
         content = [self.content.mask(answer) for answer in answers]
         first_pass = [self._ranked(self.select(h_full, h_drop, answer, mask), self.config.top_n)
