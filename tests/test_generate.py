@@ -249,3 +249,31 @@ def test_bad_arguments_are_refused(tmp_path):
         generate.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="--batch-size"):
         generate.main(["--batch-size", "0", "--out", str(tmp_path / "x.jsonl")])
+
+
+def test_sample_whose_variants_all_vanish_is_skipped_by_stage2(tiny_llava, tiny_model_dir, dataset, cached_similarity):
+    """Edit the lm_head so that EOS is what the model says at "yes" without the image: the only variant is then
+    "yes" → EOS, which decodes to nothing, and Stage 2 skips the sample with its reason."""
+    import copy
+
+    from hscr_fast.data.records import VQARecord
+    from hscr_fast.models.vlm import VisionLanguageModel
+
+    model, processor = tiny_llava
+    vlm = VisionLanguageModel(copy.deepcopy(model), processor)
+    args = generate.build_parser().parse_args(["--top-n", "1", "--num-variants", "1"])
+    builder = generate.PreferenceBuilder(args, vlm, cached_similarity, dataset["images"], "fingerprint")
+    record = VQARecord(id="closed", image="g0.png", question="Is there a lesion in the left lung?", answer="yes")
+    loaded = builder.load([record])
+    sample = builder.contrast.prepare(record.id, record.question, record.answer)
+    visual = vlm.encode_images(loaded.pixel_values)
+    (h_full, h_drop), = builder.contrast.answer_hidden_pairs([sample], [sample.answer_ids], visual)
+    with torch.no_grad():
+        weight = vlm.lm_head_weight
+        hidden = torch.stack([h_full[0], h_drop[0]]).double()
+        targets = torch.stack([(weight @ h_full[0]).max() - 0.5, (weight @ h_drop[0]).max() + 8.0]).double()
+        weight[processor.tokenizer.eos_token_id] = torch.linalg.lstsq(hidden, targets[:, None]).solution[:, 0].float()
+    output = builder.build(loaded)
+    assert output.records == []
+    assert [(line["id"], line["stage"], line["reason"]) for line in output.skips] == \
+        [("closed", "generate", "no_variant_differs_from_preferred")]
