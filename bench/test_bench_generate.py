@@ -1,8 +1,9 @@
 """Preference-list generation throughput (HSCR Stages 1-2), samples/s.
 
 What is timed is the loop of `python -m hscr_fast.generate` (`prefetched` + `PreferenceBuilder.build`): image loading
-from disk and preprocessing (a thread, one batch ahead), the vision tower once, the two batched teacher-forced forwards (full / dropped image), the
-contrastive selection per sample, the graded variants, and Stage 2's single embedding call (all-MiniLM-L6-v2).
+from disk and preprocessing (a thread, one batch ahead), the vision tower once, the two batched teacher-forced
+forwards (full / dropped image), the contrastive selection per sample, the graded variants, and Stage 2's single
+embedding call (all-MiniLM-L6-v2).
 
 Models: on CPU the demo model when the demo world exists, else the tiny test LLaVA; on CUDA a LLaVA-Med-7B-shaped
 model with random weights (CLIP ViT-L/14@336 + Mistral-7B, 576 image tokens, bf16). Answers are VQA-length (one word

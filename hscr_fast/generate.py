@@ -23,7 +23,9 @@ Resuming. Records are appended and flushed one by one; a re-run with the same ar
 (batch b = selected samples [b·B, (b+1)·B)); a batch with any missing sample is recomputed whole and only the missing
 lines are written, so every sample is always computed in the same batch and a resumed file is byte-identical to an
 uninterrupted one. Arguments that change a record's content are hashed into `args_fingerprint`; resuming a file made
-with other arguments is refused.
+with other arguments is refused. A sample skipped at the generate stage counts as finished: to retry it (say, after
+restoring its image), delete its line from the skip file. --batch-size changes which samples share a batch, hence
+the last bits of the numbers: resume with the batch size you started with.
 
 Several processes (torchrun, WORLD_SIZE > 1; gloo on CPU, nccl on GPU): batch b goes to rank b % world (sharding by
 batch rather than by sample keeps every batch's composition, hence every number, independent of the world size).
@@ -381,7 +383,8 @@ def prefetched(builder: PreferenceBuilder, batches: list[list]):
 
 # -- the command ------------------------------------------------------------------------------------------------------
 def resolve_inputs(args) -> tuple[Path, Path, Path]:
-    """(model dir, data file, image folder): the user's, or the demo world's when neither --model nor --data is given."""
+    """(model dir, data file, image folder): the user's, or the demo world's when neither --model nor --data is
+    given."""
     if args.model is None and args.data is None:
         from hscr_fast.demo import ensure_demo_world
 

@@ -180,7 +180,8 @@ def test_sequential_mode_show_and_num_samples(tmp_path, tiny_model_dir, dataset,
     written = read_jsonl(out)
     summary = json.loads(generate.OutputPaths(out).summary.read_text())
     # The first 7 records the reader accepts, minus those skipped later; input-stage skips are still all listed.
-    valid = [e["id"] for e in dataset["entries"] if e["id"] != "empty" and not (e["id"] == "g1" and e["image"] == "g4.png")]
+    valid = [e["id"] for e in dataset["entries"]
+             if e["id"] != "empty" and not (e["id"] == "g1" and e["image"] == "g4.png")]
     skipped_later = {i for i, (stage, _) in EXPECTED_SKIPS.items() if stage == "generate"}
     assert [line["id"] for line in written] == [i for i in valid[:7] if i not in skipped_later]
     assert summary["selected"] == 7 and summary["not_selected"] == len(valid) - 7
