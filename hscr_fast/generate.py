@@ -392,8 +392,11 @@ def resolve_inputs(args) -> tuple[Path, Path, Path]:
         return Path(world.model_dir), Path(world.train_json), Path(args.image_folder or world.image_folder)
     if args.model is None or args.data is None:
         raise SystemExit("error: give both --model and --data (or neither, to run on the demo world)")
-    data = Path(args.data)
-    return Path(args.model), data, Path(args.image_folder) if args.image_folder else data.parent
+    model, data = Path(args.model), Path(args.data)
+    if not model.is_dir():
+        raise SystemExit(f"error: --model {model}: no such directory (give a local transformers checkpoint; convert "
+                         f"original LLaVA-Med weights with `python -m hscr_fast.models.convert SRC DST`)")
+    return model, data, Path(args.image_folder) if args.image_folder else data.parent
 
 
 def validate_args(args) -> None:
@@ -540,8 +543,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
+    from hscr_fast.data.records import DataFormatError
+    from hscr_fast.io import JsonlError
+    from hscr_fast.models.vlm import UnsupportedModelError
+
     transformers_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
-    summary = run(args)
+    try:
+        summary = run(args)
+    except (DataFormatError, JsonlError, UnsupportedModelError, FileNotFoundError, NotADirectoryError) as error:
+        raise SystemExit(f"error: {error}") from None  # the message names the file and the fault; no traceback
     if summary is not None:
         print(format_summary(summary))
         print(f"  → {OutputPaths(Path(args.out)).summary}")

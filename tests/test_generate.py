@@ -250,6 +250,12 @@ def test_bad_arguments_are_refused(tmp_path):
         generate.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="--batch-size"):
         generate.main(["--batch-size", "0", "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit, match="no such directory"):
+        generate.main(["--model", str(tmp_path / "missing"), "--data", "sft.json", "--out", str(tmp_path / "x.jsonl")])
+    (tmp_path / "sft.json").write_text('{"id": 1}')
+    with pytest.raises(SystemExit, match="sft.json: expected a JSON list"):
+        generate.main(["--model", str(tmp_path), "--data", str(tmp_path / "sft.json"), "--out",
+                       str(tmp_path / "x.jsonl")])
 
 
 def test_sample_whose_variants_all_vanish_is_skipped_by_stage2(tiny_llava, tiny_model_dir, dataset, cached_similarity):
