@@ -220,7 +220,7 @@ def test_resume_after_kill_gives_identical_files(reference_run, tmp_path, tiny_m
     assert generate.OutputPaths(out).skipped.read_bytes() == reference.skipped.read_bytes()
 
 
-@pytest.mark.slow  # ~35 s: three interpreters (launcher + 2 ranks) each import torch and transformers
+@pytest.mark.slow  # 15-40 s with the load: three interpreters (launcher + 2 ranks) import torch + transformers
 def test_torchrun_two_cpu_processes_match_one(reference_run, tmp_path, tiny_model_dir, dataset):
     out = tmp_path / "prefs.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
