@@ -161,13 +161,13 @@ def render_marked(tokenizer, token_ids: list[int], marked_positions, *, open_mar
     Each token's text is what it adds to the incremental decoding, so word boundaries stay as the tokenizer puts them;
     a leading space stays outside the marks. Special tokens show as their token string ("</s>").
     """
-    marked = set(marked_positions)
+    marked, special = set(marked_positions), set(tokenizer.all_special_ids)
     pieces, previous = [], ""
     for index, token in enumerate(token_ids):
-        if token in tokenizer.all_special_ids:
+        if token in special:
             piece = tokenizer.convert_ids_to_tokens(token) if index in marked else ""
         else:
-            current = tokenizer.decode([t for t in token_ids[:index + 1] if t not in tokenizer.all_special_ids])
+            current = tokenizer.decode([t for t in token_ids[:index + 1] if t not in special])
             piece = current[len(previous):] if current.startswith(previous) else tokenizer.decode([token])
             previous = current
         if index in marked:
