@@ -32,12 +32,20 @@ PAD_SEGMENT = -1
 
 @dataclass
 class ListwiseExample:
-    """One prompt with its responses (token ids, EOS included). Response 0 is the preferred one by convention."""
+    """One prompt with its responses (token ids, EOS included), all conditioned on the same visual tokens.
+
+    Response j lands in column `output_slots[j]` of output row `output_row` of the [rows, slots] result; by default
+    example b fills row b, columns 0..k. A preference list whose responses see different images (image-side
+    dispreference: the same answer under a corrupted image) becomes one example per distinct image, all pointing at
+    the same output row: a prefix is shared exactly among the responses that see the same image.
+    """
 
     prompt: PromptTokens
     responses: list[list[int]]
     visual_tokens: torch.Tensor  # [N, D] in the language model's embedding space (after dropout when applied)
     visual_attendable: torch.Tensor | None = None  # bool [N]; False = masked out (dropout mode "mask")
+    output_row: int | None = None
+    output_slots: list[int] | None = None
 
     def __post_init__(self):
         if not self.responses:
@@ -45,6 +53,8 @@ class ListwiseExample:
         for index, response in enumerate(self.responses):
             if len(response) == 0:
                 raise ValueError(f"response {index} is empty (it must at least hold EOS)")
+        if self.output_slots is not None and len(self.output_slots) != len(self.responses):
+            raise ValueError(f"{len(self.output_slots)} output slots for {len(self.responses)} responses")
 
     @property
     def prefix_length(self) -> int:
@@ -62,8 +72,8 @@ class PackedBatch:
     position_ids: torch.Tensor  # [B, L]
     score_rows: torch.Tensor  # [M] flat row index (b·L + position) of the hidden state predicting each answer token
     score_labels: torch.Tensor  # [M] the answer token it predicts
-    score_slots: torch.Tensor  # [M] flat response slot (b·S + j) the token belongs to
-    valid: torch.Tensor  # bool [B, S]; S = max responses per prompt
+    score_slots: torch.Tensor  # [M] flat output slot (row·S + slot) the token belongs to
+    valid: torch.Tensor  # bool [rows, S]: which output slots hold a response
     num_real_tokens: int = 0  # tokens fed through the decoder, padding excluded
     segment_ids: torch.Tensor = field(default=None, repr=False)  # [B, L]: -1 pad, 0 prefix, j+1 response j
 
@@ -77,9 +87,11 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
     if not examples:
         raise ValueError("pack_examples needs at least one example")
     device = device or examples[0].visual_tokens.device
-    batch = len(examples)
+    rows_out = [b if ex.output_row is None else ex.output_row for b, ex in enumerate(examples)]
+    slots_out = [list(range(len(ex.responses))) if ex.output_slots is None else list(ex.output_slots)
+                 for ex in examples]
     length = max(ex.packed_length for ex in examples)
-    slots = max(len(ex.responses) for ex in examples)
+    slots = max(max(s) for s in slots_out) + 1
     hidden = examples[0].visual_tokens.shape[-1]
     dtype = examples[0].visual_tokens.dtype
 
@@ -93,7 +105,7 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
 
     rows, positions, segments, attendable = [], [], [], []
     score_rows, score_labels, score_slots = [], [], []
-    valid = torch.zeros(batch, slots, dtype=torch.bool)
+    valid = torch.zeros(max(rows_out) + 1, slots, dtype=torch.bool)
     cursor = 0
     for b, ex in enumerate(examples):
         n_before, n_after, n_visual = len(ex.prompt.before_image), len(ex.prompt.after_image), ex.visual_tokens.shape[0]
@@ -115,12 +127,15 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
             predicting = [prefix - 1] + list(range(offset, offset + fed))
             score_rows += [b * length + p for p in predicting]
             score_labels += list(response)
-            score_slots += [b * slots + j] * len(response)
+            out_row, out_slot = rows_out[b], slots_out[b][j]
+            if valid[out_row, out_slot]:
+                raise ValueError(f"two responses map to output row {out_row}, slot {out_slot}")
+            score_slots += [out_row * slots + out_slot] * len(response)
             row_segments += [j + 1] * fed
             row_positions += list(range(prefix, prefix + fed))
             row_attendable += [True] * fed
             offset += fed
-            valid[b, j] = True
+            valid[out_row, out_slot] = True
         pad = length - offset
         if pad:
             pieces.append(torch.zeros(pad, hidden, dtype=dtype, device=device))
@@ -165,14 +180,14 @@ def answer_hidden_states(vlm, batch: PackedBatch) -> torch.Tensor:
 
 
 def sum_by_slot(token_values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-    """Per-token values [M] → per-response sums [B, S] (0 at invalid slots)."""
+    """Per-token values [M] → per-response sums [rows, S] (0 at invalid slots)."""
     out = torch.zeros(batch.valid.numel(), dtype=token_values.dtype, device=token_values.device)
     out = out.index_add(0, batch.score_slots, token_values)
     return out.view(batch.valid.shape)
 
 
 def listwise_logprobs(vlm, batch: PackedBatch) -> torch.Tensor:
-    """Sequence log-probs [B, S] (sum over answer tokens, float32) of every response, differentiable."""
+    """Sequence log-probs [rows, S] (sum over answer tokens, float32) of every response, differentiable."""
     from hscr_fast.kernels import fused_linear_logprobs
 
     hidden = answer_hidden_states(vlm, batch)

@@ -28,10 +28,28 @@ class TokenizedPreference:
     prompt: PromptTokens
     responses: list[list[int]]  # [y_w, y_l1, ...], EOS included
     weight: float | None = None
+    # One image per response when the list contrasts images (image-side dispreference); None: all see `image_path`.
+    response_images: list[Path] | None = None
+    kind: str = "text"
+
+    def image_of(self, response_index: int) -> Path:
+        return self.image_path if self.response_images is None else self.response_images[response_index]
 
     @property
     def num_tokens(self) -> int:
         return self.prompt.num_text_tokens + sum(len(r) for r in self.responses)
+
+
+def response_images(record: PreferenceRecord) -> list[str] | None:
+    """The optional `response_images` field: one image path per response, or None."""
+    images = record.metadata.get("response_images")
+    if images is None:
+        return None
+    if not isinstance(images, list) or len(images) != len(record.responses) or \
+            not all(isinstance(name, str) and name for name in images):
+        raise DataFormatError(f"preference id {record.id!r}: 'response_images' must list one image path per response "
+                              f"({len(record.responses)}), got {images!r}")
+    return images
 
 
 def validate_preferences(path: str | Path, image_folder: str | Path) -> list[PreferenceRecord]:
@@ -42,8 +60,9 @@ def validate_preferences(path: str | Path, image_folder: str | Path) -> list[Pre
     problems = []
     for line_number, record in enumerate(records, start=1):
         try:
-            validate_image(Path(image_folder) / record.image)
-        except ImageLoadError as error:
+            for name in dict.fromkeys([record.image] + (response_images(record) or [])):
+                validate_image(Path(image_folder) / name)
+        except (ImageLoadError, DataFormatError) as error:
             problems.append(f"  record {line_number} (id {record.id!r}): {error}")
     if problems:
         raise DataFormatError(f"{path}: {len(problems)} image(s) cannot be used:\n" + "\n".join(problems[:20]))
@@ -60,8 +79,11 @@ def tokenize_preferences(vlm, records: list[PreferenceRecord], image_folder: str
         if longest > max_answer_tokens:
             raise DataFormatError(f"preference id {record.id!r}: a response has {longest} tokens, more than "
                                   f"--max-answer-tokens {max_answer_tokens}; shorten it or raise the limit")
-        items.append(TokenizedPreference(record.id, Path(image_folder) / record.image, prompt, responses,
-                                         record.weight))
+        images = response_images(record)
+        items.append(TokenizedPreference(
+            record.id, Path(image_folder) / record.image, prompt, responses, record.weight,
+            None if images is None else [Path(image_folder) / name for name in images],
+            str(record.metadata.get("kind", "text"))))
     return items
 
 
@@ -79,8 +101,18 @@ def batch_indices(num_items: int, *, epoch: int, step_in_epoch: int, per_device_
     return order[start:start + per_device_batch].tolist()
 
 
-def to_examples(vlm, items: list[TokenizedPreference], *, responses: slice = slice(None)) -> list[ListwiseExample]:
-    """Loads the images, runs the vision tower once for the batch, and pairs each prompt with its visual tokens."""
-    images = [load_image(item.image_path) for item in items]
-    visual = vlm.encode_images(vlm.preprocess_images(images))
-    return [ListwiseExample(item.prompt, item.responses[responses], visual[i]) for i, item in enumerate(items)]
+def to_examples(vlm, items: list[TokenizedPreference]) -> list[ListwiseExample]:
+    """Loads the batch's distinct images, runs the vision tower once over them, and builds one example per
+    (prompt, image): responses that see the same image share one prefix; row b of the output is item b."""
+    distinct = list(dict.fromkeys(item.image_of(j) for item in items for j in range(len(item.responses))))
+    visual = vlm.encode_images(vlm.preprocess_images([load_image(path) for path in distinct]))
+    image_row = {path: index for index, path in enumerate(distinct)}
+    examples = []
+    for row, item in enumerate(items):
+        by_image: dict[Path, list[int]] = {}
+        for j in range(len(item.responses)):
+            by_image.setdefault(item.image_of(j), []).append(j)
+        for path, slots in by_image.items():
+            examples.append(ListwiseExample(item.prompt, [item.responses[j] for j in slots],
+                                            visual[image_row[path]], output_row=row, output_slots=slots))
+    return examples

@@ -43,6 +43,12 @@ class TrainConfig:
     gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
     max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)")
     gamma: float = _arg(0.1, "reward scale γ in r(y) = γ·(log π − log π_ref)")
+    loss: str = _arg("mlpo", "mlpo (HSCR, Eq. 7); dpo (y_w vs y_l1 only, weights ignored); weighted-dpo (MMedPO: "
+                             "each sample's DPO loss times its 'weight' field, used as given)",
+                     choices=("mlpo", "dpo", "weighted-dpo"))
+    kind_weight: list[str] = _arg(None, "KIND=W multiplies the loss of records whose 'kind' is KIND by W, e.g. "
+                                        "image-dispreference=0.1 for a visual grounding term (repeatable)",
+                                  action="append")
     explicit: bool = _arg(True, "include the explicit loss L_E (y_w vs each y_l)")
     implicit: bool = _arg(True, "include the implicit loss L_I (y_lj vs each worse y_lm)")
     lora_r: int = _arg(16, "LoRA rank (paper: 16)")
@@ -73,12 +79,47 @@ class TrainConfig:
                                     help=item.metadata["help"])
             else:
                 kind = {"int": int, "float": float, "int | None": int}.get(str(item.type), str)
-                parser.add_argument(flag, type=kind, default=item.default, help=item.metadata["help"])
+                extra = {k: v for k, v in item.metadata.items() if k != "help"}
+                if extra.get("action") != "append":
+                    extra["type"] = kind
+                parser.add_argument(flag, default=item.default, help=item.metadata["help"], **extra)
         return cls(**vars(parser.parse_args(argv)))
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
+    weights = {}
+    for entry in entries or []:
+        kind, sep, value = entry.partition("=")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not kind:
+            raise SystemExit(f"error: --kind-weight expects KIND=WEIGHT (e.g. image-dispreference=0.1), got {entry!r}")
+    return weights
+
+
+def sample_weights(items, config: TrainConfig, kind_weights: dict[str, float], device) -> torch.Tensor | None:
+    """Per-sample loss weights: the record's own `weight` (weighted-dpo: required; mlpo: used when present; dpo:
+    ignored) times its kind's weight. None when every weight is 1."""
+    values = []
+    for item in items:
+        weight = 1.0
+        if config.loss == "weighted-dpo":
+            if item.weight is None:
+                raise SystemExit(f"error: --loss weighted-dpo needs a 'weight' on every preference record; "
+                                 f"id {item.id!r} has none")
+            weight = item.weight
+        elif config.loss == "mlpo" and item.weight is not None:
+            weight = item.weight
+        values.append(weight * kind_weights.get(item.kind, 1.0))
+    if all(v == 1.0 for v in values):
+        return None
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -147,6 +188,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     if not (config.model and config.preferences and config.image_folder):
         raise SystemExit("error: --model, --preferences and --image-folder are all needed (or none, for the demo)")
+    kind_weights = parse_kind_weights(config.kind_weight)
     use_deepspeed = config.deepspeed != "none"
     rank, world_size, device = init_distributed(use_deepspeed)
     out = Path(config.out)
@@ -194,7 +236,8 @@ def train(config: TrainConfig) -> TrainResult:
         engine = TorchEngine(trainable, optimizer, scheduler, accumulation=config.gradient_accumulation_steps,
                              max_grad_norm=config.max_grad_norm, **common)
 
-    run_identity = {"preferences_fingerprint": fingerprint, "world_size": world_size,
+    run_identity = {"preferences_fingerprint": fingerprint, "world_size": world_size, "loss": config.loss,
+                    "kind_weights": kind_weights,
                     "per_device_batch_size": config.per_device_batch_size,
                     "gradient_accumulation_steps": config.gradient_accumulation_steps, "epochs": config.epochs,
                     "seed": config.seed}
@@ -225,11 +268,13 @@ def train(config: TrainConfig) -> TrainResult:
         packed = pack_examples(vlm.embed_tokens, to_examples(vlm, batch_items))
         policy_logps = listwise_logprobs(vlm, packed)
         ref_logps = reference_tensor(reference, batch_items, packed.num_slots, device)
-        weights = None
-        if any(item.weight is not None for item in batch_items):
-            weights = torch.tensor([1.0 if it.weight is None else it.weight for it in batch_items], device=device)
-        loss, metrics = mlpo_loss(policy_logps, ref_logps, gamma=config.gamma, valid=packed.valid,
-                                  explicit=config.explicit, implicit=config.implicit, weight=weights)
+        weights = sample_weights(batch_items, config, kind_weights, device)
+        if config.loss == "mlpo":
+            loss, metrics = mlpo_loss(policy_logps, ref_logps, gamma=config.gamma, valid=packed.valid,
+                                      explicit=config.explicit, implicit=config.implicit, weight=weights)
+        else:  # DPO is MLPO's K = 1 case: y_w against the best dispreferred response, explicit term only
+            loss, metrics = mlpo_loss(policy_logps[:, :2], ref_logps[:, :2], gamma=config.gamma,
+                                      valid=packed.valid[:, :2], explicit=True, implicit=False, weight=weights)
         finite = torch.tensor(float(torch.isfinite(loss)), dtype=torch.float64)
         if world_size > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

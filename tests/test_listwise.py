@@ -104,3 +104,27 @@ def test_attention_mask_structure():
         [0, 0, 0, 0, 0, 0, 1],
     ], dtype=torch.bool)
     assert torch.equal(mask, expected)
+
+
+def test_responses_under_different_images_share_a_prefix_only_per_image(tiny_vlm, make_images):
+    """Image-side dispreference: one list, responses 0 and 2 under image A, response 1 under image B. Two packed
+    examples feed one output row; each response's log-prob equals its own independent forward."""
+    vlm = tiny_vlm
+    prompt = vlm.prompt_tokens(QUESTIONS[0])
+    answers = [vlm.answer_tokens(prompt, a) for a in ("yes", "yes", "no lesion")]
+    pixels = vlm.preprocess_images(make_images(2, seed=3))
+    visual = vlm.encode_images(pixels)
+    examples = [ListwiseExample(prompt, [answers[0], answers[2]], visual[0], output_row=0, output_slots=[0, 2]),
+                ListwiseExample(prompt, [answers[1]], visual[1], output_row=0, output_slots=[1])]
+    batch = pack_examples(vlm.embed_tokens, examples)
+    assert batch.valid.tolist() == [[True, True, True]]
+    with torch.no_grad():
+        packed = listwise_logprobs(vlm, batch)[0]
+        image_a = independent_logps(vlm, pixels[0:1], [prompt], [[answers[0], answers[2]]])[0]
+        image_b = independent_logps(vlm, pixels[1:2], [prompt], [[answers[1]]])[0]
+    torch.testing.assert_close(packed, torch.stack([image_a[0], image_b[0], image_a[1]]), rtol=1e-5, atol=1e-4)
+    # The same answer under two images: different log-probs (the image matters to the model).
+    assert packed[0] != packed[1]
+    with pytest.raises(ValueError, match="two responses map to output row 0, slot 2"):
+        pack_examples(vlm.embed_tokens, [examples[0], ListwiseExample(prompt, [answers[1], answers[1]], visual[1],
+                                                                      output_row=0, output_slots=[1, 2])])

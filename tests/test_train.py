@@ -166,3 +166,35 @@ def test_gradient_checkpointing_matches_and_merged_model_equals_adapter(tiny_mod
         from_merged = listwise_logprobs(merged, pack_examples(merged.embed_tokens, to_examples(merged, items)))
         from_adapter = listwise_logprobs(adapted, pack_examples(adapted.embed_tokens, to_examples(adapted, items)))
     torch.testing.assert_close(from_merged, from_adapter, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def image_preference_data(tmp_path_factory, make_images):
+    """Image-side dispreference lists: the same answer under the clean and a corrupted image, with MMedPO weights."""
+    root = tmp_path_factory.mktemp("image_prefs")
+    (root / "images").mkdir()
+    lines = []
+    for index, image in enumerate(make_images(8, seed=21)):
+        image.save(root / "images" / f"clean{index}.png")
+        image.rotate(90).save(root / "images" / f"noisy{index}.png")
+        answer = ANSWER_POOL[index % len(ANSWER_POOL)]
+        lines.append(json.dumps({"id": f"i{index}", "image": f"clean{index}.png", "prompt": "What is seen?",
+                                 "responses": [answer, answer], "weight": 0.5 + index / 8,
+                                 "response_images": [f"clean{index}.png", f"noisy{index}.png"],
+                                 "kind": "image-dispreference"}))
+    (root / "prefs.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_weighted_dpo_on_image_dispreference_lists(tiny_model_dir, image_preference_data, preference_data, tmp_path):
+    weighted = train(make_config(tiny_model_dir, image_preference_data, tmp_path / "w", loss="weighted-dpo",
+                                 kind_weight=["image-dispreference=0.1"], epochs=1))
+    rows = read_metrics(tmp_path / "w")
+    assert weighted.steps == len(rows) == 4
+    # Step 1: policy = reference, so each sample's loss is log 2 × its weight × 0.1.
+    from hscr_fast.preferences import batch_indices
+    first = batch_indices(8, epoch=0, step_in_epoch=0, per_device_batch=2, world_size=1, rank=0, seed=0)
+    expected = sum(0.1 * (0.5 + i / 8) * math.log(2) for i in first) / 2
+    assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(SystemExit, match="needs a 'weight'"):
+        train(make_config(tiny_model_dir, preference_data, tmp_path / "x", loss="weighted-dpo"))
