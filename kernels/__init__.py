@@ -7,5 +7,7 @@ Importing this package does not import triton: each op imports it on its first T
 """
 from .contrastive_select import ContrastiveSelection, contrastive_select, contrastive_select_from_hidden
 from .fused_linear_logprobs import fused_linear_logprobs
+from .fused_token_kl import fused_token_kl
 
-__all__ = ["ContrastiveSelection", "contrastive_select", "contrastive_select_from_hidden", "fused_linear_logprobs"]
+__all__ = ["ContrastiveSelection", "contrastive_select", "contrastive_select_from_hidden", "fused_linear_logprobs",
+           "fused_token_kl"]
