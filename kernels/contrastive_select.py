@@ -15,19 +15,21 @@ For answer position t with label y_t, full-image logits L[t] and image-dropped l
 
 Note the plausible set is not bounded by 1/α: it is relative to max p_full, so a flat row can pass every token.
 
-How it runs: two passes over V per row pair, nothing vocabulary-sized stored beyond the inputs.
-  pass 1 (statistics): max and sum-exp of both rows (online), and a running top-k of L' kept as packed int64 keys
-      (order-preserving bits of the value in the high word, 0x7FFFFFFF − token id in the low word, so one integer
-      max picks the larger logit and, among equal logits, the lower id). Output: both log-normalisers, max L, and the
-      k-th largest key of L', which is all pass 2 needs to decide top-k membership of any token.
+How it runs: two passes over V per row pair; nothing vocabulary-sized is stored beyond the inputs.
+  pass 1 (statistics): max and sum-exp of both rows (online), the label logits, and a running top-k of L' kept as
+      packed int64 keys (order-preserving bits of the value in the high word, 0x7FFFFFFF − token id in the low word,
+      so one integer max picks the larger logit and, among equal logits, the lower id). It leaves both
+      log-normalisers, max L and the top-k of L', which is all pass 2 needs to decide candidacy of any token.
   pass 2 (candidates): candidate mask and a running min over packed (contrast, token id) keys.
-  Label logits are gathered once; the top-n over T positions is a stable sort of T floats.
-The Triton form splits each row's vocabulary across programs (grid rows × splits, so short answers still fill the
-GPU); each program streams BLOCK_V tiles and writes per-split partials that a few tiny torch ops merge. Traffic from
-logits: pass 1 reads both rows once (2·V·itemsize), pass 2 reads them again. The torch form walks the same passes over
-vocabulary chunks of [T, chunk] tiles. `contrastive_select_from_hidden` computes those chunks from the hidden states
-and lm_head (fp32 GEMM output) and runs both passes on them, recomputing the chunk logits in pass 2, so [T, V] logits
-never exist.
+  The top-n over T positions is a stable sort of T floats.
+Triton form: each row's vocabulary is split across programs (grid rows × splits, so short answers still fill the
+GPU); a program streams BLOCK_V tiles and writes per-split partials that a few tiny torch ops merge. From logits,
+pass 1 reads both rows once (2·V·itemsize per row pair) and pass 2 reads them again.
+Torch form: the same passes over tiles of about _TILE_ELEMENTS (blocks of whole rows from logits; vocabulary chunks
+from hidden states), with float comparisons on tiles and packed keys only on [T, k] data.
+`contrastive_select_from_hidden` computes [T, chunk] fp32 logit chunks from the hidden states and the lm_head and
+runs both passes on them, recomputing each chunk in pass 2 (unless a single chunk covers V), so [T, V] logits never
+exist.
 """
 from __future__ import annotations
 
@@ -79,7 +81,8 @@ class _Stats(NamedTuple):
     max_full: torch.Tensor  # [T] max_v L[t, v]
     lse_full: torch.Tensor  # [T]
     lse_drop: torch.Tensor  # [T]
-    kth_key: torch.Tensor  # [T] int64, k-th largest (L', id) key; INT64_MIN when V < k, INT64_MAX when k = 0
+    kth_key: torch.Tensor  # [T] int64, k-th largest (L', id) key; INT64_MIN when k >= V, INT64_MAX when k = 0
+    top_ids: torch.Tensor | None  # [T, k] the top-k token ids of L' (for the torch form); None when k >= V
 
 
 class _Partial(NamedTuple):
@@ -281,25 +284,54 @@ def _max_and_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row_max, (x - shift[:, None]).exp_().sum(dim=1)
 
 
+# The torch form touches each [T, chunk] tile as few times as it can: packed integer keys only on [T, k] data (bit
+# operations over whole tiles are several times slower on CPU than float ones), top-k membership and the label
+# exclusion by scatter, the contrast in two passes.
+
+
 def _stats_torch(full, drop, vocab_offset, k):
     rows, cols = full.shape
     max_full, sumexp_full = _max_and_sumexp(full)
     max_drop, sumexp_drop = _max_and_sumexp(drop)
     top_keys = torch.full((rows, k), INT64_MIN, dtype=torch.int64, device=full.device)
     if k:
-        ids = torch.arange(vocab_offset, vocab_offset + cols, device=full.device)
         kept = min(k, cols)
-        top_keys[:, :kept] = _keys_by_value_desc_torch(drop, ids).topk(kept, dim=1, sorted=False).values
+        # one extra value shows whether the k-th is tied with the next: torch.topk breaks such ties arbitrarily,
+        # so those rows are redone with exact (value, lower id) keys
+        values, index = drop.topk(min(k + 1, cols), dim=1)
+        keys = _keys_by_value_desc_torch(values[:, :kept], index[:, :kept] + vocab_offset)
+        if kept < values.shape[1]:
+            tied = (values[:, kept] == values[:, kept - 1]).nonzero().squeeze(1)
+            if tied.numel():
+                ids = torch.arange(vocab_offset, vocab_offset + cols, device=full.device)
+                keys[tied] = _keys_by_value_desc_torch(drop[tied], ids).topk(kept, dim=1).values
+        top_keys[:, :kept] = keys
     return _Partial(max_full[:, None], sumexp_full[:, None], max_drop[:, None], sumexp_drop[:, None], top_keys)
 
 
+def _scatter_tokens(tile: torch.Tensor, tokens: torch.Tensor, vocab_offset: int, value: bool) -> None:
+    """tile[r, v − vocab_offset] = value for the token ids `tokens` [rows, m] inside this chunk. `tile` has one spare
+    last column, where the ids outside the chunk land."""
+    cols = tile.shape[1] - 1
+    local = tokens - vocab_offset
+    tile.scatter_(1, torch.where((local >= 0) & (local < cols), local, cols), value)
+
+
 def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
-    ids = torch.arange(vocab_offset, vocab_offset + full.shape[1], device=full.device)
-    in_top_k = _keys_by_value_desc_torch(drop, ids) >= stats.kth_key[:, None]
-    plausible = (full - stats.max_full[:, None]) >= options.log_alpha
-    candidate = (in_top_k | plausible) & (ids[None, :] != labels[:, None])
-    contrast = options.coef_full * full - options.coef_drop * drop
-    return _keys_by_value_asc_torch(contrast, ids).masked_fill_(~candidate, INT64_MAX).amin(dim=1)
+    rows, cols = full.shape
+    candidate = torch.empty(rows, cols + 1, dtype=torch.bool, device=full.device)
+    if stats.top_ids is None:  # k >= V: every token is in the top-k
+        candidate.fill_(True)
+    else:
+        torch.ge(full, (stats.max_full + options.log_alpha)[:, None], out=candidate[:, :cols])  # p >= alpha max p
+        _scatter_tokens(candidate, stats.top_ids, vocab_offset, True)
+    _scatter_tokens(candidate, labels[:, None], vocab_offset, False)
+    contrast = torch.add(options.coef_full * full, drop, alpha=-options.coef_drop)
+    contrast = contrast.masked_fill_(~candidate[:, :cols], float("inf"))
+    best_value, best_index = contrast.min(dim=1)  # the first of equal minima: the lowest token id
+    best_key = _keys_by_value_asc_torch(best_value, best_index + vocab_offset)
+    # finite logits give finite contrasts: +inf is the minimum only where nothing was a candidate
+    return torch.where(best_value == float("inf"), INT64_MAX, best_key)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -322,17 +354,19 @@ def _fold(running: _Partial | None, part: _Partial, k: int) -> _Partial:
     return _Partial(*_combine(part.max_full, part.sumexp_full), *_combine(part.max_drop, part.sumexp_drop), top_keys)
 
 
-def _finish_stats(running: _Partial, kth_key_when_untracked: int) -> _Stats:
+def _finish_stats(running: _Partial, all_in_top_k: bool) -> _Stats:
     def lse(row_max, sumexp):
         return torch.where(row_max == float("-inf"), 0.0, row_max).squeeze(1) + sumexp.squeeze(1).log()
 
-    if running.top_keys.shape[1]:
-        kth_key = running.top_keys[:, -1].contiguous()  # topk sorts descending: the last is the k-th largest
-    else:
-        kth_key = torch.full(running.max_full.shape[:1], kth_key_when_untracked, dtype=torch.int64,
-                             device=running.max_full.device)
+    top_keys = running.top_keys
+    if top_keys.shape[1]:
+        kth_key = top_keys[:, -1].contiguous()  # topk sorts descending: the last is the k-th largest
+    else:  # k = 0 selects nothing (INT64_MAX: no key reaches it); k >= V selects everything (INT64_MIN)
+        kth_key = torch.full(top_keys.shape[:1], INT64_MIN if all_in_top_k else INT64_MAX, dtype=torch.int64,
+                             device=top_keys.device)
+    top_ids = None if all_in_top_k else 0x7FFFFFFF - (top_keys & 0xFFFFFFFF)
     return _Stats(running.max_full.squeeze(1).contiguous(), lse(running.max_full, running.sumexp_full),
-                  lse(running.max_drop, running.sumexp_drop), kth_key)
+                  lse(running.max_drop, running.sumexp_drop), kth_key, top_ids)
 
 
 def _gather_label_logits(chunk: torch.Tensor, vocab_offset: int, labels: torch.Tensor, out: torch.Tensor) -> None:
@@ -344,10 +378,17 @@ def _gather_label_logits(chunk: torch.Tensor, vocab_offset: int, labels: torch.T
 Chunks = Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
 
 
+class _RowScores(NamedTuple):
+    label_full: torch.Tensor  # [T] L[t, y_t] (0 where ignored)
+    label_drop: torch.Tensor
+    lse_full: torch.Tensor  # [T]
+    lse_drop: torch.Tensor
+    best_key: torch.Tensor  # [T] int64 ascending (contrast, id) key of the replacement; INT64_MAX: no candidate
+
+
 @torch.no_grad()
-def _select(chunks: Chunks, vocab: int, labels: torch.Tensor, content_mask, options: _Options, backend: str
-            ) -> ContrastiveSelection:
-    """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, then the assembly."""
+def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Options, backend: str) -> _RowScores:
+    """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, for the rows of labels."""
     stats_pass, candidates_pass = (_stats_triton, _candidates_triton) if backend == "triton" else (_stats_torch, _candidates_torch)
     rows, device = labels.shape[0], labels.device
     label_full = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -359,25 +400,28 @@ def _select(chunks: Chunks, vocab: int, labels: torch.Tensor, content_mask, opti
         running = _fold(running, stats_pass(full, drop, vocab_offset, tracked_k), tracked_k)
         _gather_label_logits(full, vocab_offset, labels, label_full)
         _gather_label_logits(drop, vocab_offset, labels, label_drop)
-    stats = _finish_stats(running, INT64_MIN if options.num_candidates else INT64_MAX)
-    best = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
+    stats = _finish_stats(running, all_in_top_k=tracked_k != options.num_candidates)
+    best_key = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
     for vocab_offset, full, drop in chunks():
-        best = torch.minimum(best, candidates_pass(full, drop, vocab_offset, labels, stats, options))
+        best_key = torch.minimum(best_key, candidates_pass(full, drop, vocab_offset, labels, stats, options))
+    return _RowScores(label_full, label_drop, stats.lse_full, stats.lse_drop, best_key)
 
+
+def _assemble(scores: _RowScores, labels: torch.Tensor, content_mask, options: _Options) -> ContrastiveSelection:
     valid = labels != options.ignore_index
-    logprob_full = torch.where(valid, label_full - stats.lse_full, 0.0)
-    logprob_drop = torch.where(valid, label_drop - stats.lse_drop, 0.0)
+    logprob_full = torch.where(valid, scores.label_full - scores.lse_full, 0.0)
+    logprob_drop = torch.where(valid, scores.label_drop - scores.lse_drop, 0.0)
     if options.sensitivity == "logprob":
         score = logprob_full - logprob_drop
     else:
-        score = label_full - label_drop
+        score = scores.label_full - scores.label_drop
     eligible = valid if content_mask is None else valid & content_mask
     sensitivity = torch.where(eligible, score, float("-inf"))
     count = min(options.top_n, int(eligible.sum()))
     # stable descending sort: equal sensitivities keep position order, so the lower position comes first
     sensitive_positions = torch.sort(sensitivity, descending=True, stable=True).indices[:count]
     # the low word of an ascending key is the token id
-    replacement = torch.where(valid & (best != INT64_MAX), best & 0xFFFFFFFF, -1)
+    replacement = torch.where(valid & (scores.best_key != INT64_MAX), scores.best_key & 0xFFFFFFFF, -1)
     return ContrastiveSelection(sensitivity, sensitive_positions, replacement, logprob_full, logprob_drop)
 
 
@@ -426,7 +470,8 @@ def contrastive_select(
     """Sensitivities, sensitive positions and replacement tokens from full- and dropped-image logits [T, V].
 
     The semantics are the module docstring's. Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is
-    fp32. `chunk_size`: vocabulary columns per tile in the torch form (default: tiles of about 2M elements).
+    fp32. `chunk_size`: vocabulary columns per tile in the torch form (default: whole rows, in blocks of about
+    2M elements).
     """
     op = "contrastive_select"
     if logits_full.dim() != 2 or logits_full.shape != logits_drop.shape:
@@ -446,21 +491,28 @@ def contrastive_select(
     if rows == 0:
         return _empty_selection(logits_full.device)
 
+    labels = labels.long().contiguous()
     if backend == "triton":
         # the kernels read the inputs where they are (any float dtype), splitting V across programs
         full = logits_full if logits_full.stride(1) == 1 else logits_full.contiguous()
         drop = logits_drop if logits_drop.stride(1) == 1 else logits_drop.contiguous()
+        return _assemble(_score_rows(lambda: iter([(0, full, drop)]), vocab, labels, options, backend), labels,
+                         content_mask, options)
+
+    # torch form: blocks of whole rows (contiguous, nothing to merge across the vocabulary) unless chunk_size asks
+    # for vocabulary chunks; either way tiles of about _TILE_ELEMENTS
+    width = min(vocab, chunk_size or vocab)
+    block = max(1, _TILE_ELEMENTS // width)
+    scores = []
+    for start in range(0, rows, block):
+        rows_full, rows_drop = logits_full[start:start + block], logits_drop[start:start + block]
 
         def chunks():
-            yield 0, full, drop
-    else:
-        width = chunk_size or _default_chunk_width(rows, vocab)
+            for offset in range(0, vocab, width):
+                yield offset, rows_full[:, offset:offset + width].float(), rows_drop[:, offset:offset + width].float()
 
-        def chunks():
-            for start in range(0, vocab, width):
-                yield (start, logits_full[:, start:start + width].float(), logits_drop[:, start:start + width].float())
-
-    return _select(chunks, vocab, labels.long().contiguous(), content_mask, options, backend)
+        scores.append(_score_rows(chunks, vocab, labels[start:start + block], options, backend))
+    return _assemble(_RowScores(*(torch.cat(parts) for parts in zip(*scores))), labels, content_mask, options)
 
 
 def contrastive_select_from_hidden(
@@ -504,11 +556,16 @@ def contrastive_select_from_hidden(
     backend = resolve_backend(backend, weight.device)
     if rows == 0:
         return _empty_selection(weight.device)
-    width = chunk_size or _default_chunk_width(rows, vocab)
+    width = min(vocab, chunk_size or _default_chunk_width(rows, vocab))
 
     def chunks():
         for start in range(0, vocab, width):
             head = weight[start:start + width]
             yield (start, linear_logits_fp32(hidden_full, head).float(), linear_logits_fp32(hidden_drop, head).float())
 
-    return _select(chunks, vocab, labels.long().contiguous(), content_mask, options, backend)
+    if width == vocab:  # one chunk within the tile budget (short answers): compute it once for both passes
+        single_chunk = list(chunks())
+        chunks = lambda: iter(single_chunk)  # noqa: E731
+
+    labels = labels.long().contiguous()
+    return _assemble(_score_rows(chunks, vocab, labels, options, backend), labels, content_mask, options)
