@@ -46,6 +46,7 @@ class ListwiseExample:
     visual_attendable: torch.Tensor | None = None  # bool [N]; False = masked out (dropout mode "mask")
     output_row: int | None = None
     output_slots: list[int] | None = None
+    token_flags: list[list[bool]] | None = None  # per response and token, e.g. "inside a marked clinical span"
 
     def __post_init__(self):
         if not self.responses:
@@ -55,6 +56,8 @@ class ListwiseExample:
                 raise ValueError(f"response {index} is empty (it must at least hold EOS)")
         if self.output_slots is not None and len(self.output_slots) != len(self.responses):
             raise ValueError(f"{len(self.output_slots)} output slots for {len(self.responses)} responses")
+        if self.token_flags is not None and [len(f) for f in self.token_flags] != [len(r) for r in self.responses]:
+            raise ValueError("token_flags must hold one flag per response token")
 
     @property
     def prefix_length(self) -> int:
@@ -75,6 +78,7 @@ class PackedBatch:
     score_slots: torch.Tensor  # [M] flat output slot (row·S + slot) the token belongs to
     valid: torch.Tensor  # bool [rows, S]: which output slots hold a response
     num_real_tokens: int = 0  # tokens fed through the decoder, padding excluded
+    score_flags: torch.Tensor | None = None  # bool [M]: the examples' token_flags (None when no example has any)
     segment_ids: torch.Tensor = field(default=None, repr=False)  # [B, L]: -1 pad, 0 prefix, j+1 response j
 
     @property
@@ -104,7 +108,7 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
     text_embeds = embed_tokens(torch.tensor(text_ids, dtype=torch.long, device=device)).to(dtype)
 
     rows, positions, segments, attendable = [], [], [], []
-    score_rows, score_labels, score_slots = [], [], []
+    score_rows, score_labels, score_slots, score_flags = [], [], [], []
     valid = torch.zeros(max(rows_out) + 1, slots, dtype=torch.bool)
     cursor = 0
     for b, ex in enumerate(examples):
@@ -127,6 +131,7 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
             predicting = [prefix - 1] + list(range(offset, offset + fed))
             score_rows += [b * length + p for p in predicting]
             score_labels += list(response)
+            score_flags += ex.token_flags[j] if ex.token_flags is not None else [False] * len(response)
             out_row, out_slot = rows_out[b], slots_out[b][j]
             if valid[out_row, out_slot]:
                 raise ValueError(f"two responses map to output row {out_row}, slot {out_slot}")
@@ -155,6 +160,8 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
         score_slots=torch.tensor(score_slots, dtype=torch.long, device=device),
         valid=valid.to(device),
         num_real_tokens=sum(ex.packed_length for ex in examples),
+        score_flags=(torch.tensor(score_flags, dtype=torch.bool, device=device)
+                     if any(ex.token_flags is not None for ex in examples) else None),
         segment_ids=segment_ids,
     )
 

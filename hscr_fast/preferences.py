@@ -18,7 +18,7 @@ import torch
 from .data.images import ImageLoadError, load_image, validate_image
 from .data.records import DataFormatError, PreferenceRecord, load_preference_jsonl
 from .listwise import ListwiseExample
-from .models.prompting import PromptTokens
+from .models.prompting import MARK_OPEN, PromptTokens
 
 
 @dataclass
@@ -31,6 +31,8 @@ class TokenizedPreference:
     # One image per response when the list contrasts images (image-side dispreference); None: all see `image_path`.
     response_images: list[Path] | None = None
     kind: str = "text"
+    # Per response and token: inside a `<mask>…</mask>` span of the record's text. None when nothing is marked.
+    marked: list[list[bool]] | None = None
 
     def image_of(self, response_index: int) -> Path:
         return self.image_path if self.response_images is None else self.response_images[response_index]
@@ -74,7 +76,15 @@ def tokenize_preferences(vlm, records: list[PreferenceRecord], image_folder: str
     items = []
     for record in records:
         prompt = vlm.prompt_tokens(record.prompt)
-        responses = [vlm.answer_tokens(prompt, text) for text in record.responses]
+        marked = None
+        try:
+            if any(MARK_OPEN in text for text in record.responses):
+                tokenized = [vlm.marked_answer_tokens(prompt, text) for text in record.responses]
+                responses, marked = [ids for ids, _ in tokenized], [flags for _, flags in tokenized]
+            else:
+                responses = [vlm.answer_tokens(prompt, text) for text in record.responses]
+        except ValueError as error:
+            raise DataFormatError(f"preference id {record.id!r}: {error}") from None
         longest = max(len(r) for r in responses)
         if longest > max_answer_tokens:
             raise DataFormatError(f"preference id {record.id!r}: a response has {longest} tokens, more than "
@@ -83,7 +93,7 @@ def tokenize_preferences(vlm, records: list[PreferenceRecord], image_folder: str
         items.append(TokenizedPreference(
             record.id, Path(image_folder) / record.image, prompt, responses, record.weight,
             None if images is None else [Path(image_folder) / name for name in images],
-            str(record.metadata.get("kind", "text"))))
+            str(record.metadata.get("kind", "text")), marked))
     return items
 
 
@@ -113,6 +123,7 @@ def to_examples(vlm, items: list[TokenizedPreference]) -> list[ListwiseExample]:
         for j in range(len(item.responses)):
             by_image.setdefault(item.image_of(j), []).append(j)
         for path, slots in by_image.items():
-            examples.append(ListwiseExample(item.prompt, [item.responses[j] for j in slots],
-                                            visual[image_row[path]], output_row=row, output_slots=slots))
+            examples.append(ListwiseExample(
+                item.prompt, [item.responses[j] for j in slots], visual[image_row[path]], output_row=row,
+                output_slots=slots, token_flags=None if item.marked is None else [item.marked[j] for j in slots]))
     return examples

@@ -49,6 +49,11 @@ class TrainConfig:
     kind_weight: list[str] = _arg(None, "KIND=W multiplies the loss of records whose 'kind' is KIND by W, e.g. "
                                         "image-dispreference=0.1 for a visual grounding term (repeatable)",
                                   action="append")
+    token_kl_weight: float = _arg(0.0, "α of a token-wise bidirectional KL to the reference on the preferred response "
+                                       "(token-level alignment uses 0.01; 0 = off)")
+    token_kl_lambda: float = _arg(0.5, "λ in λ·KL(ref‖π) + (1−λ)·KL(π‖ref)")
+    token_kl_scope: str = _arg("preferred", "tokens the KL covers: the whole preferred response, or only its "
+                                            "<mask>…</mask> spans", choices=("preferred", "marked"))
     explicit: bool = _arg(True, "include the explicit loss L_E (y_w vs each y_l)")
     implicit: bool = _arg(True, "include the implicit loss L_I (y_lj vs each worse y_lm)")
     lora_r: int = _arg(16, "LoRA rank (paper: 16)")
@@ -177,7 +182,8 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
     from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config
-    from .listwise import listwise_logprobs, pack_examples
+    from .kernels import fused_linear_logprobs, fused_token_kl
+    from .listwise import answer_hidden_states, pack_examples, sum_by_slot
     from .losses import mlpo_loss
     from .models.vlm import load_vlm
     from .preferences import (batch_indices, steps_per_epoch, to_examples, tokenize_preferences,
@@ -237,7 +243,8 @@ def train(config: TrainConfig) -> TrainResult:
                              max_grad_norm=config.max_grad_norm, **common)
 
     run_identity = {"preferences_fingerprint": fingerprint, "world_size": world_size, "loss": config.loss,
-                    "kind_weights": kind_weights,
+                    "kind_weights": kind_weights, "token_kl": [config.token_kl_weight, config.token_kl_lambda,
+                                                              config.token_kl_scope],
                     "per_device_batch_size": config.per_device_batch_size,
                     "gradient_accumulation_steps": config.gradient_accumulation_steps, "epochs": config.epochs,
                     "seed": config.seed}
@@ -266,7 +273,8 @@ def train(config: TrainConfig) -> TrainResult:
             len(items), epoch=epoch, step_in_epoch=step_in_epoch, per_device_batch=config.per_device_batch_size,
             world_size=world_size, rank=rank, seed=config.seed)]
         packed = pack_examples(vlm.embed_tokens, to_examples(vlm, batch_items))
-        policy_logps = listwise_logprobs(vlm, packed)
+        hidden = answer_hidden_states(vlm, packed)
+        policy_logps = sum_by_slot(fused_linear_logprobs(hidden, vlm.lm_head_weight, packed.score_labels), packed)
         ref_logps = reference_tensor(reference, batch_items, packed.num_slots, device)
         weights = sample_weights(batch_items, config, kind_weights, device)
         if config.loss == "mlpo":
@@ -275,6 +283,22 @@ def train(config: TrainConfig) -> TrainResult:
         else:  # DPO is MLPO's K = 1 case: y_w against the best dispreferred response, explicit term only
             loss, metrics = mlpo_loss(policy_logps[:, :2], ref_logps[:, :2], gamma=config.gamma,
                                       valid=packed.valid[:, :2], explicit=True, implicit=False, weight=weights)
+        if config.token_kl_weight > 0:
+            # Token-level alignment: the reference's hidden states come from the same packed batch with the
+            # adapter disabled; the KL is fused from both hidden states and the lm_head (no [N, V] logits).
+            with torch.no_grad(), vlm.adapter_disabled():
+                reference_hidden = answer_hidden_states(vlm, packed)
+            covered = packed.score_slots % packed.num_slots == 0
+            if config.token_kl_scope == "marked":
+                covered &= packed.score_flags if packed.score_flags is not None else torch.zeros_like(covered)
+            token_kl = fused_token_kl(hidden, reference_hidden, vlm.lm_head_weight, lam=config.token_kl_lambda,
+                                      mask=covered)
+            kl_per_sample = sum_by_slot(token_kl, packed)[:, 0]
+            if weights is not None:
+                kl_per_sample = kl_per_sample * weights
+            loss = loss + config.token_kl_weight * kl_per_sample.mean()
+            metrics["token_kl"] = kl_per_sample.detach().mean()
+            metrics["loss"] = loss.detach()
         finite = torch.tensor(float(torch.isfinite(loss)), dtype=torch.float64)
         if world_size > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

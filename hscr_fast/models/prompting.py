@@ -17,6 +17,8 @@ IMAGE_PLACEHOLDER = "<image>"
 VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 PROMPT_FORMATS = ("llava-med", "chat-template")
+# Marks around the clinical span of a minimally edited response (token-level alignment); never shown to the model.
+MARK_OPEN, MARK_CLOSE = "<mask>", "</mask>"
 
 
 @dataclass(frozen=True)
@@ -77,15 +79,49 @@ def tokenize_answer(tokenizer, prompt: PromptTokens, answer: str, *, add_eos: bo
     saw in training ("▁yes", not "yes"). If the tokenizer merged across the boundary, the split falls back to
     character offsets.
     """
+    return tokenize_marked_answer(tokenizer, prompt, answer, add_eos=add_eos)[0]
+
+
+def split_marked_spans(text: str) -> tuple[str, list[tuple[int, int]]]:
+    """"a <mask>left</mask> lobe" → ("a left lobe", [(2, 6)]): the text without marks and the marked character
+    spans in it. Unbalanced or nested marks raise ValueError."""
+    clean, spans, cursor, start = [], [], 0, None
+    length = 0
+    while cursor < len(text):
+        if text.startswith(MARK_OPEN, cursor):
+            if start is not None:
+                raise ValueError(f"nested {MARK_OPEN} in {text!r}")
+            start, cursor = length, cursor + len(MARK_OPEN)
+        elif text.startswith(MARK_CLOSE, cursor):
+            if start is None:
+                raise ValueError(f"{MARK_CLOSE} without {MARK_OPEN} in {text!r}")
+            spans.append((start, length))
+            start, cursor = None, cursor + len(MARK_CLOSE)
+        else:
+            clean.append(text[cursor])
+            length, cursor = length + 1, cursor + 1
+    if start is not None:
+        raise ValueError(f"{MARK_OPEN} without {MARK_CLOSE} in {text!r}")
+    return "".join(clean), spans
+
+
+def tokenize_marked_answer(tokenizer, prompt: PromptTokens, answer: str, *,
+                           add_eos: bool = True) -> tuple[list[int], list[bool]]:
+    """Like `tokenize_answer` for an answer that may hold `<mask>…</mask>` marks: (token ids, per-token flag that
+    the token overlaps a marked span). The marks are removed before tokenising; EOS is never marked."""
+    clean, spans = split_marked_spans(answer)
+    lead = len(clean) - len(clean.lstrip())
+    clean = clean.strip()
     after_text = prompt.text.partition(IMAGE_PLACEHOLDER)[2]
-    continuation = after_text + " " + answer.strip()
-    encoded = tokenizer(continuation, add_special_tokens=False, return_offsets_mapping=True)
+    base = len(after_text) + 1 - lead  # character offset of the answer's first character, in the continuation
+    encoded = tokenizer(after_text + " " + clean, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     n_prompt = len(prompt.after_image)
-    if list(ids[:n_prompt]) == list(prompt.after_image):
-        answer_ids = list(ids[n_prompt:])
-    else:
-        answer_ids = [tok for tok, (start, _end) in zip(ids, offsets) if start >= len(after_text)]
+    keep = range(n_prompt, len(ids)) if list(ids[:n_prompt]) == list(prompt.after_image) else \
+        [i for i, (start, _end) in enumerate(offsets) if start >= len(after_text)]
+    answer_ids = [ids[i] for i in keep]
+    flags = [any(offsets[i][0] < base + end and offsets[i][1] > base + start for start, end in spans) for i in keep]
     if add_eos:
         answer_ids.append(tokenizer.eos_token_id)
-    return answer_ids
+        flags.append(False)
+    return answer_ids, flags

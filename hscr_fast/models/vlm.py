@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .prompting import PROMPT_FORMATS, PromptTokens, format_prompt, tokenize_answer, tokenize_prompt
+from .prompting import (PROMPT_FORMATS, PromptTokens, format_prompt, tokenize_answer, tokenize_marked_answer,
+                        tokenize_prompt)
 
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -138,6 +139,10 @@ class VisionLanguageModel:
     def answer_tokens(self, prompt: PromptTokens, answer: str) -> list[int]:
         """Answer tokens (EOS included) exactly as the model would generate them after `prompt`."""
         return tokenize_answer(self.tokenizer, prompt, answer)
+
+    def marked_answer_tokens(self, prompt: PromptTokens, answer: str) -> tuple[list[int], list[bool]]:
+        """Answer tokens and, per token, whether it lies in a `<mask>…</mask>` span (the marks are not tokens)."""
+        return tokenize_marked_answer(self.tokenizer, prompt, answer)
 
     # -- the pieces -------------------------------------------------------------------------------------------------
     def preprocess_images(self, images) -> torch.Tensor:
