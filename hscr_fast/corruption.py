@@ -413,6 +413,6 @@ def apply_region_noise(image: Image.Image, region: np.ndarray, *, mode: str = "r
 
 def corrupt_region(image: Image.Image, region: np.ndarray, *, mode: str = "replace", sigma: float | None = None,
                    seed: int, fill_mean: float | Sequence[float] | None = None) -> Image.Image:
-    """`image` (converted to RGB) with Gaussian noise in `region` (bool [H, W]): `replace` puts N(fill_mean, σ²) there,
-    `add` adds N(0, σ²); every pixel outside the region is unchanged. Deterministic in `seed`."""
+    """`image` (converted to RGB) with Gaussian noise in `region` (bool [H, W]): `replace` puts N(fill_mean, σ²)
+    there, `add` adds N(0, σ²); every pixel outside the region is unchanged. Deterministic in `seed`."""
     return apply_region_noise(image, region, mode=mode, sigma=sigma, seed=seed, fill_mean=fill_mean).image
