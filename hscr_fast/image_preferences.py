@@ -147,27 +147,20 @@ class Skip(Exception):
 
 
 @dataclass(frozen=True)
-class Region:
-    mask: np.ndarray  # bool [H, W]
-    source: str
-    labels: tuple[str, ...]
-    note: str | None = None
-
-
-@dataclass(frozen=True)
 class CorruptedImage:
     reference: str  # the corrupted image as written in records (relative to the image folder, or absolute)
     corruption: dict
     written: bool  # False when the file was already there
 
 
-def phantom_region(record, mask_folder: Path, size: tuple[int, int], margin: int) -> Region:
-    from hscr_fast.corruption import phantom_lesion_region, region_mask_from_boxes
+def phantom_region(record, mask_folder: Path, size: tuple[int, int], margin: int):
+    """The record's lesion region (`corruption.LesionRegion`) from its 'mask', else its lesions' boxes."""
+    from hscr_fast.corruption import LesionRegion, phantom_lesion_region, region_mask_from_boxes
 
     lesions, mask_name = record.metadata.get("lesions"), record.metadata.get("mask")
     if lesions is None and mask_name is None:
         raise Skip("no_annotation", "the record has neither 'mask' nor 'lesions' (not a phantom record?)")
-    if lesions is not None and (not isinstance(lesions, list) or not all(isinstance(l, dict) for l in lesions)):
+    if lesions is not None and (not isinstance(lesions, list) or not all(isinstance(lesion, dict) for lesion in lesions)):
         raise Skip("bad_annotation", f"'lesions' must be a list of objects, got {lesions!r}")
     if lesions == []:
         raise Skip("no_lesion", "the image has no lesion ('lesions' is empty)")
@@ -176,29 +169,29 @@ def phantom_region(record, mask_folder: Path, size: tuple[int, int], margin: int
         if not mask_path.is_file():
             raise Skip("missing_mask", f"mask file not found: {mask_path} (set --mask-folder)")
         try:
-            return Region(phantom_lesion_region(mask_path), "mask", ())
+            return LesionRegion(phantom_lesion_region(mask_path), "mask", ())
         except ValueError as error:
             raise Skip("bad_annotation", str(error)) from None
     try:
         boxes = [lesion["bbox"] for lesion in lesions]
-        return Region(region_mask_from_boxes(size, boxes, margin=margin), "lesions.bbox", ())
+        return LesionRegion(region_mask_from_boxes(size, boxes, margin=margin), "lesions.bbox", ())
     except (KeyError, ValueError) as error:
         raise Skip("bad_annotation", f"lesion boxes unusable: {error}") from None
 
 
-def slake_region(record, annotation_folder: Path, size: tuple[int, int], labels, margin: int) -> Region:
+def slake_region(record, annotation_folder: Path, size: tuple[int, int], labels, margin: int):
+    """The lesion region (`corruption.LesionRegion`) of the record's SLAKE folder ANNOTATION_FOLDER/xmlabN/."""
     from hscr_fast.corruption import EmptyRegionError, slake_lesion_region
 
     image_dir = annotation_folder / Path(record.image).parent
     try:
-        found = slake_lesion_region(image_dir, labels=labels, size=size, margin=margin)
+        return slake_lesion_region(image_dir, labels=labels, size=size, margin=margin)
     except FileNotFoundError as error:
         raise Skip("no_annotation", f"{error} (set --annotation-folder to SLAKE's imgs/)") from None
     except EmptyRegionError as error:
         raise Skip("no_lesion", str(error)) from None
     except ValueError as error:
         raise Skip("bad_annotation", str(error)) from None
-    return Region(found.mask, found.source, found.labels, found.note)
 
 
 class ImageCorrupter:

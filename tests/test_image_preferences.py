@@ -179,3 +179,23 @@ def test_bad_arguments(phantom, tmp_path, extra, message):
 def test_missing_data_file(tmp_path):
     with pytest.raises(SystemExit, match="nope.json: file not found"):
         run("--data", tmp_path / "nope.json", "--out", tmp_path / "p.jsonl")
+
+
+def test_phantom_records_without_mask_use_lesion_boxes(phantom, tmp_path):
+    paths, records = phantom
+    unmasked = [{key: value for key, value in record.items() if key != "mask"} for record in records]
+    data = tmp_path / "boxes.json"
+    data.write_text(json.dumps(unmasked))
+    out = tmp_path / "prefs.jsonl"
+    run("--data", data, "--image-folder", paths.image_folder, "--out", out, "--margin", 1)
+    line = read_lines(out)[-1]  # the image with two lesions
+    record = next(r for r in records if r["id"] == line["id"])
+    expected = np.zeros((84, 84), dtype=bool)
+    for lesion in record["lesions"]:
+        x, y, w, h = lesion["bbox"]
+        expected[y - 1:y + h + 1, x - 1:x + w + 1] = True
+    assert line["corruption"]["region_source"] == "lesions.bbox"
+    assert line["corruption"]["region_pixels"] == expected.sum()
+    written = np.asarray(Image.open(line["response_images"][1]))
+    clean = np.asarray(load_image(paths.image_folder / record["image"]))
+    np.testing.assert_array_equal(written[~expected], clean[~expected])
