@@ -65,31 +65,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hscr_fast.image_preferences",
         description="Write image-side preference records: the same answer under the clean image (preferred) and under "
-                    "a lesion-corrupted copy (dispreferred).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "a lesion-corrupted copy (dispreferred).")
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--data", required=True, help="LLaVA-Med JSON list with lesion annotations")
     io.add_argument("--image-folder", help="folder the data's image paths are relative to (default: the data's folder)")
     io.add_argument("--source", choices=(*SOURCES, "auto"), default="auto",
-                    help="where lesion regions come from; auto = phantom when the records carry 'mask'/'lesions'")
+                    help="where lesion regions come from (default: auto = phantom when the records carry "
+                         "'mask'/'lesions', else slake)")
     io.add_argument("--mask-folder",
                     help="phantom: folder of the records' 'mask' files (default: IMAGE_FOLDER/../masks)")
     io.add_argument("--annotation-folder",
                     help="slake: folder holding xmlabN/detection.json and mask.png (default: the image folder)")
-    io.add_argument("--out", default="image_preferences.jsonl", help="output JSONL")
+    io.add_argument("--out", default="image_preferences.jsonl", help="output JSONL (default: %(default)s)")
     io.add_argument("--out-images", help="folder for the corrupted images (default: OUT without .jsonl + '.images')")
-    io.add_argument("--num-samples", type=int, default=0, help="use the first N valid records (0 = all)")
+    io.add_argument("--num-samples", type=int, default=0, help="use the first N valid records (default: 0 = all)")
     noise = parser.add_argument_group("corruption")
     noise.add_argument("--mode", choices=("replace", "add"), default="replace",
-                       help="replace: region := N(fill_mean, sigma^2) (MMedPO); add: region += N(0, sigma^2)")
+                       help="replace: region := N(fill_mean, sigma^2) (MMedPO); add: region += N(0, sigma^2) "
+                            "(default: %(default)s)")
     noise.add_argument("--sigma", type=float, default=None,
                        help="noise standard deviation in 8-bit levels (default: the image's own outside the region)")
     noise.add_argument("--fill-mean", type=float, default=None,
                        help="replace: noise mean (default: the image's per-channel mean outside the region; MMedPO's "
                             "script uses 0 with sigma 10)")
-    noise.add_argument("--seed", type=int, default=0, help="global seed; each image's seed is derived from it")
+    noise.add_argument("--seed", type=int, default=0,
+                       help="global seed; each image's seed is derived from it (default: 0)")
     noise.add_argument("--labels", help="slake: comma-separated lesion labels (default: every non-organ label)")
-    noise.add_argument("--margin", type=int, default=0, help="pixels added around every lesion box")
+    noise.add_argument("--margin", type=int, default=0, help="pixels added around every lesion box (default: 0)")
     return parser
 
 
@@ -160,7 +162,7 @@ def phantom_region(record, mask_folder: Path, size: tuple[int, int], margin: int
     lesions, mask_name = record.metadata.get("lesions"), record.metadata.get("mask")
     if lesions is None and mask_name is None:
         raise Skip("no_annotation", "the record has neither 'mask' nor 'lesions' (not a phantom record?)")
-    if lesions is not None and (not isinstance(lesions, list) or not all(isinstance(lesion, dict) for lesion in lesions)):
+    if lesions is not None and not (isinstance(lesions, list) and all(isinstance(item, dict) for item in lesions)):
         raise Skip("bad_annotation", f"'lesions' must be a list of objects, got {lesions!r}")
     if lesions == []:
         raise Skip("no_lesion", "the image has no lesion ('lesions' is empty)")
