@@ -5,6 +5,7 @@ the first Triton-path call builds the kernels (the kernels module imports triton
 that exact ties have probability ~0 and selections must equal the reference exactly; the tie rules (lowest token id,
 lowest position) get their own constructed test.
 """
+import importlib
 import math
 import os
 import subprocess
@@ -113,6 +114,16 @@ def test_matches_reference_on_random_logits(backend, sensitivity, rows, vocab, c
     assert (expected.replacement[[1, rows - 1]] == -1).all() and (expected.replacement[[0, 2]] >= 0).all()
 
 
+@pytest.mark.parametrize("chunk_size", [None, 100], ids=["row-blocks", "row-blocks-and-vocab-chunks"])
+def test_torch_form_tiles_agree_with_reference(monkeypatch, chunk_size):
+    # a tile budget of 4 whole rows: several row blocks, the last one partial
+    monkeypatch.setattr(importlib.import_module("hscr_fast.kernels.contrastive_select"), "_TILE_ELEMENTS", 4 * 1031)
+    full, drop, labels = make_logits(15, 1031, seed=4)
+    labels[6] = -100
+    ours = contrastive_select(full, drop, labels, top_n=6, backend="torch", chunk_size=chunk_size)
+    assert_same_selection(ours, reference_contrastive_select(full, drop, labels, top_n=6))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "options",
@@ -150,7 +161,8 @@ def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, chun
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tie_rules_lowest_token_id_and_lowest_position(backend, dtype):
+@pytest.mark.parametrize("chunk_size", [None, 128], ids=["whole-rows", "vocab-chunks"])
+def test_tie_rules_lowest_token_id_and_lowest_position(backend, dtype, chunk_size):
     vocab, k = 1031, 2
     full = torch.zeros(6, vocab)
     drop = torch.zeros(6, vocab)
@@ -163,7 +175,7 @@ def test_tie_rules_lowest_token_id_and_lowest_position(backend, dtype):
     # 300 has the lowest contrast; its lse' also moves, giving row 3 the largest s_t
     labels[5] = 9  # row 5: y_t = 9 is removed after the top-k is taken: candidates {17} and the plausible {50}
     full, drop, labels = full.to(DEVICE, dtype), drop.to(DEVICE, dtype), labels.to(DEVICE)
-    ours = contrastive_select(full, drop, labels, num_candidates=k, top_n=5, backend=backend, chunk_size=128)
+    ours = contrastive_select(full, drop, labels, num_candidates=k, top_n=5, backend=backend, chunk_size=chunk_size)
     expected = reference_contrastive_select(full, drop, labels, num_candidates=k, top_n=5)
     assert_same_selection(ours, expected)
     assert ours.replacement.cpu().tolist() == [9, 9, 9, 300, 9, 17]
