@@ -63,17 +63,19 @@ def linear_logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 
     A bf16 logits tensor would round every logit to 8 significant bits (about 0.03 at |logit| = 10), an error that
     the log-softmax then passes straight into the log-probability; fp32 output keeps the GEMM's fp32 accumulator.
+    Autocast is switched off here for the same reason: it would hand back bf16 logits from fp32 inputs.
     """
-    if hidden.dtype in (torch.float32, torch.float64):
-        return hidden @ weight.T
-    if hidden.is_cuda and _cuda_mm_has_out_dtype():
-        return torch.mm(hidden, weight.T, out_dtype=torch.float32)
-    out = hidden.new_empty(hidden.shape[0], weight.shape[0], dtype=torch.float32)
-    hidden32 = hidden.float()
-    for start in range(0, weight.shape[0], _UPCAST_WEIGHT_ROWS):
-        stop = min(start + _UPCAST_WEIGHT_ROWS, weight.shape[0])
-        out[:, start:stop] = hidden32 @ weight[start:stop].float().T
-    return out
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if hidden.dtype in (torch.float32, torch.float64):
+            return hidden @ weight.T
+        if hidden.is_cuda and _cuda_mm_has_out_dtype():
+            return torch.mm(hidden, weight.T, out_dtype=torch.float32)
+        out = hidden.new_empty(hidden.shape[0], weight.shape[0], dtype=torch.float32)
+        hidden32 = hidden.float()
+        for start in range(0, weight.shape[0], _UPCAST_WEIGHT_ROWS):
+            stop = min(start + _UPCAST_WEIGHT_ROWS, weight.shape[0])
+            out[:, start:stop] = hidden32 @ weight[start:stop].float().T
+        return out
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -198,6 +198,16 @@ def test_frozen_weight_keeps_the_gradient_direction_and_trained_weight_keeps_onl
         assert saved == expected_shapes
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_does_not_lower_the_logits_precision(backend):
+    hidden, weight, labels, upstream = make_inputs(21, 1031, 33)
+    with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16):
+        ours = run(hidden, weight, labels, upstream, weight_grad=False, backend=backend)
+    reference = run(hidden.double(), weight.double(), labels, upstream.double(), weight_grad=False,
+                    fn=reference_fused_linear_logprobs)
+    torch.testing.assert_close(ours[0], reference[0], atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs_raise_specific_errors():
     hidden, weight, labels, _ = make_inputs(6, 1031, 19)
     bad_labels = labels.clone()
