@@ -147,7 +147,8 @@ def test_bench_logprobs_cuda(side_by_side, mode):
 
     side_by_side(forms, subject="fused", baseline="plain", rounds=CUDA_ROUNDS, device=device, warmup=True,
                  derived=lambda summary: {"derived": fraction_of_matmul_rate(summary)},
-                 case={"op": "fused_linear_logprobs", "mode": mode, "N": rows, "V": vocab, "D": dim, "dtype": str(dtype)})
+                 case={"op": "fused_linear_logprobs", "mode": mode, "N": rows, "V": vocab, "D": dim,
+                       "dtype": str(dtype)})
 
 
 # ------------------------------------------------------------------------------------------------ contrast

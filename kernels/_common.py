@@ -42,7 +42,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if device.type != "cuda" and not triton_interpret_mode():
         raise RuntimeError(
             f"backend='triton' got {device.type} tensors: Triton kernels run on CUDA, or on the CPU in Triton's "
-            "interpreter when TRITON_INTERPRET=1 is set before the first Triton-path call; use backend='torch' otherwise"
+            "interpreter when TRITON_INTERPRET=1 is set before the first Triton-path call; "
+            "use backend='torch' otherwise"
         )
     return "triton"
 
@@ -83,7 +84,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_labels(labels: torch.Tensor, rows: int, vocab: int, ignore_index: int, *, op: str, name: str = "labels") -> None:
+def check_labels(labels: torch.Tensor, rows: int, vocab: int, ignore_index: int, *, op: str,
+                 name: str = "labels") -> None:
     """Labels must be an integer vector of length `rows`, each in [0, vocab) or equal to ignore_index."""
     if labels.dim() != 1 or labels.shape[0] != rows:
         raise ValueError(f"{op}: {name} must have shape [{rows}], got {list(labels.shape)}")

@@ -59,7 +59,7 @@ class ContrastiveSelection:
     """Stage-1 selection for one sequence of T answer positions."""
 
     sensitivity: torch.Tensor  # float32 [T]; s_t, -inf where ignored or not content
-    sensitive_positions: torch.Tensor  # int64 [n], n = min(top_n, eligible), by descending s_t, ties lower position first
+    sensitive_positions: torch.Tensor  # int64 [n], n = min(top_n, eligible); descending s_t, ties: lower position
     replacement: torch.Tensor  # int64 [T]; replacement token per position, -1 where ignored or no candidate
     logprob_full: torch.Tensor  # float32 [T]; log p(y_t | full image), 0 where ignored
     logprob_drop: torch.Tensor  # float32 [T]; log p(y_t | dropped image), 0 where ignored
@@ -389,7 +389,10 @@ class _RowScores(NamedTuple):
 @torch.no_grad()
 def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Options, backend: str) -> _RowScores:
     """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, for the rows of labels."""
-    stats_pass, candidates_pass = (_stats_triton, _candidates_triton) if backend == "triton" else (_stats_torch, _candidates_torch)
+    if backend == "triton":
+        stats_pass, candidates_pass = _stats_triton, _candidates_triton
+    else:
+        stats_pass, candidates_pass = _stats_torch, _candidates_torch
     rows, device = labels.shape[0], labels.device
     label_full = torch.zeros(rows, dtype=torch.float32, device=device)
     label_drop = torch.zeros(rows, dtype=torch.float32, device=device)
@@ -429,7 +432,8 @@ def _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, conten
     if not math.isfinite(beta):
         raise ValueError(f"{op}: beta must be a finite number, got {beta}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"{op}: alpha is the plausibility cut p(v) >= alpha * max p and must lie in [0, 1], got {alpha}")
+        raise ValueError(f"{op}: alpha is the plausibility cut p(v) >= alpha * max p and must lie in [0, 1], "
+                         f"got {alpha}")
     if top_n < 0 or num_candidates < 0:
         raise ValueError(f"{op}: top_n and num_candidates must be >= 0, got {top_n} and {num_candidates}")
     if sensitivity not in ("logprob", "logit"):

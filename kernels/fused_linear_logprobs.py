@@ -205,8 +205,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
 
 
 def _default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    logits_itemsize = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    itemsize, logits_itemsize = dtype.itemsize, compute_dtype(dtype).itemsize
     bytes_per_row = vocab * (logits_itemsize + (itemsize if itemsize != logits_itemsize else 0))
     budget = max(_MIN_CHUNK_BYTES, rows * vocab * itemsize // 8)
     return max(1, min(rows, budget // bytes_per_row))
@@ -231,7 +230,8 @@ def fused_linear_logprobs(
     """
     op = "fused_linear_logprobs"
     if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"{op}: hidden must be [N, D] and weight [V, D], got {list(hidden.shape)} and {list(weight.shape)}")
+        raise ValueError(f"{op}: hidden must be [N, D] and weight [V, D], got {list(hidden.shape)} and "
+                         f"{list(weight.shape)}")
     if hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"{op}: hidden has D={hidden.shape[1]} but weight has D={weight.shape[1]} (weight is [V, D])")
     if not hidden.is_floating_point() or hidden.dtype != weight.dtype:

@@ -27,7 +27,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
 BACKENDS = [
     "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE,
+                                                    reason="triton missing, or CPU without TRITON_INTERPRET=1")),
 ]
 
 
@@ -203,7 +204,8 @@ def test_bf16_logits_error_is_within_a_small_multiple_of_pytorchs_own(backend):
     ours = contrastive_select(full, drop, labels, backend=backend)
     expected = reference_contrastive_select(full, drop, labels)
     safe = labels[:, None]
-    plain_sensitivity = (torch.log_softmax(full, -1).gather(1, safe) - torch.log_softmax(drop, -1).gather(1, safe)).squeeze(1)
+    plain_sensitivity = (torch.log_softmax(full, -1).gather(1, safe)
+                         - torch.log_softmax(drop, -1).gather(1, safe)).squeeze(1)
     ours_error = (ours.sensitivity.double().cpu() - expected.sensitivity).abs().max().item()
     plain_error = (plain_sensitivity.double().cpu() - expected.sensitivity).abs().max().item()
     assert ours_error <= 2 * plain_error + 1e-6

@@ -25,7 +25,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
 BACKENDS = [
     "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE,
+                                                    reason="triton missing, or CPU without TRITON_INTERPRET=1")),
 ]
 
 
@@ -70,11 +71,12 @@ def max_error(actual, expected):
 def assert_error_within_pytorchs_own(ours, plain, reference, *, factor=2.0, eps=1e-6):
     """flash-attention's criterion: |ours - fp64| <= factor * |plain PyTorch in the input dtype - fp64| + eps,
     for the values and every gradient (entries that are None were not computed)."""
-    for name, ours_value, plain_value, ref_value in zip(("log-prob", "grad hidden", "grad weight"), ours, plain, reference):
+    names = ("log-prob", "grad hidden", "grad weight")
+    for name, ours_value, plain_value, ref_value in zip(names, ours, plain, reference):
         if ref_value is None:
             continue
         ours_error, plain_error = max_error(ours_value, ref_value), max_error(plain_value, ref_value)
-        assert ours_error <= factor * plain_error + eps, f"{name}: error {ours_error:.3g} vs PyTorch's {plain_error:.3g}"
+        assert ours_error <= factor * plain_error + eps, f"{name}: {ours_error:.3g} vs PyTorch's {plain_error:.3g}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,7 +108,8 @@ def test_output_is_float32_and_needs_no_graph_under_no_grad(backend):
     with torch.no_grad():
         out = fused_linear_logprobs(hidden.requires_grad_(True), weight, labels, backend=backend)
     assert out.dtype == torch.float32 and not out.requires_grad
-    torch.testing.assert_close(out.double(), reference_fused_linear_logprobs(hidden, weight, labels), atol=2e-5, rtol=1e-5)
+    expected = reference_fused_linear_logprobs(hidden, weight, labels)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -226,7 +229,7 @@ def test_bad_inputs_raise_specific_errors():
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
 def test_triton_kernel_compiles_for_hopper():
-    """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin, no GPU needed)."""
+    """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin; no GPU)."""
     script = """
 import importlib, triton
 from triton.backends.compiler import GPUTarget
