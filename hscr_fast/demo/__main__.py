@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{default_root('PRESET').parent}/demo-PRESET)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete world is there")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for the build (default: 2)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the build (default: the preset's, 2 for full; on a busy shared machine "
+                             "1 is often faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or build messages")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

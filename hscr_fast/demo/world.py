@@ -42,7 +42,6 @@ from .sft import SFTConfig, VisionWarmupConfig
 WORLD_VERSION = 1  # bump when the recipe changes in a way the preset fields do not capture
 MANIFEST_NAME = "world.json"
 ENV_ROOT = "HSCR_DEMO_DIR"
-DEFAULT_THREADS = min(2, os.cpu_count() or 1)
 # The demo model's answers are at most ~16 tokens ("Two lesions: small right lower, large left lower.").
 MAX_NEW_TOKENS = 24
 # Files `save_pretrained` + the sidecar must have produced for the checkpoint to count as complete.
@@ -59,6 +58,9 @@ class DemoPreset:
     vision_warmup: VisionWarmupConfig
     sft: SFTConfig
     eval_questions: int  # the first N test questions are answered with and without visual tokens
+    # torch threads for the build: the demo's budget is 2 cores; the smoke model's ops are too small to gain from a
+    # second thread, and on a busy machine every op of a 2-thread run waits for the slower thread.
+    num_threads: int = 2
 
 
 # "full": sized by measurement on 2 shared CPU cores. SFT alone from random weights stays at the question-only loss
@@ -84,6 +86,7 @@ PRESETS = {
         vision_warmup=VisionWarmupConfig(steps=20, batch_size=16, learning_rate=2e-3),
         sft=SFTConfig(steps=120, batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=10),
         eval_questions=40,
+        num_threads=1,
     ),
 }
 
@@ -111,7 +114,7 @@ def preset_fingerprint(preset: DemoPreset) -> str:
     """A short hash of everything that decides the world's contents (the thread count changes only the speed)."""
     from .phantom import PHANTOM_VERSION, phantom_corpus
 
-    def recipe(config) -> dict:
+    def recipe(config) -> dict:  # everything but the thread count
         return {k: v for k, v in dataclasses.asdict(config).items() if k != "num_threads"}
 
     described = {"world_version": WORLD_VERSION, "phantom_version": PHANTOM_VERSION, "preset": preset.name,
@@ -175,7 +178,7 @@ def ensure_demo_world(root: str | os.PathLike | None = None, *, preset: str = "f
     """The demo world at `root` (default: `default_root(preset)`), built first if it is missing, incomplete, or from
     another recipe (or when `force`). A complete world with the same fingerprint is returned without any work.
 
-    `num_threads`: torch threads for the build (default `DEFAULT_THREADS`, the demo's 2-core budget); it changes the
+    `num_threads`: torch threads for the build (default: the preset's, at most the machine's cores); it changes the
     speed, not the recipe, so it is not part of the fingerprint."""
     spec = _preset(preset)
     root = Path(root if root is not None else default_root(preset)).expanduser().absolute()
@@ -185,12 +188,18 @@ def ensure_demo_world(root: str | os.PathLike | None = None, *, preset: str = "f
         # Another process may have finished the world while this one waited for the lock.
         if not force and (world := load_complete_world(root, preset)) is not None:
             return _with_data(world, spec)
-        threads = num_threads or DEFAULT_THREADS
+        threads = num_threads if num_threads is not None else min(spec.num_threads, os.cpu_count() or 1)
         if threads < 1:
             raise ValueError(f"num_threads must be ≥ 1, got {num_threads}")
-        spec = dataclasses.replace(spec, vision_warmup=dataclasses.replace(spec.vision_warmup, num_threads=threads),
+        spec = dataclasses.replace(spec, num_threads=threads,
+                                   vision_warmup=dataclasses.replace(spec.vision_warmup, num_threads=threads),
                                    sft=dataclasses.replace(spec.sft, num_threads=threads))
-        return _build(root, spec, progress)
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)  # also for the data preparation and the evaluation around the training
+        try:
+            return _build(root, spec, progress)
+        finally:
+            torch.set_num_threads(previous_threads)
 
 
 def _with_data(world: DemoWorld, spec: DemoPreset) -> DemoWorld:
