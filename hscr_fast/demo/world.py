@@ -275,7 +275,7 @@ def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
 
     mark = time.perf_counter()
     model_dir = root / "model"
-    _save_checkpoint(vlm, model_dir)
+    _save_checkpoint(vlm, model_dir, progress)
     timings["save"] = time.perf_counter() - mark
     timings["total"] = time.perf_counter() - started
 
@@ -297,10 +297,15 @@ def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
     return _world_at(root, report, fingerprint)
 
 
-def _save_checkpoint(vlm, model_dir: Path) -> None:
+def _save_checkpoint(vlm, model_dir: Path, progress: bool) -> None:
     """save_pretrained model + processor + sidecar into a temporary sibling, then swap it in with os.replace."""
+    from transformers.utils import logging as transformers_logging
+
     staging = model_dir.parent / f".{model_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
     try:
+        if not progress:  # save_pretrained draws a one-shard "Writing model shards" bar
+            transformers_logging.disable_progress_bar()
         vlm.model.save_pretrained(staging)
         vlm.processor.save_pretrained(staging)
         vlm.options.write(staging)
@@ -313,6 +318,8 @@ def _save_checkpoint(vlm, model_dir: Path) -> None:
             os.replace(staging, model_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 # -- accuracy ------------------------------------------------------------------------------------------------------
