@@ -118,6 +118,14 @@ def test_only_a_complete_world_of_the_same_recipe_is_reused(smoke_world, tmp_pat
         ensure_demo_world(tmp_path / "other", preset="tiny")
 
 
+def test_a_folder_that_is_not_a_demo_world_is_never_built_into(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "model").mkdir()
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        ensure_demo_world(tmp_path, preset="smoke", progress=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "model").is_dir()
+
+
 def test_command_prints_accuracy_with_and_without_visual_tokens(smoke_world, capsys):
     from hscr_fast.demo.__main__ import main
 

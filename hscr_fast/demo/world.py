@@ -156,6 +156,22 @@ def _preset(name: str) -> DemoPreset:
     return PRESETS[name]
 
 
+_OWN_NAMES = {".lock", "data", "model", MANIFEST_NAME}
+_OWN_TEMPORARY_PREFIXES = (".data.", ".model.", f".{MANIFEST_NAME}.")  # staging and retired copies, temp files
+
+
+def _refuse_foreign_root(root: Path) -> None:
+    """A build replaces ROOT/data and ROOT/model wholesale, so it must never run in a folder holding anything else."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"demo world root {root} is a file; choose a directory (--root or ${ENV_ROOT})")
+    foreign = sorted(entry.name for entry in root.iterdir() if entry.name not in _OWN_NAMES
+                     and not entry.name.startswith(_OWN_TEMPORARY_PREFIXES)) if root.is_dir() else []
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise FileExistsError(f"demo world root {root} holds files that are not a demo world's ({listed}); choose an "
+                              f"empty or new directory (--root or ${ENV_ROOT})")
+
+
 @contextlib.contextmanager
 def _exclusive(root: Path):
     """An advisory lock on ROOT/.lock for the duration of a build (POSIX; elsewhere builders are not serialised)."""
@@ -184,6 +200,7 @@ def ensure_demo_world(root: str | os.PathLike | None = None, *, preset: str = "f
     root = Path(root if root is not None else default_root(preset)).expanduser().absolute()
     if not force and (world := load_complete_world(root, preset)) is not None:
         return _with_data(world, spec)
+    _refuse_foreign_root(root)
     with _exclusive(root):
         # Another process may have finished the world while this one waited for the lock.
         if not force and (world := load_complete_world(root, preset)) is not None:
