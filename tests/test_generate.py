@@ -196,18 +196,22 @@ def test_sequential_mode_show_and_num_samples(tmp_path, tiny_model_dir, dataset,
 def test_resume_after_kill_gives_identical_files(reference_run, tmp_path, tiny_model_dir, dataset, cached_similarity):
     out = tmp_path / "prefs.jsonl"
     command = [sys.executable, "-m", "hscr_fast.generate", *argv(tiny_model_dir, dataset, out)]
-    process = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
+    # Not the repository root as working directory: `python -m` would put it first on sys.path.
+    process = subprocess.Popen(command, env=ENV, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, lines_seen = time.monotonic() + 240, 0
     while time.monotonic() < deadline and process.poll() is None:
-        if out.is_file() and out.read_bytes().count(b"\n") >= 6:
+        lines_seen = out.read_bytes().count(b"\n") if out.is_file() else 0
+        if lines_seen >= 6:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     stderr = process.stderr.read().decode()
     process.stderr.close()
-    lines_at_kill = out.read_bytes().count(b"\n")
-    assert 6 <= lines_at_kill < NUM_GOOD, f"the run was not killed mid-way ({lines_at_kill} lines)\n{stderr[-2000:]}"
+    content = out.read_bytes()
+    lines_at_kill = content.count(b"\n")
+    assert 6 <= lines_at_kill < NUM_GOOD, (f"the run was not killed mid-way: {lines_seen} lines seen, {lines_at_kill} "
+                                           f"at the kill, {len(content)} bytes {content[:200]!r}\n{stderr[-2000:]}")
     with out.open("ab") as handle:  # as if killed in the middle of a write
         handle.write(b'{"id": "g47", "image": "g4')
 
@@ -225,7 +229,7 @@ def test_torchrun_two_cpu_processes_match_one(reference_run, tmp_path, tiny_mode
     out = tmp_path / "prefs.jsonl"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                "hscr_fast.generate", *argv(tiny_model_dir, dataset, out)]
-    result = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     paths, reference = generate.OutputPaths(out), generate.OutputPaths(reference_run)
     assert out.read_bytes() == reference.out.read_bytes()
