@@ -132,8 +132,10 @@ def _world_at(root: Path, report: dict, fingerprint: str) -> DemoWorld:
 
 
 def load_complete_world(root: str | os.PathLike, preset: str = "full") -> DemoWorld | None:
-    """The world at `root` if it is complete and was built from this preset's recipe, else None. Reads, never writes
-    (it does not recount the data images: `ensure_demo_world` does, through `build_phantom_dataset`)."""
+    """The world at `root` if it is complete and was built from this preset's recipe, else None. Reads, never writes.
+
+    It does not recount the images: other commands add folders of their own beside them (corrupted copies), and the
+    world was complete when its manifest was written; `force=True` rebuilds whatever was deleted since."""
     root = Path(root).expanduser().absolute()
     try:
         manifest = json.loads((root / MANIFEST_NAME).read_text())
@@ -199,12 +201,12 @@ def ensure_demo_world(root: str | os.PathLike | None = None, *, preset: str = "f
     spec = _preset(preset)
     root = Path(root if root is not None else default_root(preset)).expanduser().absolute()
     if not force and (world := load_complete_world(root, preset)) is not None:
-        return _with_data(world, spec)
+        return world
     _refuse_foreign_root(root)
     with _exclusive(root):
         # Another process may have finished the world while this one waited for the lock.
         if not force and (world := load_complete_world(root, preset)) is not None:
-            return _with_data(world, spec)
+            return world
         threads = num_threads if num_threads is not None else min(spec.num_threads, os.cpu_count() or 1)
         if threads < 1:
             raise ValueError(f"num_threads must be ≥ 1, got {num_threads}")
@@ -217,14 +219,6 @@ def ensure_demo_world(root: str | os.PathLike | None = None, *, preset: str = "f
             return _build(root, spec, progress)
         finally:
             torch.set_num_threads(previous_threads)
-
-
-def _with_data(world: DemoWorld, spec: DemoPreset) -> DemoWorld:
-    """Re-checks the dataset (a no-op when complete; regenerated, byte-identical, when images were deleted)."""
-    from .phantom import build_phantom_dataset
-
-    build_phantom_dataset(world.root / "data", **spec.dataset)
-    return world
 
 
 def _say(progress: bool, message: str) -> None:
