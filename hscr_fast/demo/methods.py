@@ -38,7 +38,9 @@ def image_dispreference_records(world, out: Path, *, mode: str) -> Path:
     path = out / f"image-{mode}.jsonl"
     image_preferences.main(["--source", "phantom", "--data", str(world.train_json), "--image-folder",
                             str(world.image_folder), "--out", str(path), "--out-images",
-                            str(Path(world.image_folder) / f"corrupted-{mode}"), "--mode", mode,
+                            # outside the world's own folders, which the world's completeness check owns; the records
+                            # then hold absolute paths for the corrupted images
+                            str((out / f"corrupted-{mode}").absolute()), "--mode", mode,
                             "--num-samples", str(NUM_SAMPLES)])
     return path
 
