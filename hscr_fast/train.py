@@ -319,7 +319,6 @@ def train(config: TrainConfig) -> TrainResult:
         if not boundary:
             continue
         step += 1
-        progress.update(1)
 
         # 7. Log: per-step means over micro-batches and ranks; throughput counts real (unpadded) tokens.
         if step % config.log_every == 0 or step == stop_at:
@@ -332,8 +331,9 @@ def train(config: TrainConfig) -> TrainResult:
                        samples_per_second=totals["samples"] * world_size / elapsed)
             log.append(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy_explicit']:.2f}",
-                                 tok_s=f"{row['tokens_per_second']:.0f}")
+                                 tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
             window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "metrics": []}
+        progress.update(1)
 
         # 8. Checkpoint.
         if step % config.save_steps == 0 or step == stop_at:
