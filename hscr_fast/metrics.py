@@ -59,7 +59,8 @@ _ARTICLES = {"a", "an", "the"}
 
 ANSWER_TYPES = ("CLOSED", "OPEN")
 # Record keys that get their own breakdown table when the data has them.
-BREAKDOWN_KEYS = ("organ", "modality", "question_type")
+# SLAKE names the body region "location" (Abdomen, Lung, ...); VQA-RAD names it "organ".
+BREAKDOWN_KEYS = ("organ", "location", "modality", "question_type")
 
 
 def normalize_answer(text: Any) -> str:
