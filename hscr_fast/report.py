@@ -155,7 +155,7 @@ def demo_report_markdown(results: Mapping[str, Mapping[str, Mapping[str, Any]]])
     """The demo's table: one row per (model, visual condition), then how much the visual tokens add per model."""
     _check_demo_results(results)
     lines = [
-        "## HSCR demo: Med-VQA on the phantom test set",
+        "## Demo: Med-VQA on the phantom test set, before and after alignment",
         "",
         "Closed accuracy and open recall as LLaVA-Med computes them (substring / word recall); exact match alongside. "
         "\"Without visual tokens\" generates from the prompt with the image removed: what the model answers from the "
@@ -208,5 +208,5 @@ def write_demo_report(out_dir: str | Path, results: Mapping[str, Mapping[str, Ma
                        for label, conditions in results.items()}
         for key, metric_label in DEMO_PLOT_METRICS
     }
-    plot_grouped_bars(png_path, panels, title="HSCR demo: phantom test set, before/after")
+    plot_grouped_bars(png_path, panels, title="Demo: phantom test set, before/after alignment")
     return md_path, png_path

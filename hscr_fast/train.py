@@ -261,7 +261,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=total_steps, initial=step, desc="MLPO", unit="step", disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc=config.loss.upper(), unit="step", disable=rank != 0, dynamic_ncols=True)
     vlm.model.train()
     window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "metrics": []}
     last_saved = engine.latest_tag()

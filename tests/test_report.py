@@ -101,4 +101,4 @@ def test_grouped_bars_panel_without_any_value(tmp_path):
     path = plot_grouped_bars(tmp_path / "bars.png", {"closed": {"a": {"s1": None, "s2": None}},
                                                      "open": {"a": {"s1": 10.0, "s2": 90.0}}}, title="t")
     _assert_png(path)
-    assert demo_report_markdown(DEMO_RESULTS).startswith("## HSCR demo")
+    assert demo_report_markdown(DEMO_RESULTS).startswith("## Demo: Med-VQA on the phantom test set")

@@ -59,8 +59,8 @@ def run_demo(config) -> int:
     return 0
 
 
-def evaluate_before_after(world, adapter_dir: Path, out: Path) -> tuple[Path, Path]:
-    """Closed accuracy / open recall of the SFT model (adapter disabled) and the HSCR model, each with and without
+def evaluate_before_after(world, adapter_dir: Path, out: Path, method: str = "HSCR") -> tuple[Path, Path]:
+    """Closed accuracy / open recall of the SFT model (adapter disabled) and the aligned model, each with and without
     visual tokens, on the first DEMO_EVAL_QUESTIONS phantom test questions."""
     from hscr_fast.evaluate import evaluate_with_and_without_visual, load_eval_records, load_model
     from hscr_fast.report import write_demo_report
@@ -78,7 +78,7 @@ def evaluate_before_after(world, adapter_dir: Path, out: Path) -> tuple[Path, Pa
         before = evaluate_with_and_without_visual(vlm, records, out / "eval-before", run={**run, "adapter": None},
                                                   **options)
     after = evaluate_with_and_without_visual(vlm, records, out / "eval-after", run=run, **options)
-    return write_demo_report(out, {"before HSCR": before, "after HSCR": after})
+    return write_demo_report(out, {f"before {method}": before, f"after {method}": after})
 
 
 if __name__ == "__main__":
