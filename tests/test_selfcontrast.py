@@ -237,6 +237,45 @@ def test_closed_yes_answer_turns_into_no(tiny_llava, images):
     assert reference_replacement(logits_full[0], logits_drop[0], yes, beta=0.9, alpha=0.1, num_candidates=8) == no
 
 
+def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
+    """The regime of a trained model: y_t is the top token with and without the image, so the candidates are the
+    image-deprived top-k minus y_t (the random tiny model's flat rows rarely test this). The lm_head rows of the answer
+    tokens are solved exactly so that, at every answer position and in both conditions, the label's logit is the old
+    row maximum + 4 and every other answer token's logit is that maximum − 1."""
+    model, processor = tiny_llava
+    vlm = VisionLanguageModel(copy.deepcopy(model), processor)
+    config = SelfContrastConfig(seed=2, top_n=10)
+    contrast = SelfContrast(vlm, config)
+    samples, images = SAMPLES[:3], images[:3]  # 17 answer positions × 2 conditions ≤ 64 unknowns per row
+    prepared = [contrast.prepare(sid, question, answer) for sid, question, answer in samples]
+    visual = vlm.encode_images(vlm.preprocess_images(images))
+    pairs = contrast.answer_hidden_pairs(prepared, [p.answer_ids for p in prepared], visual)
+    weight = vlm.lm_head_weight
+    with torch.no_grad():
+        points = [(hidden, label) for sample, (h_full, h_drop) in zip(prepared, pairs)
+                  for t, label in enumerate(sample.answer_ids) for hidden in (h_full[t], h_drop[t])]
+        hidden = torch.stack([h for h, _ in points]).double()
+        row_max = (hidden @ weight.double().T).max(-1).values
+        assert hidden.shape[0] <= hidden.shape[1]
+        for token in {label for _, label in points}:
+            targets = torch.stack([row_max[i] + (4.0 if label == token else -1.0)
+                                   for i, (_, label) in enumerate(points)])
+            weight[token] = torch.linalg.lstsq(hidden, targets[:, None]).solution[:, 0].float()
+    results = contrast.run(prepared, images)
+    for (sid, question, _), sample, result, image in zip(samples, prepared, results, images):
+        logits_full = reference_logits(vlm, question, sample.answer_ids, image)
+        logits_drop = reference_logits(vlm, question, sample.answer_ids, image, contrast.dropout_for(sid))
+        labels = torch.tensor(sample.answer_ids)
+        assert (logits_full.argmax(-1) == labels).all() and (logits_drop.argmax(-1) == labels).all()
+        s = reference_sensitivity(logits_full, logits_drop, sample.answer_ids)
+        eligible = reference_content(vlm.tokenizer, sample.answer_ids)
+        assert [t.position for t in result.sensitive] == reference_top_n(s, eligible, config.top_n)
+        for token in result.sensitive:
+            assert token.replacement_id == reference_replacement(
+                logits_full[token.position], logits_drop[token.position], token.token_id, beta=config.beta,
+                alpha=config.alpha, num_candidates=config.num_candidates), (sid, token)
+
+
 def test_render_marked(tiny_vlm):
     tokenizer = tiny_vlm.tokenizer
     prompt = tiny_vlm.prompt_tokens("Where?")
