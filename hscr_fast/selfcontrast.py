@@ -15,9 +15,15 @@ Content tokens. Special tokens (BOS, EOS, pad, ...) are never sensitive. Tokens 
 (whitespace, punctuation, partial UTF-8 bytes) are excluded too unless `include_punctuation=True`.
 
 Choices made here that the paper leaves open:
-- The sensitive positions are the top-n by s_t among content positions *that have a replacement candidate*. With
-  `num_candidates ≥ 1` every position has one (the image-deprived top-k minus y_t is never empty), so this is the
-  plain top-n; only `num_candidates=0` with nothing plausible but y_t can leave a position without one.
+- Candidates (the kernel's rule): the image-deprived top-`num_candidates` tokens that are also plausible without the
+  image (p_drop(v) ≥ `alpha_drop`·max p_drop; `alpha_drop=None` means the same as `alpha`), together with the tokens
+  plausible with it (p_full(v) ≥ `alpha`·max p_full), minus y_t. DESIGN.md takes the deprived top-k uncut
+  (`alpha_drop=0`); on a peaked answer that lets in junk the full model rejects hardest ("yes" → "left",
+  "small" → "and"), so the default cuts it (`hscr_fast.kernels.contrastive_select` explains).
+- The sensitive positions are the top-n by s_t among content positions *that have a replacement candidate*. Under
+  DESIGN.md's literal rule (`alpha_drop=0`, `num_candidates ≥ 1`) every position has one; with the default cut a
+  position where y_t dominates both distributions has none (nothing plausible argues against the image there) and
+  is passed over, as is any position when `num_candidates=0` and nothing but y_t is plausible.
 - Modes of Eq. 4:
   * `parallel` (default): one pass. The replacements are all chosen from the scores of y_w itself, and variant m
     applies the first ⌈m·n/M⌉ of them.
@@ -56,6 +62,7 @@ class SelfContrastConfig:
     beta: float = 0.9
     top_n: int = 10
     alpha: float = 0.1
+    alpha_drop: float | None = None  # deprived-side cut; None: = alpha; 0: DESIGN.md's literal candidate rule
     num_candidates: int = 8
     num_variants: int = 5
     mode: str = "parallel"
@@ -75,6 +82,9 @@ class SelfContrastConfig:
             raise ValueError(f"top_n and num_variants must be >= 1, got {self.top_n} and {self.num_variants}")
         if self.num_candidates < 0 or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"need num_candidates >= 0 and alpha in [0, 1], got {self.num_candidates}, {self.alpha}")
+        if self.alpha_drop is not None and not 0.0 <= self.alpha_drop <= 1.0:
+            raise ValueError(f"alpha_drop must be None (= alpha) or in [0, 1] (0: DESIGN.md's literal candidate "
+                             f"rule), got {self.alpha_drop}")
 
 
 @dataclass
@@ -221,6 +231,7 @@ class SelfContrast:
         hidden_drop = answer_hidden_states(self.vlm, pack_examples(self.vlm.embed_tokens, dropped)).split(lengths)
         return list(zip(hidden_full, hidden_drop))
 
+    @torch.inference_mode()
     def select(self, hidden_full: torch.Tensor, hidden_drop: torch.Tensor, labels: list[int],
                eligible: list[bool]):
         """The kernel's selection for one answer, ranking every eligible position (top_n = T) so callers can skip
@@ -231,7 +242,8 @@ class SelfContrast:
         device = hidden_full.device
         return contrastive_select_from_hidden(
             hidden_full, hidden_drop, self.vlm.lm_head_weight, torch.tensor(labels, dtype=torch.long, device=device),
-            beta=config.beta, top_n=len(labels), alpha=config.alpha, num_candidates=config.num_candidates,
+            beta=config.beta, top_n=len(labels), alpha=config.alpha, alpha_drop=config.alpha_drop,
+            num_candidates=config.num_candidates,
             sensitivity=config.sensitivity, content_mask=torch.tensor(eligible, dtype=torch.bool, device=device),
             backend=config.backend)
 
