@@ -5,9 +5,10 @@ For answer position t with label y_t, full-image logits L[t] and image-dropped l
     sensitivity  s_t = log softmax(L[t])[y_t] − log softmax(L'[t])[y_t]          (sensitivity="logprob", default)
                  s_t = L[t, y_t] − L'[t, y_t]                                     (sensitivity="logit")
     contrast     c_t(v) = (1+β)·L[t, v] − β·L'[t, v],   P_diff,t = softmax(c_t)
-    candidates   top-`num_candidates` tokens of L'[t] (ties: lower token id)
-                 ∪ {v : p_full(v) ≥ α·max p_full} = {v : L[t, v] − max L[t] ≥ log α}
+    candidates   {v in the top-`num_candidates` tokens of L'[t] (ties: lower token id) : p_drop(v) ≥ α'·max p_drop}
+                 ∪ {v : p_full(v) ≥ α·max p_full}
                  minus y_t
+                 in log space: L'[t, v] − max L'[t] ≥ log α' and L[t, v] − max L[t] ≥ log α (α = 0 or α' = 0: no cut)
     replacement  the candidate with the lowest P_diff,t, i.e. the lowest c_t (softmax is monotone within a row);
                  ties: lower token id; -1 when there is no candidate or the position is ignored
     positions    the top-`top_n` eligible positions (label != ignore_index and content_mask) by descending s_t,
@@ -15,12 +16,22 @@ For answer position t with label y_t, full-image logits L[t] and image-dropped l
 
 Note the plausible set is not bounded by 1/α: it is relative to max p_full, so a flat row can pass every token.
 
+The deprived-side cut α' (`alpha_drop`, default None = the same as `alpha`, 0.1) departs from DESIGN.md Stage 1
+step 5, which takes the deprived top-k as it is; `alpha_drop=0` is that literal rule. Why: on a peaked answer the
+deprived top-8 tail holds tokens that are implausible with or without the image ("lower", "and" after "Is there a
+lesion?"). The full model rejects exactly those hardest, so they have the lowest contrast and the literal rule picks
+them: "yes" → "left", "2" → "and", "small" → "and", which are not hallucinations. The intended replacement is the
+plausible token the image argues against most; the cut keeps only deprived-side tokens that are plausible without the
+image (p_drop(v) ≥ α'·max p_drop), so "yes" → "no". The cut only removes candidates: a position where y_t dominates
+both distributions can be left without one (replacement -1).
+
 How it runs: two passes over V per row pair; nothing vocabulary-sized is stored beyond the inputs.
   pass 1 (statistics): max and sum-exp of both rows (online), the label logits, and a running top-k of L' kept as
       packed int64 keys (order-preserving bits of the value in the high word, 0x7FFFFFFF − token id in the low word,
       so one integer max picks the larger logit and, among equal logits, the lower id). It leaves both
       log-normalisers, max L and the top-k of L', which is all pass 2 needs to decide candidacy of any token.
-  pass 2 (candidates): candidate mask and a running min over packed (contrast, token id) keys.
+  pass 2 (candidates): candidate mask (top-k of L' by key, both cuts against max L and max L') and a running min
+      over packed (contrast, token id) keys.
   The top-n over T positions is a stable sort of T floats.
 Triton form: each row's vocabulary is split across programs (grid rows × splits, so short answers still fill the
 GPU); a program streams BLOCK_V tiles and writes per-split partials that a few tiny torch ops merge. From logits,
@@ -71,6 +82,7 @@ class _Options(NamedTuple):
     sensitivity: str
     ignore_index: int
     log_alpha: float
+    log_alpha_drop: float  # deprived-side cut; -inf: none (DESIGN.md's literal rule)
     coef_full: float  # 1 + beta
     coef_drop: float  # beta
 
@@ -79,10 +91,13 @@ class _Stats(NamedTuple):
     """Per-row results of pass 1: what pass 2 and the final assembly need."""
 
     max_full: torch.Tensor  # [T] max_v L[t, v]
+    max_drop: torch.Tensor  # [T] max_v L'[t, v]
     lse_full: torch.Tensor  # [T]
     lse_drop: torch.Tensor  # [T]
     kth_key: torch.Tensor  # [T] int64, k-th largest (L', id) key; INT64_MIN when k >= V, INT64_MAX when k = 0
-    top_ids: torch.Tensor | None  # [T, k] the top-k token ids of L' (for the torch form); None when k >= V
+    # [T, k] the top-k token ids of L' that pass the deprived-side cut, -1 for those that do not (for the torch form);
+    # None when k >= V
+    top_ids: torch.Tensor | None
 
 
 class _Partial(NamedTuple):
@@ -187,8 +202,8 @@ def _triton_kernels():
     @triton.jit
     def _candidates_kernel(
         full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span, vocab_offset,
-        labels_ptr, max_full_ptr, kth_key_ptr, best_ptr, num_splits, log_alpha, coef_full, coef_drop,
-        BLOCK_V: tl.constexpr,
+        labels_ptr, max_full_ptr, max_drop_ptr, kth_key_ptr, best_ptr, num_splits, log_alpha, log_alpha_drop,
+        coef_full, coef_drop, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
@@ -198,6 +213,7 @@ def _triton_kernels():
         drop_row = drop_ptr + row * drop_row_stride
         label = tl.load(labels_ptr + row)
         max_full = tl.load(max_full_ptr + row)
+        max_drop = tl.load(max_drop_ptr + row)
         kth_key = tl.load(kth_key_ptr + row)
         best = tl.full([], _KEY_MAX, tl.int64)
         for block_start in range(start, stop, BLOCK_V):
@@ -206,9 +222,10 @@ def _triton_kernels():
             ids = cols.to(tl.int64) + vocab_offset
             full = tl.load(full_row + cols, mask=in_range, other=0.0).to(tl.float32)
             drop = tl.load(drop_row + cols, mask=in_range, other=0.0).to(tl.float32)
-            in_top_k = _keys_by_value_desc(drop, ids) >= kth_key
+            # deprived side: in the top-k of L' and plausible without the image; full side: plausible with it
+            deprived = (_keys_by_value_desc(drop, ids) >= kth_key) & ((drop - max_drop) >= log_alpha_drop)
             plausible = (full - max_full) >= log_alpha
-            candidate = in_range & (in_top_k | plausible) & (ids != label)
+            candidate = in_range & (deprived | plausible) & (ids != label)
             contrast = coef_full * full - coef_drop * drop
             keys = tl.where(candidate, _keys_by_value_asc(contrast, ids), _KEY_MAX)
             best = tl.minimum(best, tl.min(keys, 0))
@@ -255,8 +272,8 @@ def _candidates_triton(full, drop, vocab_offset, labels, stats, options):
     best = full.new_empty(rows, splits, dtype=torch.int64)
     candidates_kernel[(rows, splits)](
         full, drop, full.stride(0), drop.stride(0), cols, span, vocab_offset,
-        labels, stats.max_full, stats.kth_key, best, splits, options.log_alpha, options.coef_full, options.coef_drop,
-        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+        labels, stats.max_full, stats.max_drop, stats.kth_key, best, splits, options.log_alpha, options.log_alpha_drop,
+        options.coef_full, options.coef_drop, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
     )
     return best.amin(dim=1)
 
@@ -276,6 +293,12 @@ def _keys_by_value_desc_torch(values: torch.Tensor, ids: torch.Tensor) -> torch.
 
 def _keys_by_value_asc_torch(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return (_ordered_bits_torch(values).long() << 32) | ids
+
+
+def _values_of_keys_torch(keys: torch.Tensor) -> torch.Tensor:
+    """The fp32 values packed in the high words of keys (the order-preserving map is its own inverse)."""
+    bits = (keys >> 32).int()
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 def _max_and_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,10 +343,10 @@ def _scatter_tokens(tile: torch.Tensor, tokens: torch.Tensor, vocab_offset: int,
 def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
     rows, cols = full.shape
     candidate = torch.empty(rows, cols + 1, dtype=torch.bool, device=full.device)
-    if stats.top_ids is None:  # k >= V: every token is in the top-k
-        candidate.fill_(True)
-    else:
-        torch.ge(full, (stats.max_full + options.log_alpha)[:, None], out=candidate[:, :cols])  # p >= alpha max p
+    torch.ge(full, (stats.max_full + options.log_alpha)[:, None], out=candidate[:, :cols])  # p >= alpha max p
+    if stats.top_ids is None:  # k >= V: every token is in the top-k, so the deprived side is the cut alone
+        candidate[:, :cols] |= (drop - stats.max_drop[:, None]) >= options.log_alpha_drop
+    else:  # the top-k ids that passed the cut (-1, outside every chunk, for those that did not)
         _scatter_tokens(candidate, stats.top_ids, vocab_offset, True)
     _scatter_tokens(candidate, labels[:, None], vocab_offset, False)
     contrast = torch.add(options.coef_full * full, drop, alpha=-options.coef_drop)
@@ -354,7 +377,7 @@ def _fold(running: _Partial | None, part: _Partial, k: int) -> _Partial:
     return _Partial(*_combine(part.max_full, part.sumexp_full), *_combine(part.max_drop, part.sumexp_drop), top_keys)
 
 
-def _finish_stats(running: _Partial, all_in_top_k: bool) -> _Stats:
+def _finish_stats(running: _Partial, all_in_top_k: bool, log_alpha_drop: float) -> _Stats:
     def lse(row_max, sumexp):
         return torch.where(row_max == float("-inf"), 0.0, row_max).squeeze(1) + sumexp.squeeze(1).log()
 
@@ -364,8 +387,13 @@ def _finish_stats(running: _Partial, all_in_top_k: bool) -> _Stats:
     else:  # k = 0 selects nothing (INT64_MAX: no key reaches it); k >= V selects everything (INT64_MIN)
         kth_key = torch.full(top_keys.shape[:1], INT64_MIN if all_in_top_k else INT64_MAX, dtype=torch.int64,
                              device=top_keys.device)
-    top_ids = None if all_in_top_k else 0x7FFFFFFF - (top_keys & 0xFFFFFFFF)
-    return _Stats(running.max_full.squeeze(1).contiguous(), lse(running.max_full, running.sumexp_full),
+    max_drop = running.max_drop.squeeze(1).contiguous()
+    top_ids = None
+    if not all_in_top_k:
+        # the same fp32 test as the Triton kernel's, on the [T, k] top values: L' − max L' ≥ log α'
+        passes = (_values_of_keys_torch(top_keys) - max_drop[:, None]) >= log_alpha_drop
+        top_ids = torch.where(passes, 0x7FFFFFFF - (top_keys & 0xFFFFFFFF), -1)
+    return _Stats(running.max_full.squeeze(1).contiguous(), max_drop, lse(running.max_full, running.sumexp_full),
                   lse(running.max_drop, running.sumexp_drop), kth_key, top_ids)
 
 
@@ -403,7 +431,8 @@ def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Opti
         running = _fold(running, stats_pass(full, drop, vocab_offset, tracked_k), tracked_k)
         _gather_label_logits(full, vocab_offset, labels, label_full)
         _gather_label_logits(drop, vocab_offset, labels, label_drop)
-    stats = _finish_stats(running, all_in_top_k=tracked_k != options.num_candidates)
+    stats = _finish_stats(running, all_in_top_k=tracked_k != options.num_candidates,
+                          log_alpha_drop=options.log_alpha_drop)
     best_key = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
     for vocab_offset, full, drop in chunks():
         best_key = torch.minimum(best_key, candidates_pass(full, drop, vocab_offset, labels, stats, options))
@@ -428,12 +457,23 @@ def _assemble(scores: _RowScores, labels: torch.Tensor, content_mask, options: _
     return ContrastiveSelection(sensitivity, sensitive_positions, replacement, logprob_full, logprob_drop)
 
 
-def _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, content_mask, ignore_index, device, op):
+def _log_cut(alpha: float) -> float:
+    return math.log(alpha) if alpha > 0 else float("-inf")
+
+
+def _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask, ignore_index,
+                   device, op):
     if not math.isfinite(beta):
         raise ValueError(f"{op}: beta must be a finite number, got {beta}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"{op}: alpha is the plausibility cut p(v) >= alpha * max p and must lie in [0, 1], "
                          f"got {alpha}")
+    if alpha_drop is None:
+        alpha_drop = alpha
+    if not 0.0 <= alpha_drop <= 1.0:
+        raise ValueError(f"{op}: alpha_drop is the deprived-side cut p_drop(v) >= alpha_drop * max p_drop and must "
+                         f"lie in [0, 1] (0: no cut, DESIGN.md's literal rule; None: the same as alpha), "
+                         f"got {alpha_drop}")
     if top_n < 0 or num_candidates < 0:
         raise ValueError(f"{op}: top_n and num_candidates must be >= 0, got {top_n} and {num_candidates}")
     if sensitivity not in ("logprob", "logit"):
@@ -442,8 +482,8 @@ def _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, conten
         if content_mask.dtype != torch.bool or content_mask.shape != (rows,) or content_mask.device != device:
             raise ValueError(f"{op}: content_mask must be a bool tensor of shape [{rows}] on {device}, got "
                              f"{content_mask.dtype} {list(content_mask.shape)} on {content_mask.device}")
-    return _Options(int(top_n), int(num_candidates), sensitivity, ignore_index,
-                    math.log(alpha) if alpha > 0 else float("-inf"), 1.0 + float(beta), float(beta))
+    return _Options(int(top_n), int(num_candidates), sensitivity, ignore_index, _log_cut(alpha), _log_cut(alpha_drop),
+                    1.0 + float(beta), float(beta))
 
 
 def _empty_selection(device) -> ContrastiveSelection:
@@ -464,6 +504,7 @@ def contrastive_select(
     beta: float = 0.9,
     top_n: int = 10,
     alpha: float = 0.1,
+    alpha_drop: float | None = None,
     num_candidates: int = 8,
     sensitivity: str = "logprob",
     content_mask: torch.Tensor | None = None,
@@ -473,7 +514,12 @@ def contrastive_select(
 ) -> ContrastiveSelection:
     """Sensitivities, sensitive positions and replacement tokens from full- and dropped-image logits [T, V].
 
-    The semantics are the module docstring's. Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is
+    The semantics are the module docstring's. Candidates at position t: the top-`num_candidates` tokens of L'[t]
+    that pass the deprived-side cut p_drop(v) ≥ alpha_drop·max p_drop, together with every v with
+    p_full(v) ≥ alpha·max p_full, minus y_t; the replacement is the candidate with the lowest P_diff (ties: lowest
+    id). `alpha_drop=None` (default) means the same as `alpha` (0.1); `alpha_drop=0` is DESIGN.md's literal rule,
+    which on peaked rows picks tokens implausible even without the image (the module docstring has the example).
+    Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is
     fp32. `chunk_size`: vocabulary columns per tile in the torch form (default: whole rows, in blocks of about
     2M elements).
     """
@@ -489,8 +535,8 @@ def contrastive_select(
     if vocab == 0:
         raise ValueError(f"{op}: logits have an empty vocabulary")
     check_labels(labels, rows, vocab, ignore_index, op=op)
-    options = _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, content_mask, ignore_index,
-                             logits_full.device, op)
+    options = _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask,
+                             ignore_index, logits_full.device, op)
     backend = resolve_backend(backend, logits_full.device)
     if rows == 0:
         return _empty_selection(logits_full.device)
@@ -528,6 +574,7 @@ def contrastive_select_from_hidden(
     beta: float = 0.9,
     top_n: int = 10,
     alpha: float = 0.1,
+    alpha_drop: float | None = None,
     num_candidates: int = 8,
     sensitivity: str = "logprob",
     content_mask: torch.Tensor | None = None,
@@ -538,7 +585,8 @@ def contrastive_select_from_hidden(
     """`contrastive_select` on L = hidden_full @ weight.T and L' = hidden_drop @ weight.T without forming [T, V].
 
     hidden_full, hidden_drop [T, D] and weight [V, D] (the lm_head, no bias) share one dtype. Each pass computes
-    [T, chunk_size] fp32 logit chunks (default: about 2M elements) and discards them after use.
+    [T, chunk_size] fp32 logit chunks (default: about 2M elements) and discards them after use. The options, the
+    candidate rule included (`alpha_drop`: None = `alpha`, 0 = DESIGN.md's literal rule), are `contrastive_select`'s.
     """
     op = "contrastive_select_from_hidden"
     if hidden_full.dim() != 2 or hidden_full.shape != hidden_drop.shape or weight.dim() != 2:
@@ -555,8 +603,8 @@ def contrastive_select_from_hidden(
     if vocab == 0:
         raise ValueError(f"{op}: weight has an empty vocabulary")
     check_labels(labels, rows, vocab, ignore_index, op=op)
-    options = _check_options(rows, beta, top_n, alpha, num_candidates, sensitivity, content_mask, ignore_index,
-                             weight.device, op)
+    options = _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask,
+                             ignore_index, weight.device, op)
     backend = resolve_backend(backend, weight.device)
     if rows == 0:
         return _empty_selection(weight.device)

@@ -4,6 +4,10 @@ Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is
 the first Triton-path call builds the kernels (the kernels module imports triton lazily). Random inputs are drawn so
 that exact ties have probability ~0 and selections must equal the reference exactly; the tie rules (lowest token id,
 lowest position) get their own constructed test.
+
+Every reference comparison runs with the default candidate rule (deprived-side cut alpha_drop = alpha) and with
+alpha_drop=0 (DESIGN.md's literal rule) in the torch form; the Triton form, slow in the interpreter, runs each test
+once, with the cut in most tests and without it in a few (`cut_cases`).
 """
 import importlib
 import math
@@ -25,16 +29,38 @@ from hscr_fast.kernels._common import triton_available, triton_interpret_mode  #
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE,
-                                                    reason="triton missing, or CPU without TRITON_INTERPRET=1")),
-]
+NEEDS_TRITON = pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")
+BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
+CUT, LITERAL = None, 0.0  # alpha_drop: the default deprived-side cut (= alpha), and none (DESIGN.md's literal rule)
+
+
+RULES = {"cut": CUT, "literal": LITERAL}
+
+
+def cut_cases():
+    """(backend, alpha_drop): torch with both rules, Triton with the default one."""
+    return [pytest.param("torch", CUT, id="torch-cut"), pytest.param("torch", LITERAL, id="torch-literal"),
+            pytest.param("triton", CUT, id="triton-cut", marks=NEEDS_TRITON)]
+
+
+def rule_cases(settings: dict, triton_literal=()):
+    """(backend, alpha_drop, setting) for each named setting: torch with both rules; Triton once per setting, with
+    the literal rule for the names in `triton_literal` and the cut for the others (each rule still meets Triton,
+    without doubling its slow interpreter cases)."""
+    cases = []
+    for name, setting in settings.items():
+        for rule, alpha_drop in RULES.items():
+            cases.append(pytest.param("torch", alpha_drop, setting, id=f"{name}-torch-{rule}"))
+        rule = "literal" if name in triton_literal else "cut"
+        cases.append(pytest.param("triton", RULES[rule], setting, id=f"{name}-triton-{rule}", marks=NEEDS_TRITON))
+    return cases
 
 
 def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, top_n=10, alpha=0.1,
-                                 num_candidates=8, sensitivity="logprob", content_mask=None, ignore_index=-100):
-    """DESIGN.md Stage 1 steps 3-5 read literally, in float64, one position at a time."""
+                                 alpha_drop=None, num_candidates=8, sensitivity="logprob", content_mask=None,
+                                 ignore_index=-100):
+    """DESIGN.md Stage 1 steps 3-5 in float64, one position at a time, with the deprived-side cut
+    p_drop(v) >= alpha_drop * max p_drop on the top-k (alpha_drop None: = alpha; 0: the literal rule)."""
     full, drop = logits_full.double().cpu(), logits_drop.double().cpu()
     labels = labels.cpu()
     rows, vocab = full.shape
@@ -49,14 +75,17 @@ def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, 
     eligible = valid if content_mask is None else valid & content_mask.cpu()
     positions = sorted((t for t in range(rows) if eligible[t]), key=lambda t: (-score[t].item(), t))[:top_n]
     replacement = torch.full((rows,), -1, dtype=torch.int64)
+    alpha_drop = alpha if alpha_drop is None else alpha_drop
     for t in range(rows):
         if not valid[t]:
             continue
         candidate = torch.zeros(vocab, dtype=torch.bool)
         # top-k of the dropped distribution, ties to the lower id (a stable sort keeps id order among equals)
         candidate[torch.sort(drop[t], descending=True, stable=True).indices[:num_candidates]] = True
-        # p_full >= alpha * max p_full and the order of P_diff, taken in log space: at logits of ±1e4 the
+        # the cuts p >= alpha * max p and the order of P_diff, taken in log space: at logits of ±1e4 the
         # probabilities themselves underflow to 0 even in float64 and would tie everywhere
+        log_p_drop = torch.log_softmax(drop[t], -1)
+        candidate &= log_p_drop >= (math.log(alpha_drop) if alpha_drop > 0 else -math.inf) + log_p_drop.max()
         log_p_full = torch.log_softmax(full[t], -1)
         candidate |= log_p_full >= (math.log(alpha) if alpha > 0 else -math.inf) + log_p_full.max()
         candidate[labels[t]] = False
@@ -97,15 +126,15 @@ def assert_same_selection(ours: ContrastiveSelection, expected: ContrastiveSelec
     assert ours.replacement.cpu().tolist() == expected.replacement.tolist()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("sensitivity", ["logprob", "logit"])
+@pytest.mark.parametrize("backend,alpha_drop,sensitivity",
+                         rule_cases({"logprob": "logprob", "logit": "logit"}, triton_literal={"logit"}))
 @pytest.mark.parametrize("rows,vocab,chunk_size", [(29, 1031, 300), (6, 32000, None)], ids=["T29-V1031", "T6-V32000"])
-def test_matches_reference_on_random_logits(backend, sensitivity, rows, vocab, chunk_size):
+def test_matches_reference_on_random_logits(backend, alpha_drop, sensitivity, rows, vocab, chunk_size):
     full, drop, labels = make_logits(rows, vocab, seed=rows)
     labels[[1, rows - 1]] = -100
     content_mask = torch.ones(rows, dtype=torch.bool, device=DEVICE)
     content_mask[[2, 3]] = False
-    kwargs = dict(sensitivity=sensitivity, content_mask=content_mask, top_n=4)
+    kwargs = dict(sensitivity=sensitivity, content_mask=content_mask, top_n=4, alpha_drop=alpha_drop)
     ours = contrastive_select(full, drop, labels, backend=backend, chunk_size=chunk_size, **kwargs)
     expected = reference_contrastive_select(full, drop, labels, **kwargs)
     assert_same_selection(ours, expected)
@@ -115,33 +144,59 @@ def test_matches_reference_on_random_logits(backend, sensitivity, rows, vocab, c
     assert (expected.replacement[[1, rows - 1]] == -1).all() and (expected.replacement[[0, 2]] >= 0).all()
 
 
+@pytest.mark.parametrize("alpha_drop", [CUT, LITERAL], ids=["cut", "literal"])
 @pytest.mark.parametrize("chunk_size", [None, 100], ids=["row-blocks", "row-blocks-and-vocab-chunks"])
-def test_torch_form_tiles_agree_with_reference(monkeypatch, chunk_size):
+def test_torch_form_tiles_agree_with_reference(monkeypatch, chunk_size, alpha_drop):
     # a tile budget of 4 whole rows: several row blocks, the last one partial
     monkeypatch.setattr(importlib.import_module("hscr_fast.kernels.contrastive_select"), "_TILE_ELEMENTS", 4 * 1031)
     full, drop, labels = make_logits(15, 1031, seed=4)
     labels[6] = -100
-    ours = contrastive_select(full, drop, labels, top_n=6, backend="torch", chunk_size=chunk_size)
-    assert_same_selection(ours, reference_contrastive_select(full, drop, labels, top_n=6))
+    ours = contrastive_select(full, drop, labels, top_n=6, alpha_drop=alpha_drop, backend="torch",
+                              chunk_size=chunk_size)
+    assert_same_selection(ours, reference_contrastive_select(full, drop, labels, top_n=6, alpha_drop=alpha_drop))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize(
-    "options",
-    [dict(beta=0.5, alpha=0.3, num_candidates=3, top_n=100), dict(num_candidates=0, alpha=0.05),
-     dict(alpha=0.0, num_candidates=2), dict(alpha=1.0, num_candidates=1, top_n=0), dict(num_candidates=2000)],
-    ids=["beta-alpha-k", "no-top-k", "all-plausible", "max-only", "k-above-V"],
-)
-def test_option_edge_cases_match_reference(backend, options):
+OPTION_EDGE_CASES = {
+    "beta-alpha-k": dict(beta=0.5, alpha=0.3, num_candidates=3, top_n=100),
+    "no-top-k": dict(num_candidates=0, alpha=0.05),
+    "all-plausible": dict(alpha=0.0, num_candidates=2),
+    "max-only": dict(alpha=1.0, num_candidates=1, top_n=0),
+    "k-above-V": dict(num_candidates=2000),  # with the cut, the deprived side is the cut alone (no top-k kept)
+}
+
+
+@pytest.mark.parametrize("backend,alpha_drop,options",
+                         rule_cases(OPTION_EDGE_CASES, triton_literal={"beta-alpha-k", "all-plausible", "k-above-V"}))
+def test_option_edge_cases_match_reference(backend, alpha_drop, options):
     full, drop, labels = make_logits(13, 1031, seed=7)
     labels[5] = -100
+    options = dict(options, alpha_drop=alpha_drop)
     ours = contrastive_select(full, drop, labels, backend=backend, chunk_size=200, **options)
     assert_same_selection(ours, reference_contrastive_select(full, drop, labels, **options))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("chunk_size", [None, 300])
-def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, chunk_size):
+@pytest.mark.parametrize(
+    "options",
+    [dict(alpha=1.0, alpha_drop=0.02, num_candidates=2000), dict(alpha=0.0, alpha_drop=0.05, num_candidates=40),
+     dict(alpha=1.0, alpha_drop=1.0, num_candidates=5)],
+    ids=["k-above-V-drop-cut-only", "wide-top-k-partly-cut", "both-max-only"],
+)
+def test_alpha_drop_apart_from_alpha_matches_reference(backend, options):
+    """The deprived-side cut on its own: the full side reduced to its argmax (alpha=1) or to everything (alpha=0)."""
+    full, drop, labels = make_logits(13, 1031, seed=8)
+    labels[3] = -100
+    ours = contrastive_select(full, drop, labels, backend=backend, chunk_size=200, **options)
+    expected = reference_contrastive_select(full, drop, labels, **options)
+    assert_same_selection(ours, expected)
+    literal = reference_contrastive_select(full, drop, labels, **dict(options, alpha_drop=0.0))
+    if options["alpha"] == 1.0:  # the cut changed some choices: the test can tell the rules apart
+        assert expected.replacement.tolist() != literal.replacement.tolist()
+
+
+@pytest.mark.parametrize("backend,alpha_drop,chunk_size",
+                         rule_cases({"one-chunk": None, "chunks": 300}, triton_literal={"chunks"}))
+def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alpha_drop, chunk_size):
     rows, vocab, dim = 21, 1031, 45
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(vocab, dim, generator=generator) * 0.5).to(DEVICE)
@@ -150,20 +205,25 @@ def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, chun
     labels = torch.randint(0, vocab, (rows,), generator=generator).to(DEVICE)
     labels[4] = -100
     expected = reference_contrastive_select(hidden_full.double() @ weight.double().T,
-                                            hidden_drop.double() @ weight.double().T, labels)
+                                            hidden_drop.double() @ weight.double().T, labels, alpha_drop=alpha_drop)
     with LargestTensor() as largest:
-        ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, backend=backend,
-                                              chunk_size=chunk_size)
+        ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, alpha_drop=alpha_drop,
+                                              backend=backend, chunk_size=chunk_size)
     assert_same_selection(ours, expected)
     if chunk_size is not None:
         # at most a [T, chunk] tile of int64 keys or a [chunk, D] slice of the weight; [T, V] fp32 logits are larger
         assert largest.nbytes <= max(rows * chunk_size * 8, chunk_size * dim * 4) < rows * vocab * 4
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk_size", [None, 128], ids=["whole-rows", "vocab-chunks"])
-def test_tie_rules_lowest_token_id_and_lowest_position(backend, dtype, chunk_size):
+TIE_LAYOUTS = {f"{dtype_name}-{chunks_name}": (dtype, chunk_size)
+               for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+               for chunks_name, chunk_size in (("whole-rows", None), ("vocab-chunks", 128))}
+
+
+@pytest.mark.parametrize("backend,alpha_drop,layout",
+                         rule_cases(TIE_LAYOUTS, triton_literal={"fp32-vocab-chunks", "bf16-whole-rows"}))
+def test_tie_rules_lowest_token_id_and_lowest_position(backend, alpha_drop, layout):
+    dtype, chunk_size = layout
     vocab, k = 1031, 2
     full = torch.zeros(6, vocab)
     drop = torch.zeros(6, vocab)
@@ -176,33 +236,65 @@ def test_tie_rules_lowest_token_id_and_lowest_position(backend, dtype, chunk_siz
     # 300 has the lowest contrast; its lse' also moves, giving row 3 the largest s_t
     labels[5] = 9  # row 5: y_t = 9 is removed after the top-k is taken: candidates {17} and the plausible {50}
     full, drop, labels = full.to(DEVICE, dtype), drop.to(DEVICE, dtype), labels.to(DEVICE)
-    ours = contrastive_select(full, drop, labels, num_candidates=k, top_n=5, backend=backend, chunk_size=chunk_size)
-    expected = reference_contrastive_select(full, drop, labels, num_candidates=k, top_n=5)
+    ours = contrastive_select(full, drop, labels, num_candidates=k, top_n=5, alpha_drop=alpha_drop, backend=backend,
+                              chunk_size=chunk_size)
+    expected = reference_contrastive_select(full, drop, labels, num_candidates=k, top_n=5, alpha_drop=alpha_drop)
     assert_same_selection(ours, expected)
+    # the same under both rules: the tied tokens at 5.0 (and 6.0) all pass the cut p_drop >= 0.1 max p_drop
     assert ours.replacement.cpu().tolist() == [9, 9, 9, 300, 9, 17]
     # rows 0 and 2 are identical, as are rows 1 and 4: equal sensitivities, lower position first
     assert ours.sensitive_positions.cpu().tolist() == [3, 0, 2, 1, 4]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_extreme_logits_give_finite_outputs(backend):
+def test_deprived_side_cut_replaces_yes_by_no_not_by_junk(backend):
+    """The case found in the demo ("Is there a lesion?" → "yes"): without the image the model says "yes" 0.5, "no"
+    0.4 and spreads the rest flat over junk ("lower", "and", ...). The full model is sure of "yes" and rejects the
+    junk hardest, so under DESIGN.md's literal rule (alpha_drop=0) a junk token from the deprived top-8 has the lowest
+    P_diff and replaces "yes"; the default cut (p_drop >= 0.1 max p_drop) keeps only "yes" and "no" on the deprived
+    side, and "no" replaces "yes"."""
+    vocab, yes, no = 1031, 500, 501  # every other id is junk
+    drop = torch.full((1, vocab), math.log(0.1 / (vocab - 2)))  # the junk shares the last 0.1 evenly
+    drop[0, yes], drop[0, no] = math.log(0.5), math.log(0.4)
+    full = torch.full((1, vocab), -4.0)  # the full model rejects the junk hardest of all
+    full[0, yes], full[0, no] = 12.0, 3.0  # "yes" wins by far; "no" is unlikely with the image, yet not junk
+    labels = torch.tensor([yes])
+    full, drop, labels = full.to(DEVICE), drop.to(DEVICE), labels.to(DEVICE)
+
+    literal = contrastive_select(full, drop, labels, alpha_drop=0.0, backend=backend, chunk_size=256)
+    # the top-8 of p_drop: yes, no and six junk tokens (ids 0-5: equal p_drop, ties to lower ids); the junk's P_diff
+    # (contrast 1.9·(−4) − 0.9·log(0.1/1029) ≈ 0.7) is far below that of "no" (1.9·3 − 0.9·log 0.4 ≈ 6.5), and among
+    # the tied junk the lowest id wins
+    assert literal.replacement.cpu().tolist() == [0]
+    assert_same_selection(literal, reference_contrastive_select(full, drop, labels, alpha_drop=0.0))
+    default = contrastive_select(full, drop, labels, backend=backend, chunk_size=256)
+    assert default.replacement.cpu().tolist() == [no]
+    assert_same_selection(default, reference_contrastive_select(full, drop, labels))
+    # None means "the same as alpha"
+    same = contrastive_select(full, drop, labels, alpha=0.3, alpha_drop=None, backend=backend)
+    assert same.replacement.tolist() == contrastive_select(full, drop, labels, alpha=0.3, alpha_drop=0.3,
+                                                           backend=backend).replacement.tolist()
+
+
+@pytest.mark.parametrize("backend,alpha_drop", cut_cases())
+def test_extreme_logits_give_finite_outputs(backend, alpha_drop):
     full, drop, labels = make_logits(17, 1031, seed=11)
     full, drop = full * 3e3, drop * 3e3  # entries around ±1e4
     assert full.abs().max() > 1e4
-    ours = contrastive_select(full, drop, labels, backend=backend, chunk_size=256)
-    expected = reference_contrastive_select(full, drop, labels)
+    ours = contrastive_select(full, drop, labels, alpha_drop=alpha_drop, backend=backend, chunk_size=256)
+    expected = reference_contrastive_select(full, drop, labels, alpha_drop=alpha_drop)
     for value in (ours.logprob_full, ours.logprob_drop, ours.sensitivity):
         assert torch.isfinite(value).all()
     # fp32 carries ~1e-3 absolute rounding at 1e4
     assert_same_selection(ours, expected, atol=5e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_logits_error_is_within_a_small_multiple_of_pytorchs_own(backend):
+@pytest.mark.parametrize("backend,alpha_drop", cut_cases())
+def test_bf16_logits_error_is_within_a_small_multiple_of_pytorchs_own(backend, alpha_drop):
     """Same bf16 logits for everyone; fp64 reference on them; PyTorch's bf16 log-softmax is the yardstick."""
     full, drop, labels = make_logits(24, 1031, seed=5, dtype=torch.bfloat16)
-    ours = contrastive_select(full, drop, labels, backend=backend)
-    expected = reference_contrastive_select(full, drop, labels)
+    ours = contrastive_select(full, drop, labels, alpha_drop=alpha_drop, backend=backend)
+    expected = reference_contrastive_select(full, drop, labels, alpha_drop=alpha_drop)
     safe = labels[:, None]
     plain_sensitivity = (torch.log_softmax(full, -1).gather(1, safe)
                          - torch.log_softmax(drop, -1).gather(1, safe)).squeeze(1)
@@ -214,14 +306,15 @@ def test_bf16_logits_error_is_within_a_small_multiple_of_pytorchs_own(backend):
     assert ours.replacement.cpu().tolist() == expected.replacement.tolist()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_top_n_larger_than_eligible_and_all_ignored(backend):
+@pytest.mark.parametrize("backend,alpha_drop", cut_cases())
+def test_top_n_larger_than_eligible_and_all_ignored(backend, alpha_drop):
     full, drop, labels = make_logits(9, 1031, seed=2)
     content_mask = torch.zeros(9, dtype=torch.bool, device=DEVICE)
     content_mask[[2, 6, 7]] = True
-    ours = contrastive_select(full, drop, labels, top_n=10, content_mask=content_mask, backend=backend)
+    kwargs = dict(top_n=10, content_mask=content_mask, alpha_drop=alpha_drop)
+    ours = contrastive_select(full, drop, labels, backend=backend, **kwargs)
     assert sorted(ours.sensitive_positions.tolist()) == [2, 6, 7]
-    assert_same_selection(ours, reference_contrastive_select(full, drop, labels, top_n=10, content_mask=content_mask))
+    assert_same_selection(ours, reference_contrastive_select(full, drop, labels, **kwargs))
 
     ignored = torch.full_like(labels, -100)
     ours = contrastive_select(full, drop, ignored, backend=backend)
@@ -245,6 +338,8 @@ def test_bad_inputs_raise_specific_errors():
         contrastive_select(full, drop, labels, content_mask=torch.ones(5, device=DEVICE))
     with pytest.raises(ValueError, match="alpha"):
         contrastive_select(full, drop, labels, alpha=1.5)
+    with pytest.raises(ValueError, match="alpha_drop is the deprived-side cut"):
+        contrastive_select(full, drop, labels, alpha_drop=-0.1)
     with pytest.raises(ValueError, match="sensitivity must be"):
         contrastive_select(full, drop, labels, sensitivity="prob")
     with pytest.raises(ValueError, match="must both be \\[T, V\\]"):
@@ -280,8 +375,9 @@ common = {"drop_row_stride": "i64", "full_row_stride": "i64", "n_cols": "i32", "
           "num_splits": "i32"}
 stats = {"max_full_ptr": "*fp32", "sumexp_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "sumexp_drop_ptr": "*fp32",
          "top_keys_ptr": "*i64"}
-candidates = {"labels_ptr": "*i64", "max_full_ptr": "*fp32", "kth_key_ptr": "*i64", "best_ptr": "*i64",
-              "log_alpha": "fp32", "coef_full": "fp32", "coef_drop": "fp32"}
+candidates = {"labels_ptr": "*i64", "max_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "kth_key_ptr": "*i64",
+              "best_ptr": "*i64", "log_alpha": "fp32", "log_alpha_drop": "fp32", "coef_full": "fp32",
+              "coef_drop": "fp32"}
 for dtype in ("bf16", "fp32"):
     inputs = {"full_ptr": "*" + dtype, "drop_ptr": "*" + dtype}
     for kernel, signature, constexprs in ((stats_kernel, stats, {"K": 8, "K_PAD": 8, "BLOCK_V": 2048}),
