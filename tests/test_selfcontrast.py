@@ -69,11 +69,14 @@ def reference_top_n(sensitivity, eligible, top_n):
     return sorted(positions, key=lambda t: (-float(sensitivity[t]), t))[:top_n]
 
 
-def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alpha, num_candidates):
-    """Candidates: top-k of the image-deprived distribution ∪ {p_full ≥ α·max p_full} − {y_t}; the one with the
-    lowest P_diff = softmax((1+β)L − βL') wins."""
-    p_full = logits_full_row.softmax(-1)
-    candidates = set(torch.topk(logits_drop_row, num_candidates).indices.tolist()) if num_candidates else set()
+def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alpha, num_candidates, alpha_drop=None):
+    """Candidates: {top-k of the image-deprived distribution with p_drop ≥ α'·max p_drop} ∪ {p_full ≥ α·max p_full}
+    − {y_t} (α' = alpha_drop, None: = α; 0: DESIGN.md's literal rule); the one with the lowest
+    P_diff = softmax((1+β)L − βL') wins."""
+    alpha_drop = alpha if alpha_drop is None else alpha_drop
+    p_full, p_drop = logits_full_row.softmax(-1), logits_drop_row.softmax(-1)
+    top = torch.topk(logits_drop_row, num_candidates).indices.tolist() if num_candidates else []
+    candidates = {v for v in top if p_drop[v] >= alpha_drop * p_drop.max()}
     candidates |= set(torch.nonzero(p_full >= alpha * p_full.max()).flatten().tolist())
     candidates.discard(int(label))
     if not candidates:
@@ -103,10 +106,12 @@ def run_stage1(vlm, config, samples=SAMPLES, images=None):
 
 
 # -- tests ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dropout_mode,sensitivity", [("remove", "logprob"), ("mask", "logprob"),
-                                                      ("remove", "logit")])
-def test_sensitive_positions_and_replacements_match_reference(tiny_vlm, images, dropout_mode, sensitivity):
-    config = SelfContrastConfig(seed=5, top_n=4, dropout_mode=dropout_mode, sensitivity=sensitivity)
+@pytest.mark.parametrize("dropout_mode,sensitivity,alpha_drop", [("remove", "logprob", None), ("mask", "logprob", None),
+                                                                 ("remove", "logit", None), ("remove", "logprob", 0.0)])
+def test_sensitive_positions_and_replacements_match_reference(tiny_vlm, images, dropout_mode, sensitivity,
+                                                              alpha_drop):
+    config = SelfContrastConfig(seed=5, top_n=4, dropout_mode=dropout_mode, sensitivity=sensitivity,
+                                alpha_drop=alpha_drop)
     contrast, prepared, results = run_stage1(tiny_vlm, config, images=images)
     for (sid, question, _), sample, result, image in zip(SAMPLES, prepared, results, images):
         dropout = visual_dropout(tiny_vlm.num_visual_tokens, 0.7, global_seed=5, sample_id=sid, mode=dropout_mode)
@@ -123,7 +128,7 @@ def test_sensitive_positions_and_replacements_match_reference(tiny_vlm, images, 
             assert token.sensitivity == pytest.approx(float(s[token.position]), abs=2e-4)
             assert token.replacement_id == reference_replacement(
                 logits_full[token.position], logits_drop[token.position], token.token_id, beta=config.beta,
-                alpha=config.alpha, num_candidates=config.num_candidates), (sid, token)
+                alpha=config.alpha, num_candidates=config.num_candidates, alpha_drop=alpha_drop), (sid, token)
             assert token.replacement_id != token.token_id
 
 
@@ -239,12 +244,14 @@ def test_closed_yes_answer_turns_into_no(tiny_llava, images):
 
 def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
     """The regime of a trained model: y_t is the top token with and without the image, so the candidates are the
-    image-deprived top-k minus y_t (the random tiny model's flat rows rarely test this). The lm_head rows of the answer
-    tokens are solved exactly so that, at every answer position and in both conditions, the label's logit is the old
-    row maximum + 4 and every other answer token's logit is that maximum − 1."""
+    image-deprived top-k minus y_t under DESIGN.md's literal rule (alpha_drop=0; the random tiny model's flat rows
+    rarely test this). The lm_head rows of the answer tokens are solved exactly so that, at every answer position and
+    in both conditions, the label's logit is the old row maximum + 4 and every other answer token's logit is that
+    maximum − 1. Under the default deprived-side cut (p_drop ≥ 0.1·max p_drop) nothing but y_t is plausible in either
+    condition (e^-4 < 0.1), so no position has a candidate and the answer gets no variants."""
     model, processor = tiny_llava
     vlm = VisionLanguageModel(copy.deepcopy(model), processor)
-    config = SelfContrastConfig(seed=2, top_n=10)
+    config = SelfContrastConfig(seed=2, top_n=10, alpha_drop=0.0)
     contrast = SelfContrast(vlm, config)
     samples, images = SAMPLES[:3], images[:3]  # 17 answer positions × 2 conditions ≤ 64 unknowns per row
     prepared = [contrast.prepare(sid, question, answer) for sid, question, answer in samples]
@@ -273,7 +280,12 @@ def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
         for token in result.sensitive:
             assert token.replacement_id == reference_replacement(
                 logits_full[token.position], logits_drop[token.position], token.token_id, beta=config.beta,
-                alpha=config.alpha, num_candidates=config.num_candidates), (sid, token)
+                alpha=config.alpha, num_candidates=config.num_candidates, alpha_drop=0.0), (sid, token)
+        assert all(reference_replacement(logits_full[t], logits_drop[t], label, beta=config.beta, alpha=config.alpha,
+                                         num_candidates=config.num_candidates) == -1
+                   for t, label in enumerate(sample.answer_ids))
+    default_cut = SelfContrast(vlm, SelfContrastConfig(seed=2, top_n=10)).run(prepared, images)
+    assert all(result.sensitive == [] and result.variants == [] for result in default_cut)
 
 
 def test_render_marked(tiny_vlm):
@@ -284,8 +296,30 @@ def test_render_marked(tiny_vlm):
     assert render_marked(tokenizer, ids, []) == "two lesions, left lung"
 
 
+def test_alpha_drop_reaches_the_kernel(tiny_vlm, images, monkeypatch):
+    """The config's alpha_drop (None = alpha, 0 = literal rule, a value of its own) is what the kernel gets."""
+    import importlib
+
+    # the module, not the function hscr_fast.kernels re-exports under the same name
+    kernel_module = importlib.import_module("hscr_fast.kernels.contrastive_select")
+    seen = []
+    kernel = kernel_module.contrastive_select_from_hidden
+
+    def recording_kernel(*args, **kwargs):
+        seen.append((kwargs["alpha"], kwargs["alpha_drop"]))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "contrastive_select_from_hidden", recording_kernel)
+    for alpha_drop in (None, 0.0, 0.25):
+        seen.clear()
+        run_stage1(tiny_vlm, SelfContrastConfig(alpha=0.2, alpha_drop=alpha_drop), samples=SAMPLES[:2],
+                   images=images[:2])
+        assert seen and set(seen) == {(0.2, alpha_drop)}
+
+
 def test_config_rejects_bad_values():
     for bad in [dict(mode="both"), dict(dropout_mode="zero"), dict(sensitivity="prob"), dict(drop_ratio=1.0),
-                dict(top_n=0), dict(num_variants=0), dict(alpha=2.0), dict(num_candidates=-1)]:
+                dict(top_n=0), dict(num_variants=0), dict(alpha=2.0), dict(num_candidates=-1),
+                dict(alpha_drop=-0.5), dict(alpha_drop=1.5)]:
         with pytest.raises(ValueError):
             SelfContrastConfig(**bad)
