@@ -49,8 +49,8 @@ from pathlib import Path
 
 from hscr_fast.io import JsonlAppender, JsonlError, atomic_write_json, atomic_write_text
 
-FINGERPRINT_ARGS = ("seed", "drop_ratio", "dropout_mode", "sensitivity", "beta", "top_n", "alpha", "num_candidates",
-                    "num_variants", "num_dispreferred", "min_gap", "similarity_model", "mode", "max_length",
+FINGERPRINT_ARGS = ("seed", "drop_ratio", "dropout_mode", "sensitivity", "beta", "top_n", "alpha", "alpha_drop",
+                    "num_candidates", "num_variants", "num_dispreferred", "min_gap", "similarity_model", "mode", "max_length",
                     "include_punctuation", "dtype")
 STAGE_INPUT, STAGE_GENERATE = "input", "generate"
 
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--beta", type=float, default=0.9, help="contrast strength of Eq. 3")
     stage1.add_argument("--top-n", type=int, default=10, help="sensitive positions per answer (fewer if shorter)")
     stage1.add_argument("--alpha", type=float, default=0.1, help="plausibility cut p_full >= alpha * max p_full")
+    stage1.add_argument("--alpha-drop", type=float, default=None,
+                        help="deprived-side cut: of the top --num-candidates tokens of the image-deprived "
+                             "distribution keep those with p_drop >= alpha_drop * max p_drop (default = --alpha; "
+                             "0 = DESIGN.md's literal candidate rule)")
     stage1.add_argument("--num-candidates", type=int, default=8,
                         help="top tokens of the image-deprived distribution added to the candidates")
     stage1.add_argument("--num-variants", type=int, default=5, help="graded variants per answer (M)")
@@ -262,7 +266,8 @@ class PreferenceBuilder:
         self.fingerprint = fingerprint
         self.contrast = SelfContrast(vlm, SelfContrastConfig(
             seed=args.seed, drop_ratio=args.drop_ratio, dropout_mode=args.dropout_mode, sensitivity=args.sensitivity,
-            beta=args.beta, top_n=args.top_n, alpha=args.alpha, num_candidates=args.num_candidates,
+            beta=args.beta, top_n=args.top_n, alpha=args.alpha, alpha_drop=args.alpha_drop,
+            num_candidates=args.num_candidates,
             num_variants=args.num_variants, mode=args.mode, include_punctuation=args.include_punctuation,
             backend=args.kernel_backend))
         self.max_length = args.max_length or vlm.config.text_config.max_position_embeddings
@@ -409,6 +414,9 @@ def validate_args(args) -> None:
         problems.append(f"--show must be >= 0, got {args.show}")
     if args.max_length is not None and args.max_length < 1:
         problems.append(f"--max-length must be >= 1, got {args.max_length}")
+    if args.alpha_drop is not None and not 0.0 <= args.alpha_drop <= 1.0:
+        problems.append(f"--alpha-drop must be in [0, 1] (0: DESIGN.md's literal candidate rule), got "
+                        f"{args.alpha_drop}")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 
@@ -438,6 +446,8 @@ def _run(args, group: ProcessGroup) -> dict | None:
     model_dir, data_path, image_folder = resolve_inputs(args)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if group.device.type == "cuda" else "float32"
+    if args.alpha_drop is None:  # the effective value, so that the fingerprint and the summary's args name it
+        args.alpha_drop = args.alpha
     records, input_skips = load_llava_med_json(data_path, on_error="skip")
     selected = records[:args.num_samples] if args.num_samples else records
     paths = OutputPaths(Path(args.out))

@@ -129,6 +129,7 @@ def test_records_ladders_and_skips_lose_nothing(reference_run, dataset):
     assert summary["skipped"] == {reason: 1 for _, reason in EXPECTED_SKIPS.values()}
     assert summary["mean_k"] == pytest.approx(np.mean([line["k"] for line in written]))
     assert summary["samples_per_s"] > 0
+    assert summary["args"]["alpha_drop"] == summary["args"]["alpha"] == 0.1  # the default, resolved
 
     for line in written:
         question, answer = (entries[line["id"]]["conversations"][i]["value"] for i in (0, 1))
@@ -171,6 +172,11 @@ def test_rerun_of_finished_output_changes_nothing_and_other_args_are_refused(ref
     assert json.loads(paths.summary.read_text())["processed_this_run"] == 0
     with pytest.raises(SystemExit, match="different arguments"):
         generate.main(argv(tiny_model_dir, dataset, out, "--beta", "0.5"))
+    # --alpha-drop is part of the fingerprint by its effective value: the default is --alpha (0.1); 0 is another rule
+    assert generate.main(argv(tiny_model_dir, dataset, out, "--alpha-drop", "0.1")) == 0
+    assert out.read_bytes() == reference.out.read_bytes()
+    with pytest.raises(SystemExit, match="different arguments"):
+        generate.main(argv(tiny_model_dir, dataset, out, "--alpha-drop", "0"))
 
 
 def test_sequential_mode_show_and_num_samples(tmp_path, tiny_model_dir, dataset, cached_similarity, capsys):
@@ -254,11 +260,38 @@ def test_demo_world_is_the_default(tmp_path, tiny_model_dir, dataset, cached_sim
     assert summary["args"]["image_folder"] == str(dataset["images"])
 
 
+def test_alpha_drop_flag_reaches_the_kernel(tiny_vlm, cached_similarity, dataset, monkeypatch):
+    import importlib
+
+    from hscr_fast.data.records import VQARecord
+
+    # the module, not the function hscr_fast.kernels re-exports under the same name
+    kernel_module = importlib.import_module("hscr_fast.kernels.contrastive_select")
+    seen = []
+    kernel = kernel_module.contrastive_select_from_hidden
+
+    def recording_kernel(*args, **kwargs):
+        seen.append(kwargs["alpha_drop"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "contrastive_select_from_hidden", recording_kernel)
+    record = VQARecord(id="g0", image="g0.png", question=QA[1][0], answer=QA[1][1])
+    for flags, expected in (([], None), (["--alpha-drop", "0"], 0.0), (["--alpha-drop", "0.3"], 0.3)):
+        args = generate.build_parser().parse_args(flags)
+        builder = generate.PreferenceBuilder(args, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
+        assert builder.contrast.config.alpha_drop == expected
+        seen.clear()
+        builder.build(builder.load([record]))
+        assert seen and set(seen) == {expected}
+
+
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="both --model and --data"):
         generate.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="--batch-size"):
         generate.main(["--batch-size", "0", "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit, match="--alpha-drop must be in"):
+        generate.main(["--alpha-drop", "2", "--out", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="no such directory"):
         generate.main(["--model", str(tmp_path / "missing"), "--data", "sft.json", "--out", str(tmp_path / "x.jsonl")])
     (tmp_path / "sft.json").write_text('{"id": 1}')
