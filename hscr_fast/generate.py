@@ -50,8 +50,8 @@ from pathlib import Path
 from hscr_fast.io import JsonlAppender, JsonlError, atomic_write_json, atomic_write_text
 
 FINGERPRINT_ARGS = ("seed", "drop_ratio", "dropout_mode", "sensitivity", "beta", "top_n", "alpha", "alpha_drop",
-                    "num_candidates", "num_variants", "num_dispreferred", "min_gap", "similarity_model", "mode", "max_length",
-                    "include_punctuation", "dtype")
+                    "num_candidates", "num_variants", "num_dispreferred", "min_gap", "similarity_model", "mode",
+                    "max_length", "include_punctuation", "dtype")
 STAGE_INPUT, STAGE_GENERATE = "input", "generate"
 
 
