@@ -42,10 +42,18 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
     try:
         yield temporary
         _fsync_file(temporary)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would (0666 less the umask).
+        os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, destination)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: PathLike, text: str, *, encoding: str = "utf-8") -> None:

@@ -148,3 +148,16 @@ def test_appender_without_ids(tmp_path):
         out.append({"step": 1, "loss": 0.5})
         assert out.ids == set()
     assert len(read_jsonl(path)) == 2
+
+
+def test_atomic_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from hscr_fast.io import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+        assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
