@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import pytest
 import torch
 
 from hscr_fast.data.records import VQARecord

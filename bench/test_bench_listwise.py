@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import time
 
-import pytest
 import torch
 
 from hscr_fast.listwise import ListwiseExample, listwise_logprobs, pack_examples

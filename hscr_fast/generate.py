@@ -36,7 +36,6 @@ Each rank appends to its own part file; after a barrier rank 0 merges everything
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -47,7 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from hscr_fast.io import JsonlAppender, JsonlError, atomic_write_json, atomic_write_text
+from hscr_fast.io import (JsonlAppender, JsonlError, OutputFiles, atomic_write_json, atomic_write_text,
+                          check_same_arguments, fingerprint_of)
 
 FINGERPRINT_ARGS = ("seed", "drop_ratio", "dropout_mode", "sensitivity", "beta", "top_n", "alpha", "alpha_drop",
                     "num_candidates", "num_variants", "num_dispreferred", "min_gap", "similarity_model", "mode",
@@ -108,22 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutputPaths:
-    out: Path
-
-    @property
-    def stem(self) -> Path:
-        return self.out.with_suffix("") if self.out.suffix == ".jsonl" else self.out
-
-    @property
-    def skipped(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".skipped.jsonl")
-
-    @property
-    def summary(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".summary.json")
-
+class OutputPaths(OutputFiles):
     def writers(self, rank: int, world: int) -> tuple[Path, Path]:
         """Where a rank appends (records, skips): the final files for one process, hidden part files otherwise."""
         if world == 1:
@@ -165,7 +150,7 @@ def args_fingerprint(args, model_dir, data_path) -> str:
     """16 hex digits identifying everything that decides a record's content (not batch size, device or --out)."""
     values = {name: getattr(args, name) for name in FINGERPRINT_ARGS}
     values.update(model=str(Path(model_dir).resolve()), data=str(Path(data_path).resolve()))
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint_of(values)
 
 
 def finished_ids(paths: OutputPaths, fingerprint: str) -> set[str]:
@@ -177,11 +162,7 @@ def finished_ids(paths: OutputPaths, fingerprint: str) -> set[str]:
         for line in read_records(path):
             if is_skip_file and line.get("stage") != STAGE_GENERATE:
                 continue  # input-stage skips are re-derived from the data file on every run
-            if line.get("args_fingerprint") != fingerprint:
-                raise SystemExit(
-                    f"error: {path} holds results made with different arguments (args_fingerprint "
-                    f"{line.get('args_fingerprint')!r}, this run {fingerprint!r}). Re-run with the original "
-                    f"arguments to resume, or choose a new --out.")
+            check_same_arguments(path, line, fingerprint)
             done.add(str(line["id"]))
     return done
 

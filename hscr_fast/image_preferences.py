@@ -45,8 +45,6 @@ the reader accepts (0 = all); records the reader rejects are counted in the summ
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -54,7 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hscr_fast.io import JsonlAppender, JsonlError, atomic_output, atomic_write_json, read_jsonl
+from hscr_fast.io import (JsonlAppender, JsonlError, OutputFiles, atomic_output, atomic_write_json,
+                          check_same_arguments, fingerprint_of, read_jsonl)
 
 KIND = "image-dispreference"
 SOURCES = ("phantom", "slake")
@@ -96,22 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class OutputPaths:
-    out: Path
-
-    @property
-    def stem(self) -> Path:
-        return self.out.with_suffix("") if self.out.suffix == ".jsonl" else self.out
-
-    @property
-    def skipped(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".skipped.jsonl")
-
-    @property
-    def summary(self) -> Path:
-        return self.stem.with_name(self.stem.name + ".summary.json")
-
+class OutputPaths(OutputFiles):
     @property
     def default_images(self) -> Path:
         return self.stem.with_name(self.stem.name + ".images")
@@ -119,8 +103,7 @@ class OutputPaths:
 
 def args_fingerprint(args) -> str:
     """16 hex digits identifying everything that decides a record's content (not the paths or --num-samples)."""
-    values = {name: getattr(args, name) for name in FINGERPRINT_ARGS}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint_of({name: getattr(args, name) for name in FINGERPRINT_ARGS})
 
 
 def finished_ids(path: Path, fingerprint: str) -> set[str]:
@@ -130,10 +113,7 @@ def finished_ids(path: Path, fingerprint: str) -> set[str]:
         return set()
     done = set()
     for line in read_jsonl(path):
-        if line.get("args_fingerprint") != fingerprint:
-            raise SystemExit(f"error: {path} holds results made with different arguments (args_fingerprint "
-                             f"{line.get('args_fingerprint')!r}, this run {fingerprint!r}). Re-run with the original "
-                             f"arguments to resume, or choose a new --out.")
+        check_same_arguments(path, line, fingerprint)
         done.add(str(line["id"]))
     return done
 

@@ -11,10 +11,12 @@ Two rules keep an interrupted run from leaving a broken file behind:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -202,3 +204,36 @@ def _fsync_file(path: Path) -> None:
     # Without this, a crash right after os.replace can leave an empty file under the final name on some filesystems.
     with path.open("rb") as handle:
         os.fsync(handle.fileno())
+
+
+@dataclass(frozen=True)
+class OutputFiles:
+    """A resumable command's files for `--out OUT.jsonl`: the records, `OUT.skipped.jsonl` (what was left out and
+    why) and `OUT.summary.json`."""
+
+    out: Path
+
+    @property
+    def stem(self) -> Path:
+        return self.out.with_suffix("") if self.out.suffix == ".jsonl" else self.out
+
+    @property
+    def skipped(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".skipped.jsonl")
+
+    @property
+    def summary(self) -> Path:
+        return self.stem.with_name(self.stem.name + ".summary.json")
+
+
+def fingerprint_of(values: dict[str, Any]) -> str:
+    """16 hex digits identifying the arguments that decide a record's content; stored on every output line."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_same_arguments(path: PathLike, line: dict, fingerprint: str) -> None:
+    """A resumed run may only add to output made with the same arguments; SystemExit naming both otherwise."""
+    if line.get("args_fingerprint") != fingerprint:
+        raise SystemExit(f"error: {path} holds results made with different arguments (args_fingerprint "
+                         f"{line.get('args_fingerprint')!r}, this run {fingerprint!r}). Re-run with the original "
+                         f"arguments to resume, or choose a new --out.")

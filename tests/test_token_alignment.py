@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from hscr_fast.minimal_edits import main as minimal_edits_main
 from hscr_fast.minimal_edits import mark_differences
