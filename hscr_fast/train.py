@@ -372,11 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         from .demo.pipeline import run_demo
 
         return run_demo(config)
+    from .data.records import DataFormatError
+    from .models.vlm import UnsupportedModelError
+
     try:
         train(config)
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except (DataFormatError, UnsupportedModelError, FileNotFoundError) as error:
+        # Bad input: one line naming the file/record and what is wrong; nothing was trained yet.
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -198,3 +198,12 @@ def test_weighted_dpo_on_image_dispreference_lists(tiny_model_dir, image_prefere
     assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(SystemExit, match="needs a 'weight'"):
         train(make_config(tiny_model_dir, preference_data, tmp_path / "x", loss="weighted-dpo"))
+
+
+def test_command_reports_bad_input_in_one_line(tmp_path, capsys):
+    from hscr_fast.train import main
+
+    code = main(["--model", str(tmp_path / "nope"), "--preferences", str(tmp_path / "missing.jsonl"),
+                 "--image-folder", str(tmp_path), "--deepspeed", "none"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.jsonl'}: file not found"
