@@ -136,7 +136,22 @@ class TrainResult:
     merged_dir: Path | None = None
 
 
+def _single_process_rendezvous() -> None:
+    """Outside torchrun, describe a one-process group in the environment. Without it DeepSpeed falls back to MPI
+    discovery, which needs mpi4py and an MPI launcher."""
+    import socket
+
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        return
+    with socket.socket() as probe:  # a free local port for the (one-member) rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def init_distributed(use_deepspeed: bool) -> tuple[int, int, torch.device]:
+    if use_deepspeed:
+        _single_process_rendezvous()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")

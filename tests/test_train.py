@@ -207,3 +207,17 @@ def test_command_reports_bad_input_in_one_line(tmp_path, capsys):
                  "--image-folder", str(tmp_path), "--deepspeed", "none"])
     assert code == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'missing.jsonl'}: file not found"
+
+
+def test_deepspeed_without_torchrun(tiny_model_dir, preference_data, tmp_path):
+    """`python -m hscr_fast.train` (no launcher) with the default DeepSpeed engine: a one-process group, not MPI."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "hscr_fast.train", "--model", str(tiny_model_dir), "--preferences",
+         str(preference_data / "prefs.jsonl"), "--image-folder", str(preference_data / "images"), "--epochs", "1",
+         "--per-device-batch-size", "4", "--out", str(tmp_path / "ds")],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert len(read_metrics(tmp_path / "ds")) == 2
