@@ -38,9 +38,11 @@ GPU); a program streams BLOCK_V tiles and writes per-split partials that a few t
 pass 1 reads both rows once (2·V·itemsize per row pair) and pass 2 reads them again.
 Torch form: the same passes over tiles of about _TILE_ELEMENTS (blocks of whole rows from logits; vocabulary chunks
 from hidden states), with float comparisons on tiles and packed keys only on [T, k] data.
-`contrastive_select_from_hidden` computes [T, chunk] fp32 logit chunks from the hidden states and the lm_head and
-runs both passes on them, recomputing each chunk in pass 2 (unless a single chunk covers V), so [T, V] logits never
-exist.
+`contrastive_select_from_hidden` computes [T, chunk] fp32 logit chunks from the hidden states and the lm_head, so
+[T, V] logits never exist. Recomputing each chunk for pass 2 would cost two more GEMMs, so its torch form keeps, in
+pass 1, every token that can still be a candidate (plausible against the running max of L, or in its chunk's top-k
+of L': a superset of the final candidates) with its L, L' and contrast, and decides candidacy among those after
+pass 1; only when they exceed a quarter of a chunk's elements (flat rows) does it recompute the chunks for pass 2.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ from ._common import check_labels, linear_logits_fp32, resolve_backend
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 _TILE_ELEMENTS = 2**21  # elements of one [T, chunk] fp32 tile in the torch form / from-hidden chunks
+_KEPT_PER_CHUNK_ELEMENTS = 4  # from hidden: pass 1 keeps at most one possible candidate per this many chunk elements
 _MAX_BLOCK_V = 2048
 _INTERPRETER_SPLITS = 4  # enough programs per row to exercise the split merge under TRITON_INTERPRET
 
@@ -340,6 +343,11 @@ def _scatter_tokens(tile: torch.Tensor, tokens: torch.Tensor, vocab_offset: int,
     tile.scatter_(1, torch.where((local >= 0) & (local < cols), local, cols), value)
 
 
+def _contrast_torch(full, drop, options):
+    # one op for both torch candidate forms, so that a token's contrast is the same float in either
+    return torch.add(options.coef_full * full, drop, alpha=-options.coef_drop)
+
+
 def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
     rows, cols = full.shape
     candidate = torch.empty(rows, cols + 1, dtype=torch.bool, device=full.device)
@@ -349,12 +357,67 @@ def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
     else:  # the top-k ids that passed the cut (-1, outside every chunk, for those that did not)
         _scatter_tokens(candidate, stats.top_ids, vocab_offset, True)
     _scatter_tokens(candidate, labels[:, None], vocab_offset, False)
-    contrast = torch.add(options.coef_full * full, drop, alpha=-options.coef_drop)
-    contrast = contrast.masked_fill_(~candidate[:, :cols], float("inf"))
+    contrast = _contrast_torch(full, drop, options).masked_fill_(~candidate[:, :cols], float("inf"))
     best_value, best_index = contrast.min(dim=1)  # the first of equal minima: the lowest token id
     best_key = _keys_by_value_asc_torch(best_value, best_index + vocab_offset)
     # finite logits give finite contrasts: +inf is the minimum only where nothing was a candidate
     return torch.where(best_value == float("inf"), INT64_MAX, best_key)
+
+
+class _KeptTokens:
+    """Pass-1 record, torch form, of every token that can still turn out a candidate, so that pass 2 (which from
+    hidden states recomputes each chunk's logits: two more GEMMs) can be skipped.
+
+    A token can be a candidate only if, when its chunk is seen, it is plausible against the running max of L (the
+    final max is at least as large, so the final plausible set is a subset) or in its chunk's top-k of L' (the final
+    top-k is a subset of the chunks' top-k). Those tokens are kept as (row·V + id, L, L', contrast), the contrast by
+    pass 2's elementwise op (`_contrast_torch`) on the same floats, so the choice is the same float for float. After
+    pass 1, pass 2's tests with the final statistics pick the candidates among them. When more than `budget` are
+    kept (flat rows pass nearly every token) the record is dropped and pass 2 runs as before.
+    """
+
+    def __init__(self, vocab: int, budget: int, device: torch.device):
+        # Allocated once, before the first tile: records grown chunk by chunk would sit between the freed tiles on
+        # the CPU heap and fragment it (peak memory up to 3x). Only the pages written become resident.
+        self.vocab, self.count = vocab, 0
+        self.index = torch.empty(budget, dtype=torch.int64, device=device)  # row·V + token id
+        self.values = torch.empty(3, budget, dtype=torch.float32, device=device)  # L, L', contrast
+        self.overflowed = False
+
+    def add(self, full, drop, vocab_offset, chunk_top_keys, running_max_full, options) -> None:
+        if self.overflowed:
+            return
+        rows, cols = full.shape
+        kept = torch.empty(rows, cols + 1, dtype=torch.bool, device=full.device)
+        torch.ge(full, (running_max_full + options.log_alpha)[:, None], out=kept[:, :cols])
+        _scatter_tokens(kept, 0x7FFFFFFF - (chunk_top_keys & 0xFFFFFFFF), vocab_offset, True)
+        flat = kept[:, :cols].flatten().nonzero().squeeze(1)
+        start, stop = self.count, self.count + flat.numel()
+        if stop > self.index.numel():
+            self.overflowed = True
+            del self.index, self.values
+            return
+        row, col = flat // cols, flat % cols
+        self.index[start:stop] = row * self.vocab + col + vocab_offset
+        full_kept, drop_kept = self.values[0, start:stop], self.values[1, start:stop]
+        torch.index_select(full.flatten(), 0, flat, out=full_kept)
+        torch.index_select(drop.flatten(), 0, flat, out=drop_kept)
+        self.values[2, start:stop] = _contrast_torch(full_kept, drop_kept, options)
+        self.count = stop
+
+    def best_keys(self, labels: torch.Tensor, stats: _Stats, options: _Options) -> torch.Tensor:
+        """[T] ascending (contrast, id) key of each row's best candidate, INT64_MAX where none: pass 2's result."""
+        index = self.index[:self.count]
+        full, drop, contrast = self.values[:, :self.count]
+        row, ids = index // self.vocab, index % self.vocab
+        # pass 2's tests with the final statistics (the deprived one as the Triton kernel writes it)
+        plausible = full >= (stats.max_full + options.log_alpha)[row]
+        deprived = ((_keys_by_value_desc_torch(drop, ids) >= stats.kth_key[row])
+                    & ((drop - stats.max_drop[row]) >= options.log_alpha_drop))
+        candidate = (plausible | deprived) & (ids != labels[row])
+        keys = torch.where(candidate, _keys_by_value_asc_torch(contrast, ids), INT64_MAX)
+        best = torch.full((labels.shape[0],), INT64_MAX, dtype=torch.int64, device=labels.device)
+        return best.scatter_reduce_(0, row, keys, "amin")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -415,8 +478,13 @@ class _RowScores(NamedTuple):
 
 
 @torch.no_grad()
-def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Options, backend: str) -> _RowScores:
-    """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, for the rows of labels."""
+def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Options, backend: str,
+                keep_budget: int = 0) -> _RowScores:
+    """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, for the rows of labels.
+
+    keep_budget > 0 (torch form, chunks costly to recompute): keep up to that many possible candidates in pass 1
+    (`_KeptTokens`) and skip pass 2 when they fit.
+    """
     if backend == "triton":
         stats_pass, candidates_pass = _stats_triton, _candidates_triton
     else:
@@ -426,16 +494,25 @@ def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Opti
     label_drop = torch.zeros(rows, dtype=torch.float32, device=device)
     # with k >= V every token is in the top-k: nothing to track, and the threshold key INT64_MIN lets every token pass
     tracked_k = 0 if options.num_candidates >= vocab else options.num_candidates
+    # the record needs a plausibility cut (alpha > 0) and a deprived side that is a top-k (k < V)
+    keeping = backend == "torch" and keep_budget > 0 and math.isfinite(options.log_alpha) and tracked_k > 0
+    kept = _KeptTokens(vocab, keep_budget, device) if keeping else None
     running = None
     for vocab_offset, full, drop in chunks():
-        running = _fold(running, stats_pass(full, drop, vocab_offset, tracked_k), tracked_k)
+        part = stats_pass(full, drop, vocab_offset, tracked_k)
+        running = _fold(running, part, tracked_k)
+        if kept is not None:
+            kept.add(full, drop, vocab_offset, part.top_keys, running.max_full.squeeze(1), options)
         _gather_label_logits(full, vocab_offset, labels, label_full)
         _gather_label_logits(drop, vocab_offset, labels, label_drop)
     stats = _finish_stats(running, all_in_top_k=tracked_k != options.num_candidates,
                           log_alpha_drop=options.log_alpha_drop)
-    best_key = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
-    for vocab_offset, full, drop in chunks():
-        best_key = torch.minimum(best_key, candidates_pass(full, drop, vocab_offset, labels, stats, options))
+    if kept is not None and not kept.overflowed:
+        best_key = kept.best_keys(labels, stats, options)
+    else:
+        best_key = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
+        for vocab_offset, full, drop in chunks():
+            best_key = torch.minimum(best_key, candidates_pass(full, drop, vocab_offset, labels, stats, options))
     return _RowScores(label_full, label_drop, stats.lse_full, stats.lse_drop, best_key)
 
 
@@ -620,4 +697,7 @@ def contrastive_select_from_hidden(
         chunks = lambda: iter(single_chunk)  # noqa: E731
 
     labels = labels.long().contiguous()
-    return _assemble(_score_rows(chunks, vocab, labels, options, backend), labels, content_mask, options)
+    # recomputed chunks (two GEMMs each) make pass 2 costly: keep pass 1's possible candidates instead, up to a
+    # quarter of a chunk's elements (20 bytes each: about 1.25 chunks of fp32 logits)
+    keep_budget = rows * width // _KEPT_PER_CHUNK_ELEMENTS if width < vocab else 0
+    return _assemble(_score_rows(chunks, vocab, labels, options, backend, keep_budget), labels, content_mask, options)

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from hscr_fast.kernels import ContrastiveSelection, contrastive_select, contrastive_select_from_hidden  # noqa: E402
-from hscr_fast.kernels._common import triton_available, triton_interpret_mode  # noqa: E402
+from hscr_fast.kernels._common import linear_logits_fp32, triton_available, triton_interpret_mode  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
@@ -213,6 +213,45 @@ def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alph
     if chunk_size is not None:
         # at most a [T, chunk] tile of int64 keys or a [chunk, D] slice of the weight; [T, V] fp32 logits are larger
         assert largest.nbytes <= max(rows * chunk_size * 8, chunk_size * dim * 4) < rows * vocab * 4
+
+
+FROM_HIDDEN_SPREADS = {"peaked-one-pass": (3.0, 1), "flat-two-passes": (0.01, 2)}
+
+
+@pytest.mark.parametrize("alpha_drop", [CUT, LITERAL], ids=["cut", "literal"])
+@pytest.mark.parametrize("spread", FROM_HIDDEN_SPREADS.values(), ids=FROM_HIDDEN_SPREADS.keys())
+def test_from_hidden_torch_keeps_candidates_in_pass_one_or_falls_back(monkeypatch, spread, alpha_drop):
+    # Peaked rows: pass 1 keeps the few possible candidates and no chunk's logits are computed twice. Flat rows:
+    # nearly every token is plausible, too many to keep, so each chunk is recomputed for pass 2. Both must choose
+    # what the float64 reference and the logits form (always two passes) choose.
+    weight_scale, passes = spread
+    rows, vocab, dim, chunk_size = 23, 2053, 64, 700
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(vocab, dim, generator=generator) * weight_scale / dim**0.5
+    hidden_full = torch.randn(rows, dim, generator=generator)
+    hidden_drop = hidden_full + 0.5 * torch.randn(rows, dim, generator=generator)
+    labels = torch.randint(0, vocab, (rows,), generator=generator)
+    logits_full, logits_drop = hidden_full @ weight.T, hidden_drop @ weight.T
+    labels[::3] = logits_full[::3].argmax(-1)
+    labels[5] = -100
+    module = importlib.import_module("hscr_fast.kernels.contrastive_select")
+    logit_chunks = []
+
+    def counting_linear_logits(hidden, head):
+        logit_chunks.append(head.shape[0])
+        return linear_logits_fp32(hidden, head)
+
+    monkeypatch.setattr(module, "linear_logits_fp32", counting_linear_logits)
+    ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, alpha_drop=alpha_drop,
+                                          backend="torch", chunk_size=chunk_size)
+    assert sum(logit_chunks) == passes * 2 * vocab  # both sides, each chunk once per pass
+    expected = reference_contrastive_select(hidden_full.double() @ weight.double().T,
+                                            hidden_drop.double() @ weight.double().T, labels, alpha_drop=alpha_drop)
+    assert_same_selection(ours, expected)
+    two_passes = contrastive_select(logits_full, logits_drop, labels, alpha_drop=alpha_drop, backend="torch",
+                                    chunk_size=chunk_size)
+    assert torch.equal(ours.replacement, two_passes.replacement)
+    assert (ours.replacement >= 0).sum() > rows // 2  # most positions have a replacement to compare
 
 
 TIE_LAYOUTS = {f"{dtype_name}-{chunks_name}": (dtype, chunk_size)
