@@ -67,3 +67,32 @@ def make_images():
     """`make_images(count, seed=0)` → random RGB PIL images of odd sizes (a fixture: importlib mode has no conftest
     imports)."""
     return random_rgb_images
+
+
+class LargestTensor:
+    """A torch dispatch mode recording the largest tensor any op produces while active (forward and backward), in
+    elements (`numel`) and bytes (`nbytes`): how the kernel tests prove no [N, V] tensor is ever formed."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        class _Mode(TorchDispatchMode):
+            numel = 0
+            nbytes = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for leaf in tree_leaves(out):
+                    if isinstance(leaf, torch.Tensor):
+                        self.numel = max(self.numel, leaf.numel())
+                        self.nbytes = max(self.nbytes, leaf.numel() * leaf.element_size())
+                return out
+
+        return _Mode()
+
+
+@pytest.fixture(scope="session")
+def largest_tensor():
+    """`with largest_tensor() as largest: ...` then `largest.numel` / `largest.nbytes` (see LargestTensor)."""
+    return LargestTensor

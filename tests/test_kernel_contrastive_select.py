@@ -21,8 +21,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from hscr_fast.kernels import ContrastiveSelection, contrastive_select, contrastive_select_from_hidden  # noqa: E402
 from hscr_fast.kernels._common import linear_logits_fp32, triton_available, triton_interpret_mode  # noqa: E402
@@ -196,7 +194,8 @@ def test_alpha_drop_apart_from_alpha_matches_reference(backend, options):
 
 @pytest.mark.parametrize("backend,alpha_drop,chunk_size",
                          rule_cases({"one-chunk": None, "chunks": 300}, triton_literal={"chunks"}))
-def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alpha_drop, chunk_size):
+def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alpha_drop, chunk_size,
+                                                                   largest_tensor):
     rows, vocab, dim = 21, 1031, 45
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(vocab, dim, generator=generator) * 0.5).to(DEVICE)
@@ -206,7 +205,7 @@ def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alph
     labels[4] = -100
     expected = reference_contrastive_select(hidden_full.double() @ weight.double().T,
                                             hidden_drop.double() @ weight.double().T, labels, alpha_drop=alpha_drop)
-    with LargestTensor() as largest:
+    with largest_tensor() as largest:
         ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, alpha_drop=alpha_drop,
                                               backend=backend, chunk_size=chunk_size)
     assert_same_selection(ours, expected)
@@ -387,19 +386,6 @@ def test_bad_inputs_raise_specific_errors():
         contrastive_select_from_hidden(full[:, :8], drop[:, :8], torch.zeros(11, 8, dtype=torch.float64), labels % 11)
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any torch op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.nbytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self.nbytes = max(self.nbytes, leaf.numel() * leaf.element_size())
-        return out
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
