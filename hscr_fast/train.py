@@ -34,6 +34,12 @@ class TrainConfig:
     model: str | None = _arg(None, "SFT model directory (transformers Llava layout); omit for the demo")
     preferences: str | None = _arg(None, "preference lists JSONL from hscr_fast.generate")
     image_folder: str | None = _arg(None, "folder the preference records' image paths are relative to")
+    eval_preferences: str | None = _arg(None, "held-out preference lists JSONL, scored with the training objective "
+                                              "every --eval-steps (eval_* metrics)")
+    eval_image_folder: str | None = _arg(None, "image folder of --eval-preferences (default: --image-folder)")
+    eval_fraction: float = _arg(0.0, "instead of --eval-preferences, hold out this fraction of --preferences (chosen "
+                                     "by a hash of each id: the same lists on every run and rank)")
+    eval_steps: int = _arg(50, "optimizer steps between held-out evaluations (and one at the end); 0 = at the end only")
     out: str = _arg("runs/hscr-mlpo", "output directory: adapter/, checkpoints/, metrics.jsonl, curves.png")
     epochs: int = _arg(2, "epochs over the preference lists (paper: 2)")
     learning_rate: float = _arg(5e-7, "peak learning rate (paper: 5e-7)")
@@ -108,25 +114,6 @@ def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
     return weights
 
 
-def sample_weights(items, config: TrainConfig, kind_weights: dict[str, float], device) -> torch.Tensor | None:
-    """Per-sample loss weights: the record's own `weight` (weighted-dpo: required; mlpo: used when present; dpo:
-    ignored) times its kind's weight. None when every weight is 1."""
-    values = []
-    for item in items:
-        weight = 1.0
-        if config.loss == "weighted-dpo":
-            if item.weight is None:
-                raise SystemExit(f"error: --loss weighted-dpo needs a 'weight' on every preference record; "
-                                 f"id {item.id!r} has none")
-            weight = item.weight
-        elif config.loss == "mlpo" and item.weight is not None:
-            weight = item.weight
-        values.append(weight * kind_weights.get(item.kind, 1.0))
-    if all(v == 1.0 for v in values):
-        return None
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
 @dataclass
 class TrainResult:
     adapter_dir: Path
@@ -197,14 +184,11 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
     from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config
-    from .kernels import fused_linear_logprobs, fused_token_kl
-    from .listwise import answer_hidden_states, pack_examples, sum_by_slot
-    from .losses import mlpo_loss
+    from .heldout import held_out_metrics
     from .models.vlm import load_vlm
-    from .preferences import (batch_indices, steps_per_epoch, to_examples, tokenize_preferences,
-                              validate_preferences)
-    from .reference import (load_or_compute_reference, reference_cache_path, reference_fingerprint,
-                            reference_tensor)
+    from .objective import batch_loss, score_batch
+    from .preferences import batch_indices, steps_per_epoch, tokenize_preferences
+    from .reference import load_or_compute_reference, reference_cache_path, reference_fingerprint
     from .training_log import MetricsLog, plot_training_curves
 
     if not (config.model and config.preferences and config.image_folder):
@@ -216,8 +200,9 @@ def train(config: TrainConfig) -> TrainResult:
     say = print if rank == 0 else (lambda *a, **k: None)
 
     # 1. Data first: a bad line or image is reported before minutes of model loading.
-    records = validate_preferences(config.preferences, config.image_folder)
-    say(f"[hscr] {len(records)} preference lists validated ({config.preferences})")
+    records, eval_records = load_training_data(config)
+    say(f"[hscr] {len(records)} preference lists validated ({config.preferences})"
+        + (f"; {len(eval_records)} held out for evaluation" if eval_records else ""))
 
     # 2. Model + LoRA.
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if config.dtype == "auto" \
@@ -228,12 +213,22 @@ def train(config: TrainConfig) -> TrainResult:
     say(f"[hscr] trainable parameters: {sum(p.numel() for p in trainable.values()):,} "
         f"(LoRA r={config.lora_r}{' + projector' if config.train_projector else ''})")
     items = tokenize_preferences(vlm, records, config.image_folder, max_answer_tokens=config.max_answer_tokens)
+    eval_items = tokenize_preferences(vlm, eval_records, config.eval_image_folder or config.image_folder,
+                                      max_answer_tokens=config.max_answer_tokens)
 
-    # 3. Reference log-probs, once, adapter disabled.
-    fingerprint = reference_fingerprint(config.model, config.preferences, prompt_format=vlm.options.prompt_format,
-                                        dtype=dtype)
-    reference = load_or_compute_reference(vlm, items, reference_cache_path(config.preferences, fingerprint),
-                                          batch_size=config.per_device_batch_size, rank=rank, world_size=world_size)
+    # 3. Reference log-probs, once, adapter disabled (held-out lists too; --eval-fraction's are in the same file).
+    def reference_for(path, path_items):
+        fingerprint = reference_fingerprint(config.model, path, prompt_format=vlm.options.prompt_format, dtype=dtype)
+        return fingerprint, load_or_compute_reference(
+            vlm, path_items, reference_cache_path(path, fingerprint), batch_size=config.per_device_batch_size,
+            rank=rank, world_size=world_size)
+
+    if config.eval_preferences:
+        fingerprint, reference = reference_for(config.preferences, items)
+        _, eval_reference = reference_for(config.eval_preferences, eval_items)
+    else:
+        fingerprint, reference = reference_for(config.preferences, items + eval_items)
+        eval_reference = reference
 
     # 4. Optimizer, schedule, engine.
     micro_per_epoch = steps_per_epoch(len(items), config.per_device_batch_size, world_size)
@@ -262,7 +257,7 @@ def train(config: TrainConfig) -> TrainResult:
                                                               config.token_kl_scope],
                     "per_device_batch_size": config.per_device_batch_size,
                     "gradient_accumulation_steps": config.gradient_accumulation_steps, "epochs": config.epochs,
-                    "seed": config.seed}
+                    "seed": config.seed, "eval_fraction": config.eval_fraction}
     step, micro_step = 0, 0
     if config.resume and engine.latest_tag():
         state = engine.load(engine.latest_tag())
@@ -287,33 +282,8 @@ def train(config: TrainConfig) -> TrainResult:
         batch_items = [items[i] for i in batch_indices(
             len(items), epoch=epoch, step_in_epoch=step_in_epoch, per_device_batch=config.per_device_batch_size,
             world_size=world_size, rank=rank, seed=config.seed)]
-        packed = pack_examples(vlm.embed_tokens, to_examples(vlm, batch_items))
-        hidden = answer_hidden_states(vlm, packed)
-        policy_logps = sum_by_slot(fused_linear_logprobs(hidden, vlm.lm_head_weight, packed.score_labels), packed)
-        ref_logps = reference_tensor(reference, batch_items, packed.num_slots, device)
-        weights = sample_weights(batch_items, config, kind_weights, device)
-        if config.loss == "mlpo":
-            loss, metrics = mlpo_loss(policy_logps, ref_logps, gamma=config.gamma, valid=packed.valid,
-                                      explicit=config.explicit, implicit=config.implicit, weight=weights)
-        else:  # DPO is MLPO's K = 1 case: y_w against the best dispreferred response, explicit term only
-            loss, metrics = mlpo_loss(policy_logps[:, :2], ref_logps[:, :2], gamma=config.gamma,
-                                      valid=packed.valid[:, :2], explicit=True, implicit=False, weight=weights)
-        if config.token_kl_weight > 0:
-            # Token-level alignment: the reference's hidden states come from the same packed batch with the
-            # adapter disabled; the KL is fused from both hidden states and the lm_head (no [N, V] logits).
-            with torch.no_grad(), vlm.adapter_disabled():
-                reference_hidden = answer_hidden_states(vlm, packed)
-            covered = packed.score_slots % packed.num_slots == 0
-            if config.token_kl_scope == "marked":
-                covered &= packed.score_flags if packed.score_flags is not None else torch.zeros_like(covered)
-            token_kl = fused_token_kl(hidden, reference_hidden, vlm.lm_head_weight, lam=config.token_kl_lambda,
-                                      mask=covered)
-            kl_per_sample = sum_by_slot(token_kl, packed)[:, 0]
-            if weights is not None:
-                kl_per_sample = kl_per_sample * weights
-            loss = loss + config.token_kl_weight * kl_per_sample.mean()
-            metrics["token_kl"] = kl_per_sample.detach().mean()
-            metrics["loss"] = loss.detach()
+        scored = score_batch(vlm, batch_items, reference, config, kind_weights, device)
+        loss, metrics = batch_loss(scored, config)
         finite = torch.tensor(float(torch.isfinite(loss)), dtype=torch.float64)
         if world_size > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -328,7 +298,7 @@ def train(config: TrainConfig) -> TrainResult:
         engine.backward(loss)
         boundary = engine.step()
         micro_step += 1
-        window["tokens"] += packed.num_real_tokens
+        window["tokens"] += scored.num_real_tokens
         window["samples"] += len(batch_items)
         window["metrics"].append({k: float(v) for k, v in metrics.items() if v.numel() == 1})
         if not boundary:
@@ -350,13 +320,23 @@ def train(config: TrainConfig) -> TrainResult:
             window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "metrics": []}
         progress.update(1)
 
-        # 8. Checkpoint.
+        # 8. Held-out evaluation (before the checkpoint, so a checkpointed step always has its eval row).
+        if eval_items and ((config.eval_steps and step % config.eval_steps == 0) or step == stop_at):
+            held_out = held_out_metrics(vlm, eval_items, eval_reference, config, kind_weights, device, rank=rank,
+                                        world_size=world_size)
+            log.append({"step": step, "epoch": epoch, **held_out})
+            if rank == 0:
+                progress.write(f"[hscr] step {step} held-out ({held_out['eval_lists']} lists): "
+                               f"loss {held_out['eval_loss']:.4f}, explicit accuracy "
+                               f"{held_out['eval_accuracy_explicit']:.3f}, margin {held_out['eval_margin_explicit']:.4f}")
+
+        # 9. Checkpoint.
         if step % config.save_steps == 0 or step == stop_at:
             last_saved = f"step-{step}"
             engine.save(last_saved, {"step": step, "micro_step": micro_step, "run": run_identity})
     progress.close()
 
-    # 9. The adapter in standard PEFT format (PeftModel.from_pretrained loads it), the plot, optionally merged.
+    # 10. The adapter in standard PEFT format (PeftModel.from_pretrained loads it), the plot, optionally merged.
     result = TrainResult(out / "adapter", out / "metrics.jsonl", out / "curves.png", step)
     if rank == 0:
         vlm.model.save_pretrained(result.adapter_dir)
@@ -374,6 +354,28 @@ def train(config: TrainConfig) -> TrainResult:
     if world_size > 1:
         torch.distributed.barrier()
     return result
+
+
+def load_training_data(config: TrainConfig) -> tuple[list, list]:
+    """(training records, held-out records), every line and image validated; raises before any model loads."""
+    from .data.records import DataFormatError
+    from .heldout import split_held_out
+    from .preferences import validate_preferences
+
+    if config.eval_preferences and config.eval_fraction:
+        raise DataFormatError("--eval-preferences and --eval-fraction both choose the held-out lists; give one")
+    records = validate_preferences(config.preferences, config.image_folder)
+    eval_records = []
+    if config.eval_fraction:
+        records, eval_records = split_held_out(records, config.eval_fraction, config.preferences)
+    elif config.eval_preferences:
+        eval_records = validate_preferences(config.eval_preferences, config.eval_image_folder or config.image_folder)
+    if config.loss == "weighted-dpo":
+        unweighted = [record.id for record in records + eval_records if record.weight is None]
+        if unweighted:
+            raise SystemExit(f"error: --loss weighted-dpo needs a 'weight' on every preference record; "
+                             f"{len(unweighted)} have none (ids {unweighted[:5]})")
+    return records, eval_records
 
 
 def _nanmean(values: list[float]) -> float:

@@ -1,4 +1,5 @@
-"""The trainer's metrics log (JSONL, one optimizer step per line) and its plot (PNG of the curves)."""
+"""The trainer's metrics log (JSONL: a line per logged optimizer step, and one per held-out evaluation) and its plot
+(PNG of the curves, held-out values drawn beside the training ones)."""
 from __future__ import annotations
 
 import json
@@ -56,13 +57,20 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(metrics_path)
-    present = [(key, label) for key, label in PLOTTED if any(_finite(row.get(key)) for row in rows)]
+    # Held-out rows (eval_<key>, see hscr_fast.heldout) share the panel of their training metric.
+    present = [(key, label) for key, label in PLOTTED
+               if any(_finite(row.get(key)) or _finite(row.get(f"eval_{key}")) for row in rows)]
     columns = 3
     rows_needed = max(1, math.ceil(len(present) / columns))
     figure, axes = plt.subplots(rows_needed, columns, figsize=(4.2 * columns, 3.0 * rows_needed), squeeze=False)
     for axis, (key, label) in zip(axes.flat, present):
-        points = [(row["step"], row[key]) for row in rows if _finite(row.get(key))]
-        axis.plot([p[0] for p in points], [p[1] for p in points], lw=1.4)
+        for name, style in ((key, dict(lw=1.4, label="train")),
+                            (f"eval_{key}", dict(lw=1.4, marker="o", ms=3, label="held-out"))):
+            points = [(row["step"], row[name]) for row in rows if _finite(row.get(name))]
+            if points:
+                axis.plot([p[0] for p in points], [p[1] for p in points], **style)
+        if any(_finite(row.get(f"eval_{key}")) for row in rows):
+            axis.legend(fontsize=7)
         axis.set_title(label, fontsize=10)
         axis.set_xlabel("optimizer step", fontsize=8)
         axis.grid(alpha=0.3)

@@ -129,18 +129,23 @@ def _torchrun(nproc, args, env):
 
 
 def test_deepspeed_zero2_two_processes_match_one(tiny_model_dir, preference_data, tmp_path):
-    """2 CPU processes (gloo) × batch 2 give the same losses as 1 process × batch 4: same global batch."""
+    """2 CPU processes (gloo) × batch 2 give the same losses as 1 process × batch 4: same global batch. The held-out
+    metrics (2 of the 10 lists, one per rank) are gathered across ranks and match too."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     common = ["--model", str(tiny_model_dir), "--preferences", str(preference_data / "prefs.jsonl"),
               "--image-folder", str(preference_data / "images"), "--epochs", "1", "--learning-rate", "2e-3",
-              "--deepspeed", "zero2", "--save-steps", "100"]
+              "--deepspeed", "zero2", "--save-steps", "100", "--eval-fraction", "0.2", "--eval-steps", "1"]
     _torchrun(1, common + ["--out", str(tmp_path / "one"), "--per-device-batch-size", "4"], env)
     _torchrun(2, common + ["--out", str(tmp_path / "two"), "--per-device-batch-size", "2"], env)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert len(one) == len(two) == 10 // 4
+    assert len(one) == len(two) == 2 * (8 // 4)  # 8 lists train, 2 held out; a training and an eval row per step
     for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-        assert b["margin_explicit"] == pytest.approx(a["margin_explicit"], rel=1e-3, abs=1e-6)
+        assert a["step"] == b["step"]
+        for name, rel in (("loss", 1e-4), ("margin_explicit", 1e-3), ("eval_loss", 1e-4),
+                          ("eval_margin_explicit", 1e-3)):
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=rel, abs=1e-6), name
+    assert [row["eval_lists"] for row in two if "eval_lists" in row] == [2, 2]
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
 

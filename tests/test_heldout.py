@@ -1,0 +1,122 @@
+"""Held-out evaluation during training: the split, the exactness of the eval_* metrics against an independent
+computation with the saved adapter, that evaluating never changes training, and the errors for bad settings."""
+import json
+import random
+import types
+
+import pytest
+import torch
+
+from hscr_fast.data.records import DataFormatError
+from hscr_fast.heldout import split_held_out
+from hscr_fast.train import TrainConfig, main, train
+
+ANSWERS = ["yes", "no", "left upper lobe", "right lower lobe", "two lesions", "one", "a small nodule", "the chest",
+           "none seen", "a large mass in the right lung", "at the base", "three"]
+
+
+@pytest.fixture(scope="module")
+def lists(tmp_path_factory, make_images):
+    """train.jsonl (10 lists) and heldout.jsonl (5 lists, other images and questions); k varies from 1 to 3."""
+    root = tmp_path_factory.mktemp("heldout")
+    (root / "images").mkdir()
+    files = {"train.jsonl": [], "heldout.jsonl": []}
+    for index, image in enumerate(make_images(15, seed=5)):
+        image.save(root / "images" / f"img{index}.png")
+        k = 1 + index % 3
+        record = {"id": f"s{index}", "image": f"img{index}.png", "prompt": f"Question {index}: what is seen here?",
+                  "responses": [ANSWERS[(index + shift) % len(ANSWERS)] for shift in range(k + 1)]}
+        files["train.jsonl" if index < 10 else "heldout.jsonl"].append(json.dumps(record))
+    for name, lines in files.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def make_config(tiny_model_dir, lists, out, **overrides):
+    values = dict(model=str(tiny_model_dir), preferences=str(lists / "train.jsonl"), image_folder=str(lists / "images"),
+                  out=str(out), epochs=2, learning_rate=2e-3, per_device_batch_size=2, deepspeed="none",
+                  save_steps=100, warmup_ratio=0.1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def read_rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def test_split_depends_only_on_the_ids():
+    records = [types.SimpleNamespace(id=f"sample-{i}") for i in range(4000)]
+    kept, held = split_held_out(records, 0.1, "x.jsonl")
+    assert len(kept) + len(held) == 4000 and not {r.id for r in kept} & {r.id for r in held}
+    assert abs(len(held) - 400) < 3 * (4000 * 0.1 * 0.9) ** 0.5  # binomial(4000, 0.1) within 3 sigma
+    shuffled = records[:]
+    random.Random(1).shuffle(shuffled)
+    assert {r.id for r in split_held_out(shuffled, 0.1, "x.jsonl")[1]} == {r.id for r in held}
+    assert {r.id for r in held} <= {r.id for r in split_held_out(records, 0.2, "x.jsonl")[1]}  # nested fractions
+    for fraction in (0.0, 1.0, -0.5):
+        with pytest.raises(DataFormatError, match="strictly between 0 and 1"):
+            split_held_out(records, fraction, "x.jsonl")
+    with pytest.raises(DataFormatError, match="holds out none of the 2 preference lists in x.jsonl"):
+        split_held_out(records[:2], 1e-6, "x.jsonl")
+
+
+def test_held_out_metrics_are_exact_and_leave_training_unchanged(tiny_model_dir, lists, tmp_path):
+    from hscr_fast.evaluate import load_model
+    from hscr_fast.listwise import listwise_logprobs, pack_examples
+    from hscr_fast.losses import mlpo_loss
+    from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
+
+    plain = train(make_config(tiny_model_dir, lists, tmp_path / "plain"))
+    evaluated = train(make_config(tiny_model_dir, lists, tmp_path / "eval", eval_steps=4,
+                                  eval_preferences=str(lists / "heldout.jsonl")))
+    plain_rows, _ = read_rows(tmp_path / "plain")
+    train_rows, eval_rows = read_rows(tmp_path / "eval")
+    assert plain.steps == evaluated.steps == 10
+    assert [r["loss"] for r in train_rows] == [r["loss"] for r in plain_rows]  # evaluating never perturbs training
+    assert [r["step"] for r in eval_rows] == [4, 8, 10] and all(r["eval_lists"] == 5 for r in eval_rows)
+
+    # The last eval row equals MLPO over the 5 held-out lists, all at once, with the saved adapter.
+    vlm = load_model(tiny_model_dir, evaluated.adapter_dir)
+    items = tokenize_preferences(vlm, validate_preferences(lists / "heldout.jsonl", lists / "images"),
+                                 lists / "images")
+    with torch.no_grad():
+        packed = pack_examples(vlm.embed_tokens, to_examples(vlm, items))
+        policy = listwise_logprobs(vlm, packed)
+        with vlm.adapter_disabled():
+            reference = listwise_logprobs(vlm, packed)
+    loss, metrics = mlpo_loss(policy, reference, gamma=0.1, valid=packed.valid)
+    final = eval_rows[-1]
+    assert final["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for name in ("margin_explicit", "margin_implicit", "accuracy_explicit", "accuracy_implicit"):
+        assert final[f"eval_{name}"] == pytest.approx(metrics[name].item(), rel=1e-4, abs=1e-6)
+    assert final["eval_num_pairs_explicit"] == sum(len(item.responses) - 1 for item in items)
+    assert eval_rows[0]["eval_loss"] != eval_rows[-1]["eval_loss"]  # each evaluation sees the current policy
+    assert evaluated.plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_fraction_holds_out_part_of_the_training_file(tiny_model_dir, lists, tmp_path):
+    from hscr_fast.preferences import validate_preferences
+
+    records = validate_preferences(lists / "train.jsonl", lists / "images")
+    kept, held = split_held_out(records, 0.35, "train.jsonl")
+    result = train(make_config(tiny_model_dir, lists, tmp_path / "fraction", eval_fraction=0.35, eval_steps=0,
+                               epochs=1))
+    train_rows, eval_rows = read_rows(tmp_path / "fraction")
+    assert result.steps == len(train_rows) == len(kept) // 2
+    assert [r["step"] for r in eval_rows] == [result.steps]  # eval_steps 0: at the end only
+    assert eval_rows[0]["eval_lists"] == len(held)
+    # One reference cache for the whole file, covering the held-out lists too.
+    (cache,) = lists.glob("train.ref-logps-*.json")
+    assert set(json.loads(cache.read_text())) >= {r.id for r in records}
+
+
+def test_bad_held_out_settings_are_reported_before_the_model_loads(lists, tmp_path, capsys):
+    common = ["--model", str(tmp_path / "no-such-model"), "--preferences", str(lists / "train.jsonl"),
+              "--image-folder", str(lists / "images"), "--deepspeed", "none", "--out", str(tmp_path / "o")]
+    assert main(common + ["--eval-fraction", "0.2", "--eval-preferences", str(lists / "heldout.jsonl")]) == 2
+    assert "give one" in capsys.readouterr().err
+    assert main(common + ["--eval-fraction", "1e-9"]) == 2
+    assert "holds out none of the 10 preference lists" in capsys.readouterr().err
+    assert main(common + ["--eval-preferences", str(tmp_path / "gone.jsonl")]) == 2
+    assert "gone.jsonl: file not found" in capsys.readouterr().err
