@@ -147,6 +147,21 @@ def side_by_side(benchmark, record_bench_result):
     return compare
 
 
+def _source_commit() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it (None outside a git checkout)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
 def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("HSCR_BENCH_RESULTS")
     if not path or not _RESULTS:
@@ -155,8 +170,10 @@ def pytest_sessionfinish(session, exitstatus):
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _source_commit(),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "results": _RESULTS,
     }
     tmp = out.with_suffix(out.suffix + ".tmp")
