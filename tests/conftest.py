@@ -1,4 +1,5 @@
 """Test-wide settings: offline hub, deterministic CPU threads, shared fixtures (tiny models, real data paths)."""
+import json
 import os
 from pathlib import Path
 
@@ -67,6 +68,35 @@ def make_images():
     """`make_images(count, seed=0)` → random RGB PIL images of odd sizes (a fixture: importlib mode has no conftest
     imports)."""
     return random_rgb_images
+
+
+PREFERENCE_ANSWERS = ["yes", "no", "left upper lobe", "right lower lobe", "two lesions", "one", "a small nodule",
+                      "the chest", "none seen", "a large mass in the right lung"]
+
+
+def write_preference_lists(root: Path, files: dict[str, int], seed: int = 0) -> Path:
+    """Preference JSONL files under `root` ({file name: number of lists}) with their images in `root/images`. List i
+    has 1 + i % 3 dispreferred responses (k varies inside a batch), answers drawn from PREFERENCE_ANSWERS."""
+    (root / "images").mkdir(exist_ok=True)
+    images = random_rgb_images(sum(files.values()), seed=seed)
+    index = 0
+    for name, count in files.items():
+        lines = []
+        for _ in range(count):
+            images[index].save(root / "images" / f"img{index}.png")
+            responses = [PREFERENCE_ANSWERS[(index + shift) % len(PREFERENCE_ANSWERS)]
+                         for shift in range(2 + index % 3)]
+            lines.append(json.dumps({"id": f"s{index}", "image": f"img{index}.png",
+                                     "prompt": f"Question number {index}: what is seen?", "responses": responses}))
+            index += 1
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def preference_lists():
+    """`preference_lists(root, {file name: count}, seed=0)`: see `write_preference_lists`."""
+    return write_preference_lists
 
 
 class LargestTensor:

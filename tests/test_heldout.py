@@ -11,25 +11,11 @@ from hscr_fast.data.records import DataFormatError
 from hscr_fast.heldout import split_held_out
 from hscr_fast.train import TrainConfig, main, train
 
-ANSWERS = ["yes", "no", "left upper lobe", "right lower lobe", "two lesions", "one", "a small nodule", "the chest",
-           "none seen", "a large mass in the right lung", "at the base", "three"]
-
 
 @pytest.fixture(scope="module")
-def lists(tmp_path_factory, make_images):
-    """train.jsonl (10 lists) and heldout.jsonl (5 lists, other images and questions); k varies from 1 to 3."""
-    root = tmp_path_factory.mktemp("heldout")
-    (root / "images").mkdir()
-    files = {"train.jsonl": [], "heldout.jsonl": []}
-    for index, image in enumerate(make_images(15, seed=5)):
-        image.save(root / "images" / f"img{index}.png")
-        k = 1 + index % 3
-        record = {"id": f"s{index}", "image": f"img{index}.png", "prompt": f"Question {index}: what is seen here?",
-                  "responses": [ANSWERS[(index + shift) % len(ANSWERS)] for shift in range(k + 1)]}
-        files["train.jsonl" if index < 10 else "heldout.jsonl"].append(json.dumps(record))
-    for name, lines in files.items():
-        (root / name).write_text("\n".join(lines) + "\n")
-    return root
+def lists(tmp_path_factory, preference_lists):
+    """train.jsonl (10 lists) and heldout.jsonl (5 more lists: other images and questions)."""
+    return preference_lists(tmp_path_factory.mktemp("heldout"), {"train.jsonl": 10, "heldout.jsonl": 5}, seed=5)
 
 
 def make_config(tiny_model_dir, lists, out, **overrides):

@@ -16,18 +16,8 @@ ANSWER_POOL = ["yes", "no", "left upper lobe", "right lower lobe", "two lesions"
 
 
 @pytest.fixture(scope="module")
-def preference_data(tmp_path_factory, make_images):
-    root = tmp_path_factory.mktemp("prefs")
-    (root / "images").mkdir()
-    lines = []
-    for index, image in enumerate(make_images(10, seed=11)):
-        image.save(root / "images" / f"img{index}.png")
-        k = 1 + index % 3  # 1..3 dispreferred responses: k varies inside a batch
-        responses = [ANSWER_POOL[(index + shift) % len(ANSWER_POOL)] for shift in range(k + 1)]
-        lines.append(json.dumps({"id": f"s{index}", "image": f"img{index}.png",
-                                 "prompt": f"Question number {index}: what is seen?", "responses": responses}))
-    (root / "prefs.jsonl").write_text("\n".join(lines) + "\n")
-    return root
+def preference_data(tmp_path_factory, preference_lists):
+    return preference_lists(tmp_path_factory.mktemp("prefs"), {"prefs.jsonl": 10}, seed=11)
 
 
 def make_config(tiny_model_dir, data, out, **overrides):
