@@ -162,6 +162,9 @@ def _source_commit() -> str | None:
     return commit + ("+dirty" if dirty else "")
 
 
+_COMMIT_AT_START = _source_commit()  # the code the run loaded, whatever is edited while it runs
+
+
 def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("HSCR_BENCH_RESULTS")
     if not path or not _RESULTS:
@@ -170,7 +173,7 @@ def pytest_sessionfinish(session, exitstatus):
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _source_commit(),
+        "commit": _COMMIT_AT_START,
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

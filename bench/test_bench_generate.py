@@ -80,7 +80,7 @@ def make_records(folder, count: int) -> list[VQARecord]:
     return records
 
 
-def test_generation_throughput(benchmark, tmp_path):
+def test_generation_throughput(benchmark, tmp_path, record_bench_result):
     from hscr_fast.rerank import SentenceSimilarity
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -109,15 +109,17 @@ def test_generation_throughput(benchmark, tmp_path):
     samples_per_second = num_samples / seconds
     prompt = vlm.prompt_tokens(QUESTIONS_AND_ANSWERS[0][0])
     answer_tokens = [len(vlm.answer_tokens(vlm.prompt_tokens(q), a)) for q, a in QUESTIONS_AND_ANSWERS]
-    benchmark.extra_info.update({
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (1 thread)",
         "model": model_name, "dtype": str(vlm.dtype), "image_tokens": vlm.num_visual_tokens,
         "prompt_text_tokens": prompt.num_text_tokens, "mean_answer_tokens": float(np.mean(answer_tokens)),
         "vocab": int(vlm.lm_head_weight.shape[0]), "decoder_width": vlm.hidden_size,
         "decoder_layers": vlm.config.text_config.num_hidden_layers, "batch_size": batch_size,
         "samples": num_samples, "written": written, "mode": args.mode, "drop_ratio": args.drop_ratio,
         "samples_per_second": samples_per_second, "projected_seconds_2000": 2000 / samples_per_second,
-    })
+    }
+    benchmark.extra_info.update(result)
+    record_bench_result("generate_throughput", result)
     print(f"\ngeneration: {samples_per_second:.1f} samples/s ({model_name}, {vlm.dtype}, {device}, batch "
           f"{batch_size}); 2,000 samples ≈ {2000 / samples_per_second:.0f} s")
     assert written > 0

@@ -69,7 +69,9 @@ class TrainConfig:
     deepspeed: str = _arg("zero2", "'zero2' (built from these flags), 'none' (plain PyTorch), or a DeepSpeed JSON file")
     gradient_checkpointing: bool = _arg(False, "recompute decoder activations in backward (less memory)")
     dtype: str = _arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16")
-    attn_implementation: str = _arg("sdpa", "attention kernel for the decoder (sdpa or eager)")
+    attn_implementation: str = _arg("sdpa", "attention kernel for the decoder. The listwise forward gives every row "
+                                            "a 4D prefix-sharing mask, which flash-attention's kernels cannot take",
+                                    choices=("sdpa", "eager"))
     max_answer_tokens: int = _arg(512, "longest response accepted, in tokens")
     save_steps: int = _arg(50, "checkpoint every N optimizer steps (and at the end)")
     save_total_limit: int = _arg(2, "checkpoints kept")
