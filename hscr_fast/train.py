@@ -275,7 +275,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     progress = tqdm(total=total_steps, initial=step, desc=config.loss.upper(), unit="step", disable=rank != 0, dynamic_ncols=True)
     vlm.model.train()
-    window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "metrics": []}
+    # Throughput window: "paused" is time spent on held-out evaluation and checkpoints, which tokens/s leaves out.
+    window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "paused": 0.0, "metrics": []}
     last_saved = engine.latest_tag()
     stop_at = total_steps if config.stop_after_steps is None else min(total_steps, config.stop_after_steps)
     while step < stop_at:
@@ -309,7 +310,7 @@ def train(config: TrainConfig) -> TrainResult:
 
         # 7. Log: per-step means over micro-batches and ranks; throughput counts real (unpadded) tokens.
         if step % config.log_every == 0 or step == stop_at:
-            elapsed = time.perf_counter() - window["start"]
+            elapsed = time.perf_counter() - window["start"] - window["paused"]
             row = {k: _nanmean([m[k] for m in window["metrics"]]) for k in window["metrics"][0]}
             row = _mean_across_ranks(row, world_size)
             totals = _mean_across_ranks({"tokens": window["tokens"], "samples": window["samples"]}, world_size)
@@ -319,8 +320,9 @@ def train(config: TrainConfig) -> TrainResult:
             log.append(row)
             progress.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy_explicit']:.2f}",
                                  tok_s=f"{row['tokens_per_second']:.0f}", refresh=False)
-            window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "metrics": []}
+            window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "paused": 0.0, "metrics": []}
         progress.update(1)
+        pause_start = time.perf_counter()
 
         # 8. Held-out evaluation (before the checkpoint, so a checkpointed step always has its eval row).
         if eval_items and ((config.eval_steps and step % config.eval_steps == 0) or step == stop_at):
@@ -336,6 +338,7 @@ def train(config: TrainConfig) -> TrainResult:
         if step % config.save_steps == 0 or step == stop_at:
             last_saved = f"step-{step}"
             engine.save(last_saved, {"step": step, "micro_step": micro_step, "run": run_identity})
+        window["paused"] += time.perf_counter() - pause_start
     progress.close()
 
     # 10. The adapter in standard PEFT format (PeftModel.from_pretrained loads it), the plot, optionally merged.
