@@ -34,9 +34,19 @@ def independent_logps(vlm, pixels, prompts, responses, dropouts=None):
     return out
 
 
-@pytest.mark.parametrize("dropout_mode", [None, "remove", "mask"])
-def test_listwise_equals_independent_forwards_values_and_gradients(tiny_vlm, make_images, dropout_mode):
-    vlm = tiny_vlm
+@pytest.fixture(scope="module")
+def tiny_llama_vlm():
+    """A LLaVA-1.5-style model: the same tiny shapes with a Llama decoder."""
+    from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
+    from hscr_fast.models.vlm import VisionLanguageModel
+
+    return VisionLanguageModel(*build_tiny_llava(TinyLlavaSpec(text_model="llama", seed=2)))
+
+
+@pytest.mark.parametrize("dropout_mode, decoder", [(None, "mistral"), ("remove", "mistral"), ("mask", "mistral"),
+                                                   ("mask", "llama")])
+def test_listwise_equals_independent_forwards_values_and_gradients(request, make_images, dropout_mode, decoder):
+    vlm = request.getfixturevalue("tiny_vlm" if decoder == "mistral" else "tiny_llama_vlm")
     prompts = [vlm.prompt_tokens(q) for q in QUESTIONS]
     responses = [[vlm.answer_tokens(p, a) for a in answers] for p, answers in zip(prompts, ANSWERS)]
     pixels = vlm.preprocess_images(make_images(3, seed=7))

@@ -1,11 +1,17 @@
-"""Convert an original LLaVA-Med v1.5 checkpoint to transformers' Llava layout.
+"""Convert an original LLaVA-Med v1.5 checkpoint (or another checkpoint in LLaVA's own layout) to transformers' Llava.
 
     python -m hscr_fast.models.convert SRC DST [--vision-tower DIR] [--dtype bfloat16]
 
-The original layout (`LlavaMistralForCausalLM`, model_type `llava_mistral`) is a Mistral causal LM whose config
-carries `mm_vision_tower`, `mm_projector_type: mlp2x_gelu`, `mm_vision_select_layer`, `mm_vision_select_feature`, and
-whose weights add `model.mm_projector.{0,2}.*` (and `model.vision_tower.vision_tower.*` when the vision tower was
-saved with it). The vision tower comes from the checkpoint when present, else from `--vision-tower` (a local CLIP
+The original layout is a causal LM with vision parts added: `LlavaMistralForCausalLM` (LLaVA-Med v1.5) or
+`LlavaLlamaForCausalLM` (LLaVA-1.5 and its Vicuna/Llama-based fine-tunes). Its config carries `mm_vision_tower`,
+`mm_projector_type`, `mm_vision_select_layer` and `mm_vision_select_feature`. Its weights add the projector,
+`model.mm_projector.{0,2}.*` (`mlp2x_gelu`) or `model.mm_projector.*` (`linear`), and `model.vision_tower.vision_tower.*`
+when the vision tower was saved with it.
+
+A `linear` projector maps exactly onto transformers' two-layer projector: the first layer holds the weights, the
+activation is the identity, and the second layer is an identity matrix with zero bias. Checkpoints that wrap the
+image in `<im_start>`/`<im_end>` tokens (`mm_use_im_start_end`, LLaVA v1.0) are refused: the prompt formats here do
+not add those tokens. The vision tower comes from the checkpoint when present, else from `--vision-tower` (a local CLIP
 directory), else from `mm_vision_tower` (a local path, or a hub name when the hub is reachable).
 
 The `<image>` placeholder becomes one extra token at the end of the vocabulary. hscr_fast never embeds it (visual
@@ -26,6 +32,9 @@ from .prompting import IMAGE_PLACEHOLDER
 from .vlm import ModelOptions
 
 SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
+# Original architecture -> the transformers config class of its language model.
+TEXT_CONFIG_CLASSES = {"LlavaMistralForCausalLM": "MistralConfig", "LlavaLlamaForCausalLM": "LlamaConfig"}
+PROJECTOR_ACTIVATIONS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 
@@ -74,8 +83,9 @@ def _load_vision_tower(config: dict, state: dict, vision_tower_dir: str | None, 
 
 def convert_llava_med(src: str | Path, dst: str | Path, *, vision_tower_dir: str | None = None,
                       dtype: torch.dtype | None = None) -> Path:
+    import transformers
     from transformers import (AutoTokenizer, CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, MistralConfig)
+                              LlavaProcessor)
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     src, dst = Path(src), Path(dst)
@@ -84,13 +94,17 @@ def convert_llava_med(src: str | Path, dst: str | Path, *, vision_tower_dir: str
         raise ConversionError(f"{src}: no config.json")
     config = json.loads(config_path.read_text())
     architecture = (config.get("architectures") or ["?"])[0]
-    if architecture != "LlavaMistralForCausalLM":
-        raise ConversionError(f"{src}: architecture {architecture!r} is not the LLaVA-Med v1.5 layout "
-                              "(LlavaMistralForCausalLM)")
+    if architecture not in TEXT_CONFIG_CLASSES:
+        raise ConversionError(f"{src}: architecture {architecture!r} is not an original LLaVA layout this converter "
+                              f"reads ({', '.join(TEXT_CONFIG_CLASSES)})")
+    text_config_class = getattr(transformers, TEXT_CONFIG_CLASSES[architecture])
     projector_type = config.get("mm_projector_type", "linear")
-    if projector_type != "mlp2x_gelu":
-        raise ConversionError(f"{src}: mm_projector_type {projector_type!r} is not supported; transformers' Llava "
-                              "projector is mlp2x_gelu")
+    if projector_type not in PROJECTOR_ACTIVATIONS:
+        raise ConversionError(f"{src}: mm_projector_type {projector_type!r} is not supported; supported: "
+                              f"{', '.join(PROJECTOR_ACTIVATIONS)}")
+    if config.get("mm_use_im_start_end"):
+        raise ConversionError(f"{src}: mm_use_im_start_end is true (image wrapped in <im_start>/<im_end> tokens, "
+                              "LLaVA v1.0 style); the prompt formats of hscr_fast do not add those tokens")
     select_feature = config.get("mm_vision_select_feature", "patch")
     if select_feature not in SELECT_FEATURE_TO_STRATEGY:
         raise ConversionError(f"{src}: mm_vision_select_feature {select_feature!r} is not supported")
@@ -103,14 +117,15 @@ def convert_llava_med(src: str | Path, dst: str | Path, *, vision_tower_dir: str
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     vocab_size = max(config["vocab_size"], image_token_id + 1)
 
-    text_keys = {k: v for k, v in config.items() if k in MistralConfig().to_dict() and k not in
+    text_keys = {k: v for k, v in config.items() if k in text_config_class().to_dict() and k not in
                  ("architectures", "model_type", "transformers_version", "_name_or_path", "torch_dtype", "dtype")}
     text_keys["vocab_size"] = vocab_size
-    text_config = MistralConfig(**text_keys)
+    text_config = text_config_class(**text_keys)
     dtype = dtype or getattr(torch, config.get("torch_dtype") or config.get("dtype") or "float32")
     llava_config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2, projector_hidden_act="gelu",
+        image_seq_length=(vision_config.image_size // vision_config.patch_size) ** 2,
+        projector_hidden_act=PROJECTOR_ACTIVATIONS[projector_type],
         vision_feature_select_strategy=SELECT_FEATURE_TO_STRATEGY[select_feature],
         vision_feature_layer=config.get("mm_vision_select_layer", -2), tie_word_embeddings=False,
     )
@@ -120,16 +135,18 @@ def convert_llava_med(src: str | Path, dst: str | Path, *, vision_tower_dir: str
         if key.startswith(VISION_PREFIX):
             continue
         if key.startswith(PROJECTOR_PREFIX):
-            index, _, leaf = key[len(PROJECTOR_PREFIX):].partition(".")
-            if index not in ("0", "2"):
-                raise ConversionError(f"{src}: unexpected projector weight {key}")
-            mapped[f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{leaf}"] = tensor
+            mapped.update(_projector_weight(key, tensor, projector_type, src))
         elif key.startswith("model."):
             mapped["model.language_model." + key[len("model."):]] = tensor
         elif key.startswith("lm_head."):
             mapped[key] = tensor
         else:
             raise ConversionError(f"{src}: unexpected weight {key}")
+    if projector_type == "linear":  # the second layer of transformers' projector passes the first one's output on
+        width = text_config.hidden_size
+        reference = mapped.get("model.multi_modal_projector.linear_1.weight", torch.empty(0))
+        mapped["model.multi_modal_projector.linear_2.weight"] = torch.eye(width, dtype=reference.dtype)
+        mapped["model.multi_modal_projector.linear_2.bias"] = torch.zeros(width, dtype=reference.dtype)
     for key, tensor in vision_state.items():
         mapped["model.vision_tower." + key] = tensor
     for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
@@ -169,9 +186,20 @@ def convert_llava_med(src: str | Path, dst: str | Path, *, vision_tower_dir: str
     return dst
 
 
+def _projector_weight(key: str, tensor: torch.Tensor, projector_type: str, src: Path) -> dict[str, torch.Tensor]:
+    """One original projector tensor under its transformers name."""
+    index, _, leaf = key[len(PROJECTOR_PREFIX):].partition(".")
+    if projector_type == "linear" and index in ("weight", "bias") and not leaf:
+        return {f"model.multi_modal_projector.linear_1.{index}": tensor}
+    if projector_type == "mlp2x_gelu" and index in ("0", "2"):
+        return {f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{leaf}": tensor}
+    raise ConversionError(f"{src}: unexpected weight {key} for mm_projector_type {projector_type!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hscr_fast.models.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="original LLaVA-Med v1.5 checkpoint directory (LlavaMistralForCausalLM)")
+    parser.add_argument("src", help="checkpoint directory in LLaVA's original layout (LlavaMistralForCausalLM, as "
+                                    "LLaVA-Med v1.5, or LlavaLlamaForCausalLM)")
     parser.add_argument("dst", help="output directory (transformers LlavaForConditionalGeneration layout)")
     parser.add_argument("--vision-tower", help="local CLIP vision directory, when the checkpoint has no vision weights")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")

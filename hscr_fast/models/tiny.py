@@ -1,5 +1,5 @@
-"""Tiny real-architecture LLaVA models built in code: CLIP vision tower + MLP projector + Mistral decoder, random
-weights, a working tokenizer and processor. Used by the tests and as the starting point of the demo model.
+"""Tiny real-architecture LLaVA models built in code: CLIP vision tower + MLP projector + Mistral (or Llama) decoder,
+random weights, a working tokenizer and processor. Used by the tests and as the starting point of the demo model.
 
 Nothing here touches the network: the tokenizer is a small BPE trained in memory on a word list, wrapped in
 transformers' `PreTrainedTokenizerFast`, so it saves and reloads with `AutoTokenizer` like any real one.
@@ -48,6 +48,7 @@ class TinyLlavaSpec:
     max_position_embeddings: int = 2048
     seed: int = 0
     corpus: list[str] = field(default_factory=list)
+    text_model: str = "mistral"  # or "llama" (LLaVA-1.5 / Vicuna-style decoders)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
@@ -70,8 +71,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
 
 def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str = "sdpa"):
     """Returns (model, processor) with random weights. `processor.tokenizer` and `processor.image_processor` work."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, MistralConfig)
+    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, MistralConfig)
 
     spec = spec or TinyLlavaSpec()
     tokenizer = train_tokenizer(BASE_CORPUS + list(spec.corpus), spec.tokenizer_vocab)
@@ -81,13 +82,19 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str
         num_attention_heads=spec.vision_heads, image_size=spec.image_size, patch_size=spec.patch_size,
         projection_dim=spec.vision_hidden,
     )
-    text_config = MistralConfig(
+    text_shape = dict(
         vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
         num_key_value_heads=spec.text_kv_heads, max_position_embeddings=spec.max_position_embeddings,
-        sliding_window=None, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
     )
+    if spec.text_model == "mistral":
+        text_config = MistralConfig(sliding_window=None, **text_shape)
+    elif spec.text_model == "llama":
+        text_config = LlamaConfig(**text_shape)
+    else:
+        raise ValueError(f"TinyLlavaSpec.text_model must be 'mistral' or 'llama', got {spec.text_model!r}")
     num_patches = (spec.image_size // spec.patch_size) ** 2
     config = LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
