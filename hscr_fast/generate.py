@@ -223,7 +223,7 @@ class ProcessGroup:
 class LoadedBatch:
     batch: list  # the batch as sharded (its composition fixes the numbers)
     records: list  # those whose image loaded
-    pixel_values: object  # torch.Tensor [len(records), 3, H, W] on the model's device, or None
+    pixel_values: object  # vlm.preprocess_images of the records' images (one per record), or None
     skips: list[dict]
 
 
@@ -282,9 +282,10 @@ class PreferenceBuilder:
         from hscr_fast.rerank import rerank_batch
 
         skips, ready, prepared, keep = list(loaded.skips), [], [], []
+        token_counts = self.vlm.visual_token_counts(loaded.pixel_values) if loaded.records else []
         for index, record in enumerate(loaded.records):
             sample = self.contrast.prepare(record.id, record.question, record.answer)
-            length = self.contrast.sequence_length(sample)
+            length = self.contrast.sequence_length(sample, token_counts[index])
             if length > self.max_length:
                 skips.append(self.skip(record, "too_long", f"prompt + visual tokens + answer = {length} tokens > "
                                                            f"--max-length {self.max_length}"))

@@ -205,14 +205,16 @@ class SelfContrast:
         prompt = self.vlm.prompt_tokens(question)
         return PreparedSample(str(sample_id), prompt, self.vlm.answer_tokens(prompt, answer))
 
-    def sequence_length(self, sample: PreparedSample) -> int:
-        """Tokens of prompt (with every visual token) + answer (EOS included): what must fit the model's positions."""
-        return sample.prompt.num_text_tokens + self.vlm.num_visual_tokens + len(sample.answer_ids)
+    @staticmethod
+    def sequence_length(sample: PreparedSample, num_visual_tokens: int) -> int:
+        """Tokens of prompt (with every visual token of its image) + answer (EOS included): what must fit the model's
+        positions."""
+        return sample.prompt.num_text_tokens + num_visual_tokens + len(sample.answer_ids)
 
-    def dropout_for(self, sample_id: str) -> VisualDropout:
+    def dropout_for(self, sample_id: str, num_visual_tokens: int) -> VisualDropout:
         config = self.config
-        return visual_dropout(self.vlm.num_visual_tokens, config.drop_ratio, global_seed=config.seed,
-                              sample_id=sample_id, mode=config.dropout_mode)
+        return visual_dropout(num_visual_tokens, config.drop_ratio, global_seed=config.seed, sample_id=sample_id,
+                              mode=config.dropout_mode)
 
     # -- scoring ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -223,7 +225,7 @@ class SelfContrast:
         full, dropped = [], []
         for sample, answer, visual in zip(samples, answers, visual_tokens):
             full.append(ListwiseExample(sample.prompt, [answer], visual))
-            kept_tokens, attendable = self.dropout_for(sample.sample_id).apply(visual)
+            kept_tokens, attendable = self.dropout_for(sample.sample_id, visual.shape[0]).apply(visual)
             dropped.append(ListwiseExample(sample.prompt, [answer], kept_tokens,
                                            attendable if self.config.dropout_mode == "mask" else None))
         lengths = [len(answer) for answer in answers]
@@ -259,13 +261,13 @@ class SelfContrast:
     # -- the stage ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, samples: list[PreparedSample], images) -> list[SelfContrastResult]:
-        """Stage 1 for a batch. `images`: one per sample, in order, as PIL RGB images or as their pixel values
-        [B, 3, H, W] from `vlm.preprocess_images` (so a loader thread can prepare the next batch)."""
+        """Stage 1 for a batch. `images`: one per sample, in order, as PIL RGB images or as their pixel values from
+        `vlm.preprocess_images` (so a loader thread can prepare the next batch)."""
         if len(samples) != len(images):
             raise ValueError(f"SelfContrast.run: {len(samples)} samples but {len(images)} images")
         if not samples:
             return []
-        pixel_values = images if torch.is_tensor(images) else self.vlm.preprocess_images(list(images))
+        pixel_values = self.vlm.preprocess_images(list(images)) if isinstance(images, (list, tuple)) else images
         visual_tokens = self.vlm.encode_images(pixel_values)
         answers = [list(sample.answer_ids) for sample in samples]
         content = [self.content.mask(answer) for answer in answers]
@@ -291,7 +293,7 @@ class SelfContrast:
             if not active:
                 return chosen
             pairs = self.answer_hidden_pairs([samples[i] for i in active], [current[i] for i in active],
-                                             visual_tokens[active])
+                                             [visual_tokens[i] for i in active])
             for i, (h_full, h_drop) in zip(active, pairs):
                 replaced = {position for position, _, _ in chosen[i]}
                 eligible = [ok and position not in replaced for position, ok in enumerate(content[i])]

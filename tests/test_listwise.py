@@ -43,15 +43,30 @@ def tiny_llama_vlm():
     return VisionLanguageModel(*build_tiny_llava(TinyLlavaSpec(text_model="llama", seed=2)))
 
 
-@pytest.mark.parametrize("dropout_mode, decoder", [(None, "mistral"), ("remove", "mistral"), ("mask", "mistral"),
-                                                   ("mask", "llama")])
-def test_listwise_equals_independent_forwards_values_and_gradients(request, make_images, dropout_mode, decoder):
-    vlm = request.getfixturevalue("tiny_vlm" if decoder == "mistral" else "tiny_llama_vlm")
+@pytest.fixture(scope="module")
+def tiny_next_vlm():
+    """LLaVA-NeXT: anyres tiling, so each of the test's images gives its own number of visual tokens."""
+    from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
+    from hscr_fast.models.vlm import VisionLanguageModel
+
+    return VisionLanguageModel(*build_tiny_llava(TinyLlavaSpec(family="llava-next", seed=3)))
+
+
+MODELS = {"mistral": "tiny_vlm", "llama": "tiny_llama_vlm", "llava-next": "tiny_next_vlm"}
+
+
+@pytest.mark.parametrize("dropout_mode, model", [(None, "mistral"), ("remove", "mistral"), ("mask", "mistral"),
+                                                 ("mask", "llama"), (None, "llava-next"), ("remove", "llava-next")])
+def test_listwise_equals_independent_forwards_values_and_gradients(request, make_images, dropout_mode, model):
+    vlm = request.getfixturevalue(MODELS[model])
     prompts = [vlm.prompt_tokens(q) for q in QUESTIONS]
     responses = [[vlm.answer_tokens(p, a) for a in answers] for p, answers in zip(prompts, ANSWERS)]
     pixels = vlm.preprocess_images(make_images(3, seed=7))
+    counts = vlm.visual_token_counts(pixels)
+    if model == "llava-next":
+        assert len(set(counts)) > 1  # the images' sizes give different numbers of visual tokens
     dropouts = None if dropout_mode is None else [
-        visual_dropout(vlm.num_visual_tokens, 0.7, global_seed=0, sample_id=i, mode=dropout_mode) for i in range(3)]
+        visual_dropout(counts[i], 0.7, global_seed=0, sample_id=i, mode=dropout_mode) for i in range(3)]
     upstream = torch.randn(3, 4)
     params = [p for p in vlm.model.parameters()]
 

@@ -237,7 +237,7 @@ def test_closed_yes_answer_turns_into_no(tiny_llava, images):
     assert [variant.text for variant in result.variants] == ["no"]
     # The plain rule agrees on the edited model.
     logits_full = reference_logits(vlm, "Is there a lesion in the left lung?", sample.answer_ids, images[0])
-    dropout = contrast.dropout_for("closed")
+    dropout = contrast.dropout_for("closed", vlm.num_visual_tokens)
     logits_drop = reference_logits(vlm, "Is there a lesion in the left lung?", sample.answer_ids, images[0], dropout)
     assert reference_replacement(logits_full[0], logits_drop[0], yes, beta=0.9, alpha=0.1, num_candidates=8) == no
 
@@ -271,7 +271,8 @@ def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
     results = contrast.run(prepared, images)
     for (sid, question, _), sample, result, image in zip(samples, prepared, results, images):
         logits_full = reference_logits(vlm, question, sample.answer_ids, image)
-        logits_drop = reference_logits(vlm, question, sample.answer_ids, image, contrast.dropout_for(sid))
+        logits_drop = reference_logits(vlm, question, sample.answer_ids, image,
+                                       contrast.dropout_for(sid, vlm.num_visual_tokens))
         labels = torch.tensor(sample.answer_ids)
         assert (logits_full.argmax(-1) == labels).all() and (logits_drop.argmax(-1) == labels).all()
         s = reference_sensitivity(logits_full, logits_drop, sample.answer_ids)

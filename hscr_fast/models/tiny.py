@@ -49,6 +49,9 @@ class TinyLlavaSpec:
     seed: int = 0
     corpus: list[str] = field(default_factory=list)
     text_model: str = "mistral"  # or "llama" (LLaVA-1.5 / Vicuna-style decoders)
+    # "llava", or "llava-next": anyres tiling on a grid of 1x1 to 2x2 tiles of image_size, so the number of visual
+    # tokens depends on the image's size.
+    family: str = "llava"
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int):
@@ -72,7 +75,8 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
 def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str = "sdpa"):
     """Returns (model, processor) with random weights. `processor.tokenizer` and `processor.image_processor` work."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, MistralConfig)
+                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor, MistralConfig)
 
     spec = spec or TinyLlavaSpec()
     tokenizer = train_tokenizer(BASE_CORPUS + list(spec.corpus), spec.tokenizer_vocab)
@@ -96,21 +100,31 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str
     else:
         raise ValueError(f"TinyLlavaSpec.text_model must be 'mistral' or 'llama', got {spec.text_model!r}")
     num_patches = (spec.image_size // spec.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
-        image_seq_length=num_patches, projector_hidden_act="gelu", vision_feature_select_strategy="default",
-        vision_feature_layer=-2,
-    )
+    common = dict(vision_config=vision_config, text_config=text_config, image_token_index=image_token_id,
+                  projector_hidden_act="gelu", vision_feature_select_strategy="default", vision_feature_layer=-2)
+    sizes = dict(size={"shortest_edge": spec.image_size},
+                 crop_size={"height": spec.image_size, "width": spec.image_size},
+                 do_center_crop=True, do_resize=True, do_normalize=True)
+    # The PIL image processors: torchvision (the default backend) has no build that installs beside the CPU torch
+    # we pin.
+    if spec.family == "llava":
+        config, model_class = LlavaConfig(image_seq_length=num_patches, **common), LlavaForConditionalGeneration
+        image_processor = CLIPImageProcessorPil(**sizes)
+        processor_class = LlavaProcessor
+    elif spec.family == "llava-next":
+        side = spec.image_size
+        grid = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+        config = LlavaNextConfig(image_grid_pinpoints=grid, image_seq_length=num_patches, **common)
+        model_class = LlavaNextForConditionalGeneration
+        image_processor = LlavaNextImageProcessorPil(image_grid_pinpoints=grid, **sizes)
+        processor_class = LlavaNextProcessor
+    else:
+        raise ValueError(f"TinyLlavaSpec.family must be 'llava' or 'llava-next', got {spec.family!r}")
     config._attn_implementation = attn_implementation
     torch.manual_seed(spec.seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    # The PIL backend: torchvision (the default backend) has no build that installs beside the CPU torch we pin.
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": spec.image_size}, crop_size={"height": spec.image_size, "width": spec.image_size},
-        do_center_crop=True, do_resize=True, do_normalize=True,
-    )
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model = model_class(config).eval()
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
 
 

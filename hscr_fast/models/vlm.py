@@ -1,6 +1,14 @@
 """`VisionLanguageModel`: a LLaVA-family checkpoint seen as the separate pieces HSCR needs.
 
-- `encode_images(pixel_values)`: vision tower + projector → visual tokens [B, N, D] in the language model's space;
+Two families: LLaVA (`LlavaForConditionalGeneration`: LLaVA-1.5, LLaVA-Med v1.5 after conversion), where every image
+gives the same number of visual tokens, and LLaVA-NeXT (`LlavaNextForConditionalGeneration`), whose "anyres" tiling
+gives a number that depends on the image's size. Everything downstream takes the visual tokens of one image as an
+[N_i, D] tensor, so it works for both.
+
+- `preprocess_images(images)`: pixel values on the model's device ([B, 3, H, W] for LLaVA, `AnyResPixels` for
+  LLaVA-NeXT); `visual_token_counts(pixels)` says how many visual tokens each image will give;
+- `encode_images(pixels)`: vision tower + projector → visual tokens in the language model's space, [B, N, D] for
+  LLaVA and a list of [N_i, D] for LLaVA-NeXT (index either by image);
 - `embed_tokens(ids)`: text embeddings;
 - `decoder_hidden_states(inputs_embeds, attention_mask, position_ids)`: the language model's final hidden states,
   never the logits (log-probs come from `hscr_fast.kernels.fused_linear_logprobs` over answer positions only);
@@ -23,6 +31,7 @@ from .prompting import (PROMPT_FORMATS, PromptTokens, format_prompt, tokenize_an
 
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
+    "LlavaNextForConditionalGeneration": "llava-next",
 }
 # Checkpoint layouts we can read after conversion, with the command that converts them.
 CONVERTIBLE_ARCHITECTURES = {
@@ -41,9 +50,10 @@ class ModelOptions:
     """Per-checkpoint choices that transformers' config does not record (stored in `hscr_fast.json` beside it)."""
 
     prompt_format: str = "llava-med"
-    # LLaVA-Med pads images to a square with the mean colour before CLIP preprocessing ("pad"); "crop" is CLIP's
-    # own resize + centre crop.
-    image_aspect_ratio: str = "pad"
+    # LLaVA-Med pads images to a square with the mean colour before CLIP preprocessing ("pad"). "crop" leaves the
+    # image to the processor: CLIP's resize + centre crop, or LLaVA-NeXT's anyres tiling. None: the family's default
+    # ("pad" for LLaVA, "crop" for LLaVA-NeXT, which tiles the image as it is).
+    image_aspect_ratio: str | None = None
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelOptions":
@@ -54,6 +64,9 @@ class ModelOptions:
         options = cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
         if options.prompt_format not in PROMPT_FORMATS:
             raise ValueError(f"{path}: unknown prompt_format {options.prompt_format!r}; expected one of {PROMPT_FORMATS}")
+        if options.image_aspect_ratio not in (None, "pad", "crop"):
+            raise ValueError(f"{path}: unknown image_aspect_ratio {options.image_aspect_ratio!r}; expected 'pad' or "
+                             "'crop'")
         return options
 
     def write(self, model_dir: Path) -> None:
@@ -85,6 +98,26 @@ def read_architecture(model_dir: str | Path) -> str:
     return architecture
 
 
+@dataclass
+class AnyResPixels:
+    """LLaVA-NeXT's preprocessed images: the tiles of each image (padded to the batch's largest tile count), each
+    image's original size, and how many visual tokens each will give. Indexing selects images, like a tensor's rows."""
+
+    pixel_values: torch.Tensor  # [B, tiles, 3, H, W]
+    image_sizes: torch.Tensor  # [B, 2]: (height, width) before preprocessing
+    token_counts: list[int]
+
+    def __len__(self) -> int:
+        return len(self.token_counts)
+
+    def __getitem__(self, rows) -> "AnyResPixels":
+        if isinstance(rows, int):
+            rows = [rows]
+        indices = list(range(len(self)))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
+        return AnyResPixels(self.pixel_values[indices], self.image_sizes[indices],
+                            [self.token_counts[i] for i in indices])
+
+
 class VisionLanguageModel:
     def __init__(self, model, processor, options: ModelOptions | None = None):
         self.model = model
@@ -92,12 +125,14 @@ class VisionLanguageModel:
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.options = options or ModelOptions()
+        if self.options.image_aspect_ratio is None:
+            self.options.image_aspect_ratio = "crop" if self.is_anyres else "pad"
         self._peft_model = None
 
     # -- the underlying modules (looked up on every call, so peft's in-place edits are seen) -----------------------
     @property
     def llava(self):
-        """The `LlavaForConditionalGeneration` module, also when wrapped by peft."""
+        """The `Llava(Next)ForConditionalGeneration` module, also when wrapped by peft."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     @property
@@ -125,8 +160,16 @@ class VisionLanguageModel:
         return self.config.text_config.hidden_size
 
     @property
+    def is_anyres(self) -> bool:
+        """LLaVA-NeXT: the number of visual tokens depends on the image's size."""
+        return self.config.model_type == "llava_next"
+
+    @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens per image (576 for CLIP ViT-L/14@336 with the CLS token dropped)."""
+        """Visual tokens per image (576 for CLIP ViT-L/14@336 with the CLS token dropped). LLaVA only: for LLaVA-NeXT
+        the count depends on the image (`visual_token_counts`)."""
+        if self.is_anyres:
+            raise TypeError("LLaVA-NeXT gives each image its own number of visual tokens; use visual_token_counts()")
         vision = self.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
@@ -145,22 +188,37 @@ class VisionLanguageModel:
         return tokenize_marked_answer(self.tokenizer, prompt, answer)
 
     # -- the pieces -------------------------------------------------------------------------------------------------
-    def preprocess_images(self, images) -> torch.Tensor:
-        """PIL RGB images → pixel values [B, 3, H, W] on the model's device and dtype."""
+    def preprocess_images(self, images) -> torch.Tensor | AnyResPixels:
+        """PIL RGB images → pixel values on the model's device and dtype: [B, 3, H, W] for LLaVA, `AnyResPixels` for
+        LLaVA-NeXT."""
         if self.options.image_aspect_ratio == "pad":
             images = [pad_to_square(image, self.image_processor.image_mean) for image in images]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, self.dtype)
+        processed = self.image_processor(images=images, return_tensors="pt")
+        pixels = processed["pixel_values"].to(self.device, self.dtype)
+        if not self.is_anyres:
+            return pixels
+        sizes = processed["image_sizes"]
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes.tolist())["num_image_tokens"]
+        return AnyResPixels(pixels, sizes.to(self.device), list(counts))
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: visual tokens [B, N, D] in the language model's embedding space."""
-        llava = self.llava
-        features = llava.model.get_image_features(
-            pixel_values=pixel_values.to(self.device, self.dtype),
-            vision_feature_layer=self.config.vision_feature_layer,
-            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
-            return_dict=True,
-        ).pooler_output
+    def visual_token_counts(self, pixels: torch.Tensor | AnyResPixels) -> list[int]:
+        """How many visual tokens each preprocessed image gives."""
+        if isinstance(pixels, AnyResPixels):
+            return list(pixels.token_counts)
+        return [self.num_visual_tokens] * pixels.shape[0]
+
+    def encode_images(self, pixels: torch.Tensor | AnyResPixels) -> torch.Tensor | list[torch.Tensor]:
+        """Vision tower + projector: visual tokens in the language model's embedding space, [B, N, D] for LLaVA and
+        a list of [N_i, D] for LLaVA-NeXT (row or item i: image i)."""
+        options = dict(vision_feature_layer=self.config.vision_feature_layer,
+                       vision_feature_select_strategy=self.config.vision_feature_select_strategy, return_dict=True)
+        if isinstance(pixels, AnyResPixels):
+            features = self.llava.model.get_image_features(
+                pixel_values=pixels.pixel_values.to(self.device, self.dtype), image_sizes=pixels.image_sizes,
+                **options).pooler_output
+            return list(features)
+        features = self.llava.model.get_image_features(pixel_values=pixels.to(self.device, self.dtype),
+                                                       **options).pooler_output
         return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -219,18 +277,25 @@ def pad_to_square(image, background_rgb_mean):
 def load_vlm(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
              attn_implementation: str | None = None) -> VisionLanguageModel:
     """Loads a LLaVA-family checkpoint and its processor from a local directory (or a hub name when online)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     model_path = Path(model_dir)
     if model_path.exists():
-        read_architecture(model_path)
+        architecture = read_architecture(model_path)
+    else:
+        architecture = (AutoConfig.from_pretrained(str(model_dir)).architectures or [""])[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(f"{model_dir}: unsupported architecture {architecture!r}; supported: "
+                                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                  "float16": torch.float16, "fp16": torch.float16}[dtype]
     kwargs = {"dtype": dtype or torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    model = LlavaForConditionalGeneration.from_pretrained(str(model_dir), **kwargs).to(device).eval()
+    model_class = getattr(transformers, architecture)
+    model = model_class.from_pretrained(str(model_dir), **kwargs).to(device).eval()
     processor = AutoProcessor.from_pretrained(str(model_dir))
     options = ModelOptions.read(model_path) if model_path.exists() else ModelOptions()
     return VisionLanguageModel(model, processor, options)
