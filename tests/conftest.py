@@ -94,6 +94,22 @@ def write_preference_lists(root: Path, files: dict[str, int], seed: int = 0) -> 
 
 
 @pytest.fixture(scope="session")
+def train_config(tiny_model_dir):
+    """`train_config(data_root, out, **overrides)`: a TrainConfig for the tiny model on `data_root/prefs.jsonl`
+    (images in `data_root/images`): 2 epochs of batches of 2 at lr 2e-3, plain PyTorch, checkpoints every 2 steps."""
+    from hscr_fast.train import TrainConfig
+
+    def make(data_root, out, **overrides):
+        values = dict(model=str(tiny_model_dir), preferences=str(data_root / "prefs.jsonl"),
+                      image_folder=str(data_root / "images"), out=str(out), epochs=2, learning_rate=2e-3,
+                      per_device_batch_size=2, deepspeed="none", save_steps=2, warmup_ratio=0.1)
+        values.update(overrides)
+        return TrainConfig(**values)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def preference_lists():
     """`preference_lists(root, {file name: count}, seed=0)`: see `write_preference_lists`."""
     return write_preference_lists

@@ -9,21 +9,13 @@ import torch
 
 from hscr_fast.data.records import DataFormatError
 from hscr_fast.heldout import split_held_out
-from hscr_fast.train import TrainConfig, main, train
+from hscr_fast.train import main, train
 
 
 @pytest.fixture(scope="module")
 def lists(tmp_path_factory, preference_lists):
-    """train.jsonl (10 lists) and heldout.jsonl (5 more lists: other images and questions)."""
-    return preference_lists(tmp_path_factory.mktemp("heldout"), {"train.jsonl": 10, "heldout.jsonl": 5}, seed=5)
-
-
-def make_config(tiny_model_dir, lists, out, **overrides):
-    values = dict(model=str(tiny_model_dir), preferences=str(lists / "train.jsonl"), image_folder=str(lists / "images"),
-                  out=str(out), epochs=2, learning_rate=2e-3, per_device_batch_size=2, deepspeed="none",
-                  save_steps=100, warmup_ratio=0.1)
-    values.update(overrides)
-    return TrainConfig(**values)
+    """prefs.jsonl (10 lists) and heldout.jsonl (5 more lists: other images and questions)."""
+    return preference_lists(tmp_path_factory.mktemp("heldout"), {"prefs.jsonl": 10, "heldout.jsonl": 5}, seed=5)
 
 
 def read_rows(out):
@@ -47,14 +39,14 @@ def test_split_depends_only_on_the_ids():
         split_held_out(records[:2], 1e-6, "x.jsonl")
 
 
-def test_held_out_metrics_are_exact_and_leave_training_unchanged(tiny_model_dir, lists, tmp_path):
+def test_held_out_metrics_are_exact_and_leave_training_unchanged(tiny_model_dir, lists, tmp_path, train_config):
     from hscr_fast.evaluate import load_model
     from hscr_fast.listwise import listwise_logprobs, pack_examples
     from hscr_fast.losses import mlpo_loss
     from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
 
-    plain = train(make_config(tiny_model_dir, lists, tmp_path / "plain"))
-    evaluated = train(make_config(tiny_model_dir, lists, tmp_path / "eval", eval_steps=4,
+    plain = train(train_config(lists, tmp_path / "plain"))
+    evaluated = train(train_config(lists, tmp_path / "eval", eval_steps=4,
                                   eval_preferences=str(lists / "heldout.jsonl")))
     plain_rows, _ = read_rows(tmp_path / "plain")
     train_rows, eval_rows = read_rows(tmp_path / "eval")
@@ -81,24 +73,24 @@ def test_held_out_metrics_are_exact_and_leave_training_unchanged(tiny_model_dir,
     assert evaluated.plot_path.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_eval_fraction_holds_out_part_of_the_training_file(tiny_model_dir, lists, tmp_path):
+def test_eval_fraction_holds_out_part_of_the_training_file(lists, tmp_path, train_config):
     from hscr_fast.preferences import validate_preferences
 
-    records = validate_preferences(lists / "train.jsonl", lists / "images")
-    kept, held = split_held_out(records, 0.35, "train.jsonl")
-    result = train(make_config(tiny_model_dir, lists, tmp_path / "fraction", eval_fraction=0.35, eval_steps=0,
+    records = validate_preferences(lists / "prefs.jsonl", lists / "images")
+    kept, held = split_held_out(records, 0.35, "prefs.jsonl")
+    result = train(train_config(lists, tmp_path / "fraction", eval_fraction=0.35, eval_steps=0,
                                epochs=1))
     train_rows, eval_rows = read_rows(tmp_path / "fraction")
     assert result.steps == len(train_rows) == len(kept) // 2
     assert [r["step"] for r in eval_rows] == [result.steps]  # eval_steps 0: at the end only
     assert eval_rows[0]["eval_lists"] == len(held)
     # One reference cache for the whole file, covering the held-out lists too.
-    (cache,) = lists.glob("train.ref-logps-*.json")
+    (cache,) = lists.glob("prefs.ref-logps-*.json")
     assert set(json.loads(cache.read_text())) >= {r.id for r in records}
 
 
 def test_bad_held_out_settings_are_reported_before_the_model_loads(lists, tmp_path, capsys):
-    common = ["--model", str(tmp_path / "no-such-model"), "--preferences", str(lists / "train.jsonl"),
+    common = ["--model", str(tmp_path / "no-such-model"), "--preferences", str(lists / "prefs.jsonl"),
               "--image-folder", str(lists / "images"), "--deepspeed", "none", "--out", str(tmp_path / "o")]
     assert main(common + ["--eval-fraction", "0.2", "--eval-preferences", str(lists / "heldout.jsonl")]) == 2
     assert "give one" in capsys.readouterr().err

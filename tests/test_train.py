@@ -20,26 +20,18 @@ def preference_data(tmp_path_factory, preference_lists):
     return preference_lists(tmp_path_factory.mktemp("prefs"), {"prefs.jsonl": 10}, seed=11)
 
 
-def make_config(tiny_model_dir, data, out, **overrides):
-    values = dict(model=str(tiny_model_dir), preferences=str(data / "prefs.jsonl"), image_folder=str(data / "images"),
-                  out=str(out), epochs=2, learning_rate=2e-3, per_device_batch_size=2, deepspeed="none",
-                  save_steps=2, warmup_ratio=0.1)
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
 def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_training_runs_and_writes_a_loadable_adapter(tiny_model_dir, preference_data, tmp_path):
+def test_training_runs_and_writes_a_loadable_adapter(tiny_model_dir, preference_data, tmp_path, train_config):
     from peft import PeftModel
 
     from hscr_fast.listwise import listwise_logprobs, pack_examples
     from hscr_fast.models.vlm import load_vlm
     from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
 
-    result = train(make_config(tiny_model_dir, preference_data, tmp_path / "run"))
+    result = train(train_config(preference_data, tmp_path / "run"))
     rows = read_metrics(tmp_path / "run")
     assert result.steps == len(rows) == 2 * (10 // 2)
     # At step 1 the policy equals the reference (LoRA B = 0, no dropout): every pair contributes log 2.
@@ -62,12 +54,12 @@ def test_training_runs_and_writes_a_loadable_adapter(tiny_model_dir, preference_
     assert config["r"] == 16 and "vision_tower" not in json.dumps(config["target_modules"])
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, preference_data, tmp_path):
-    full = make_config(tiny_model_dir, preference_data, tmp_path / "full")
+def test_resume_reproduces_the_uninterrupted_run(preference_data, tmp_path, train_config):
+    full = train_config(preference_data, tmp_path / "full")
     train(full)
-    interrupted = make_config(tiny_model_dir, preference_data, tmp_path / "parts", stop_after_steps=3, save_steps=1)
+    interrupted = train_config(preference_data, tmp_path / "parts", stop_after_steps=3, save_steps=1)
     assert train(interrupted).steps == 3
-    resumed = make_config(tiny_model_dir, preference_data, tmp_path / "parts", resume=True, save_steps=1)
+    resumed = train_config(preference_data, tmp_path / "parts", resume=True, save_steps=1)
     assert train(resumed).steps == 10
     expected, got = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "parts")
     assert [r["step"] for r in got] == list(range(1, 11))
@@ -76,8 +68,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, preference_data
         assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, preference_data, tmp_path,
-                                                             monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(preference_data, tmp_path, monkeypatch, train_config):
     import hscr_fast.losses as losses
 
     real = losses.mlpo_loss
@@ -90,7 +81,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, pr
 
     monkeypatch.setattr(losses, "mlpo_loss", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 3 .*Last good checkpoint: .*step-2"):
-        train(make_config(tiny_model_dir, preference_data, tmp_path / "nan", save_steps=1))
+        train(train_config(preference_data, tmp_path / "nan", save_steps=1))
     assert (tmp_path / "nan" / "checkpoints" / "latest").read_text() == "step-2"
 
 
@@ -139,15 +130,16 @@ def test_deepspeed_zero2_two_processes_match_one(tiny_model_dir, preference_data
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_gradient_checkpointing_matches_and_merged_model_equals_adapter(tiny_model_dir, preference_data, tmp_path):
+def test_gradient_checkpointing_matches_and_merged_model_equals_adapter(tiny_model_dir, preference_data, tmp_path,
+                                                                       train_config):
     from hscr_fast.evaluate import load_model
     from hscr_fast.listwise import listwise_logprobs, pack_examples
     from hscr_fast.models.vlm import load_vlm
     from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
 
     short = dict(epochs=1, per_device_batch_size=4)
-    plain = train(make_config(tiny_model_dir, preference_data, tmp_path / "plain", **short))
-    checkpointed = train(make_config(tiny_model_dir, preference_data, tmp_path / "gc", gradient_checkpointing=True,
+    plain = train(train_config(preference_data, tmp_path / "plain", **short))
+    checkpointed = train(train_config(preference_data, tmp_path / "gc", gradient_checkpointing=True,
                                      merge=True, **short))
     for a, b in zip(read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "gc")):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
@@ -181,8 +173,8 @@ def image_preference_data(tmp_path_factory, make_images):
     return root
 
 
-def test_weighted_dpo_on_image_dispreference_lists(tiny_model_dir, image_preference_data, preference_data, tmp_path):
-    weighted = train(make_config(tiny_model_dir, image_preference_data, tmp_path / "w", loss="weighted-dpo",
+def test_weighted_dpo_on_image_dispreference_lists(image_preference_data, preference_data, tmp_path, train_config):
+    weighted = train(train_config(image_preference_data, tmp_path / "w", loss="weighted-dpo",
                                  kind_weight=["image-dispreference=0.1"], epochs=1))
     rows = read_metrics(tmp_path / "w")
     assert weighted.steps == len(rows) == 4
@@ -192,7 +184,7 @@ def test_weighted_dpo_on_image_dispreference_lists(tiny_model_dir, image_prefere
     expected = sum(0.1 * (0.5 + i / 8) * math.log(2) for i in first) / 2
     assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(SystemExit, match="needs a 'weight'"):
-        train(make_config(tiny_model_dir, preference_data, tmp_path / "x", loss="weighted-dpo"))
+        train(train_config(preference_data, tmp_path / "x", loss="weighted-dpo"))
 
 
 def test_command_reports_bad_input_in_one_line(tmp_path, capsys):
