@@ -40,6 +40,8 @@ class TrainConfig:
     eval_fraction: float = _arg(0.0, "instead of --eval-preferences, hold out this fraction of --preferences (chosen "
                                      "by a hash of each id: the same lists on every run and rank)")
     eval_steps: int = _arg(50, "optimizer steps between held-out evaluations (and one at the end); 0 = at the end only")
+    save_best: bool = _arg(False, "also keep the adapter of the evaluation with the lowest held-out loss in "
+                                  "OUT/adapter-best (needs --eval-preferences or --eval-fraction)")
     out: str = _arg("runs/hscr-mlpo", "output directory: adapter/, checkpoints/, metrics.jsonl, curves.png")
     epochs: int = _arg(2, "epochs over the preference lists (paper: 2)")
     learning_rate: float = _arg(5e-7, "peak learning rate (paper: 5e-7)")
@@ -64,7 +66,8 @@ class TrainConfig:
     implicit: bool = _arg(True, "include the implicit loss L_I (y_lj vs each worse y_lm)")
     lora_r: int = _arg(16, "LoRA rank (paper: 16)")
     lora_alpha: int = _arg(32, "LoRA alpha")
-    lora_dropout: float = _arg(0.0, "LoRA dropout (0 keeps the policy deterministic: at step 0 it equals the reference)")
+    lora_dropout: float = _arg(0.0, "LoRA dropout (0 keeps the policy deterministic: at step 0 it equals the "
+                                    "reference)")
     train_projector: bool = _arg(False, "also train the multimodal projector (fully)")
     deepspeed: str = _arg("zero2", "'zero2' (built from these flags), 'none' (plain PyTorch), or a DeepSpeed JSON file")
     gradient_checkpointing: bool = _arg(False, "recompute decoder activations in backward (less memory)")
@@ -123,6 +126,7 @@ class TrainResult:
     plot_path: Path
     steps: int
     merged_dir: Path | None = None
+    best_adapter_dir: Path | None = None  # with --save-best: the adapter of the lowest held-out loss
 
 
 def _single_process_rendezvous() -> None:
@@ -260,7 +264,7 @@ def train(config: TrainConfig) -> TrainResult:
                     "per_device_batch_size": config.per_device_batch_size,
                     "gradient_accumulation_steps": config.gradient_accumulation_steps, "epochs": config.epochs,
                     "seed": config.seed, "eval_fraction": config.eval_fraction}
-    step, micro_step = 0, 0
+    step, micro_step, best_eval_loss = 0, 0, math.inf
     if config.resume and engine.latest_tag():
         state = engine.load(engine.latest_tag())
         mismatched = {k: (state["run"][k], v) for k, v in run_identity.items() if state["run"].get(k) != v}
@@ -268,12 +272,14 @@ def train(config: TrainConfig) -> TrainResult:
             raise SystemExit(f"error: cannot resume {out}: the run changed since the checkpoint "
                              f"(saved, now): {mismatched}")
         step, micro_step = state["step"], state["micro_step"]
+        best_eval_loss = state.get("best_eval_loss", math.inf)
         say(f"[hscr] resumed from {engine.checkpoint_dir / engine.latest_tag()} at step {step}/{total_steps}")
     log = MetricsLog(out / "metrics.jsonl", resume_after_step=step if config.resume else None, enabled=rank == 0)
 
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=total_steps, initial=step, desc=config.loss.upper(), unit="step", disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc=config.loss.upper(), unit="step", disable=rank != 0,
+                    dynamic_ncols=True)
     vlm.model.train()
     # Throughput window: "paused" is time spent on held-out evaluation and checkpoints, which tokens/s leaves out.
     window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "paused": 0.0, "metrics": []}
@@ -294,7 +300,8 @@ def train(config: TrainConfig) -> TrainResult:
             ids = [item.id for item in batch_items]
             raise TrainingDiverged(
                 f"non-finite loss at optimizer step {step + 1} (epoch {epoch}, batch ids {ids} on rank {rank}); "
-                f"training stopped. Last good checkpoint: {engine.checkpoint_dir / last_saved if last_saved else 'none'}"
+                f"training stopped. Last good checkpoint: "
+                f"{engine.checkpoint_dir / last_saved if last_saved else 'none'}"
                 f" — lower --learning-rate, or check these samples, then rerun with --resume")
 
         # 6. Backward and (at accumulation boundaries) the optimizer step.
@@ -329,20 +336,25 @@ def train(config: TrainConfig) -> TrainResult:
             held_out = held_out_metrics(vlm, eval_items, eval_reference, config, kind_weights, device, rank=rank,
                                         world_size=world_size)
             log.append({"step": step, "epoch": epoch, **held_out})
+            improved = held_out["eval_loss"] < best_eval_loss
+            if improved:
+                best_eval_loss = held_out["eval_loss"]
             if rank == 0:
-                progress.write(f"[hscr] step {step} held-out ({held_out['eval_lists']} lists): "
-                               f"loss {held_out['eval_loss']:.4f}, explicit accuracy "
-                               f"{held_out['eval_accuracy_explicit']:.3f}, margin {held_out['eval_margin_explicit']:.4f}")
+                progress.write(describe_held_out(step, held_out, improved))
+                if improved and config.save_best:
+                    save_adapter_atomically(vlm.model, out / "adapter-best", {"step": step, **held_out})
 
         # 9. Checkpoint.
         if step % config.save_steps == 0 or step == stop_at:
             last_saved = f"step-{step}"
-            engine.save(last_saved, {"step": step, "micro_step": micro_step, "run": run_identity})
+            engine.save(last_saved, {"step": step, "micro_step": micro_step, "run": run_identity,
+                                     "best_eval_loss": best_eval_loss})
         window["paused"] += time.perf_counter() - pause_start
     progress.close()
 
     # 10. The adapter in standard PEFT format (PeftModel.from_pretrained loads it), the plot, optionally merged.
-    result = TrainResult(out / "adapter", out / "metrics.jsonl", out / "curves.png", step)
+    result = TrainResult(out / "adapter", out / "metrics.jsonl", out / "curves.png", step,
+                         best_adapter_dir=out / "adapter-best" if config.save_best else None)
     if rank == 0:
         vlm.model.save_pretrained(result.adapter_dir)
         if log.path.is_file() and log.path.stat().st_size:
@@ -361,6 +373,29 @@ def train(config: TrainConfig) -> TrainResult:
     return result
 
 
+def describe_held_out(step: int, held_out: dict, improved: bool) -> str:
+    return (f"[hscr] step {step} held-out ({held_out['eval_lists']} lists): loss {held_out['eval_loss']:.4f}, "
+            f"explicit accuracy {held_out['eval_accuracy_explicit']:.3f}, margin "
+            f"{held_out['eval_margin_explicit']:.4f}" + (" (best so far)" if improved else ""))
+
+
+def save_adapter_atomically(peft_model, adapter_dir: Path, evaluation: dict) -> None:
+    """Writes the adapter (PEFT format) and `evaluation.json` beside it into a fresh folder, then swaps it in: a
+    crash leaves the previous best or the new one, never a mixture."""
+    import shutil
+
+    staging = adapter_dir.with_name(adapter_dir.name + ".new")
+    retired = adapter_dir.with_name(adapter_dir.name + ".old")
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    peft_model.save_pretrained(staging)
+    (staging / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+    if adapter_dir.exists():
+        adapter_dir.rename(retired)
+    staging.rename(adapter_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
 def load_training_data(config: TrainConfig) -> tuple[list, list]:
     """(training records, held-out records), every line and image validated; raises before any model loads."""
     from .data.records import DataFormatError
@@ -369,6 +404,9 @@ def load_training_data(config: TrainConfig) -> tuple[list, list]:
 
     if config.eval_preferences and config.eval_fraction:
         raise DataFormatError("--eval-preferences and --eval-fraction both choose the held-out lists; give one")
+    if config.save_best and not (config.eval_preferences or config.eval_fraction):
+        raise DataFormatError("--save-best keeps the adapter with the lowest held-out loss; it needs held-out lists "
+                              "(--eval-preferences FILE or --eval-fraction F)")
     records = validate_preferences(config.preferences, config.image_folder)
     eval_records = []
     if config.eval_fraction:

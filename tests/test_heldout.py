@@ -39,12 +39,27 @@ def test_split_depends_only_on_the_ids():
         split_held_out(records[:2], 1e-6, "x.jsonl")
 
 
-def test_held_out_metrics_are_exact_and_leave_training_unchanged(tiny_model_dir, lists, tmp_path, train_config):
+def held_out_mlpo(model_dir, adapter_dir, lists):
+    """MLPO over the 5 held-out lists, all at once, computed independently with a saved adapter: (loss, metrics,
+    explicit pairs)."""
     from hscr_fast.evaluate import load_model
     from hscr_fast.listwise import listwise_logprobs, pack_examples
     from hscr_fast.losses import mlpo_loss
     from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
 
+    vlm = load_model(model_dir, adapter_dir)
+    items = tokenize_preferences(vlm, validate_preferences(lists / "heldout.jsonl", lists / "images"),
+                                 lists / "images")
+    with torch.no_grad():
+        packed = pack_examples(vlm.embed_tokens, to_examples(vlm, items))
+        policy = listwise_logprobs(vlm, packed)
+        with vlm.adapter_disabled():
+            reference = listwise_logprobs(vlm, packed)
+    loss, metrics = mlpo_loss(policy, reference, gamma=0.1, valid=packed.valid)
+    return loss.item(), metrics, sum(len(item.responses) - 1 for item in items)
+
+
+def test_held_out_metrics_are_exact_and_leave_training_unchanged(tiny_model_dir, lists, tmp_path, train_config):
     plain = train(train_config(lists, tmp_path / "plain"))
     evaluated = train(train_config(lists, tmp_path / "eval", eval_steps=4,
                                   eval_preferences=str(lists / "heldout.jsonl")))
@@ -55,22 +70,31 @@ def test_held_out_metrics_are_exact_and_leave_training_unchanged(tiny_model_dir,
     assert [r["step"] for r in eval_rows] == [4, 8, 10] and all(r["eval_lists"] == 5 for r in eval_rows)
 
     # The last eval row equals MLPO over the 5 held-out lists, all at once, with the saved adapter.
-    vlm = load_model(tiny_model_dir, evaluated.adapter_dir)
-    items = tokenize_preferences(vlm, validate_preferences(lists / "heldout.jsonl", lists / "images"),
-                                 lists / "images")
-    with torch.no_grad():
-        packed = pack_examples(vlm.embed_tokens, to_examples(vlm, items))
-        policy = listwise_logprobs(vlm, packed)
-        with vlm.adapter_disabled():
-            reference = listwise_logprobs(vlm, packed)
-    loss, metrics = mlpo_loss(policy, reference, gamma=0.1, valid=packed.valid)
+    loss, metrics, explicit_pairs = held_out_mlpo(tiny_model_dir, evaluated.adapter_dir, lists)
     final = eval_rows[-1]
-    assert final["eval_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert final["eval_loss"] == pytest.approx(loss, rel=1e-5)
     for name in ("margin_explicit", "margin_implicit", "accuracy_explicit", "accuracy_implicit"):
         assert final[f"eval_{name}"] == pytest.approx(metrics[name].item(), rel=1e-4, abs=1e-6)
-    assert final["eval_num_pairs_explicit"] == sum(len(item.responses) - 1 for item in items)
+    assert final["eval_num_pairs_explicit"] == explicit_pairs
     assert eval_rows[0]["eval_loss"] != eval_rows[-1]["eval_loss"]  # each evaluation sees the current policy
     assert evaluated.plot_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_save_best_keeps_the_adapter_of_the_lowest_held_out_loss_across_a_resume(tiny_model_dir, lists, tmp_path,
+                                                                                  train_config):
+    settings = dict(eval_steps=2, eval_preferences=str(lists / "heldout.jsonl"), save_best=True, save_steps=2)
+    assert train(train_config(lists, tmp_path / "part", stop_after_steps=5, **settings)).steps == 5
+    result = train(train_config(lists, tmp_path / "part", resume=True, **settings))
+    _, eval_rows = read_rows(tmp_path / "part")
+    losses = {row["step"]: row["eval_loss"] for row in eval_rows}
+    assert sorted(losses) == [2, 4, 5, 6, 8, 10]  # the interrupted run's end (5) was evaluated and checkpointed
+    best_step = min(losses, key=losses.get)
+    assert best_step not in (5, 10)  # this run's held-out loss bottoms out mid-run: the best is not the last
+    recorded = json.loads((result.best_adapter_dir / "evaluation.json").read_text())
+    assert recorded["step"] == best_step and recorded["eval_loss"] == losses[best_step]
+    loss, _, _ = held_out_mlpo(tiny_model_dir, result.best_adapter_dir, lists)
+    assert loss == pytest.approx(losses[best_step], rel=1e-5)
+    assert not list(tmp_path.glob("part/adapter-best.*"))  # no staging folder left behind
 
 
 def test_eval_fraction_holds_out_part_of_the_training_file(lists, tmp_path, train_config):
@@ -98,3 +122,6 @@ def test_bad_held_out_settings_are_reported_before_the_model_loads(lists, tmp_pa
     assert "holds out none of the 10 preference lists" in capsys.readouterr().err
     assert main(common + ["--eval-preferences", str(tmp_path / "gone.jsonl")]) == 2
     assert "gone.jsonl: file not found" in capsys.readouterr().err
+    assert main(common + ["--save-best"]) == 2
+    assert "--save-best keeps the adapter with the lowest held-out loss; it needs held-out lists" in \
+        capsys.readouterr().err
