@@ -25,6 +25,51 @@ def test_prompt_tokens_match_whole_text_tokenisation(tiny_vlm):
     assert tokenizer.decode(answer[:-1]).strip() == "yes"
 
 
+QWEN_LIKE_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+MISTRAL_LIKE_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                         "[/INST]{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("template, separator", [(QWEN_LIKE_TEMPLATE, ""), (MISTRAL_LIKE_TEMPLATE, " ")],
+                         ids=["answer-right-after-the-prompt", "space-before-the-answer"])
+def test_chat_template_answers_are_tokenised_as_the_template_renders_them(tiny_model_dir, template, separator):
+    """The tokens scored for an answer are the ones the template's own rendering of the whole conversation gives."""
+    from transformers import AutoTokenizer
+
+    from hscr_fast.models.prompting import answer_separator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template
+    assert answer_separator(tokenizer, "chat-template") == separator
+    assert answer_separator(tokenizer, "llava-med") == " "
+    prompt_text = format_prompt("What organ is shown?", tokenizer, "chat-template")
+    prompt = tokenize_prompt(tokenizer, prompt_text, answer_separator(tokenizer, "chat-template"))
+    answer = tokenize_answer(tokenizer, prompt, "left lung")
+    conversation = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat organ is shown?"}, {"role": "assistant", "content": "left lung"}],
+        tokenize=False)
+    rendered_answer = conversation.partition("<image>")[2][len(prompt_text.partition("<image>")[2]):]
+    assert rendered_answer.startswith(separator + "left lung")
+    whole = tokenizer(prompt_text.partition("<image>")[2] + separator + "left lung", add_special_tokens=False)
+    assert whole["input_ids"] == list(prompt.after_image) + answer[:-1]
+    other = tokenize_answer(tokenizer, type(prompt)(prompt.before_image, prompt.after_image, prompt.text,
+                                                    " " if separator == "" else ""), "left lung")
+    assert other != answer  # with the metaspace tokenizer the separator changes the first answer token
+
+
+def test_a_chat_template_that_does_not_continue_its_prompt_is_refused(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from hscr_fast.models.prompting import answer_separator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}Answer briefly.\nassistant:{% endif %}")
+    with pytest.raises(ValueError, match="does not render an assistant answer as a continuation"):
+        answer_separator(tokenizer, "chat-template")
+
+
 def test_prompt_requires_exactly_one_image(tiny_vlm):
     with pytest.raises(ValueError, match="exactly one"):
         tokenize_prompt(tiny_vlm.tokenizer, "no image here")

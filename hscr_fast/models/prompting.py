@@ -6,7 +6,10 @@ at embedding time, so the placeholder never needs an embedding and any number of
 dropout in `remove` mode shortens the sequence).
 
 The answer is tokenised as a continuation of the text after the image, then EOS is appended, so the tokens the model
-is scored on are exactly the tokens it would generate.
+is scored on are exactly the tokens it would generate. What separates the prompt from the answer is the format's own:
+a space after LLaVA's "ASSISTANT:", and for a chat template whatever the template itself puts between the generation
+prompt and the assistant's text (nothing after Qwen's "assistant\n", a space after Mistral's "[/INST]"). That is read
+off the template by rendering a conversation with a sentinel answer (`answer_separator`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class PromptTokens:
     before_image: tuple[int, ...]
     after_image: tuple[int, ...]
     text: str
+    answer_separator: str = " "  # the text the format puts between the prompt and the answer
 
     @property
     def num_text_tokens(self) -> int:
@@ -46,11 +50,29 @@ def format_prompt(question: str, tokenizer, prompt_format: str = "llava-med") ->
         return f"{VICUNA_V1_SYSTEM} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
     if prompt_format == "chat-template":
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt format 'chat-template' needs a tokenizer with a chat_template; "
-                             "this tokenizer has none (use --prompt-format llava-med)")
+            raise ValueError("prompt format 'chat-template' needs a tokenizer with a chat_template; this tokenizer "
+                             "has none: set \"prompt_format\": \"llava-med\" in the model directory's hscr_fast.json")
         messages = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {PROMPT_FORMATS}")
+
+
+_SENTINEL_ANSWER = "HSCRSENTINELANSWER"
+
+
+def answer_separator(tokenizer, prompt_format: str = "llava-med") -> str:
+    """The text between the end of a prompt and the start of its answer in this format (see the module docstring)."""
+    if prompt_format != "chat-template":
+        return " "
+    question = [{"role": "user", "content": "Q"}]
+    prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(question + [{"role": "assistant", "content": _SENTINEL_ANSWER}],
+                                         tokenize=False)
+    if not full.startswith(prompt) or _SENTINEL_ANSWER not in full[len(prompt):]:
+        raise ValueError("this chat template does not render an assistant answer as a continuation of its "
+                         "generation prompt: set \"prompt_format\": \"llava-med\" in the model directory's "
+                         "hscr_fast.json, or give the tokenizer a template that does")
+    return full[len(prompt):].split(_SENTINEL_ANSWER)[0]
 
 
 def _encode(tokenizer, text: str, *, with_bos: bool) -> list[int]:
@@ -61,7 +83,7 @@ def _encode(tokenizer, text: str, *, with_bos: bool) -> list[int]:
     return ids
 
 
-def tokenize_prompt(tokenizer, prompt_text: str) -> PromptTokens:
+def tokenize_prompt(tokenizer, prompt_text: str, answer_separator: str = " ") -> PromptTokens:
     before, sep, after = prompt_text.partition(IMAGE_PLACEHOLDER)
     if not sep or IMAGE_PLACEHOLDER in after:
         raise ValueError(f"a prompt must contain exactly one {IMAGE_PLACEHOLDER} placeholder: {prompt_text!r}")
@@ -69,15 +91,15 @@ def tokenize_prompt(tokenizer, prompt_text: str) -> PromptTokens:
     bos_text = tokenizer.bos_token or ""
     has_bos_text = bool(bos_text) and before.startswith(bos_text)
     return PromptTokens(tuple(_encode(tokenizer, before, with_bos=not has_bos_text)),
-                        tuple(_encode(tokenizer, after, with_bos=False)), prompt_text)
+                        tuple(_encode(tokenizer, after, with_bos=False)), prompt_text, answer_separator)
 
 
 def tokenize_answer(tokenizer, prompt: PromptTokens, answer: str, *, add_eos: bool = True) -> list[int]:
     """Answer tokens as a continuation of the prompt text after the image, plus EOS.
 
-    Tokenising `after + " " + answer` and removing the prompt's own tokens keeps the word-initial marker the model
-    saw in training ("▁yes", not "yes"). If the tokenizer merged across the boundary, the split falls back to
-    character offsets.
+    Tokenising `after + separator + answer` and removing the prompt's own tokens keeps the word-initial marker the
+    model saw in training ("▁yes", not "yes", after LLaVA's "ASSISTANT:"). If the tokenizer merged across the
+    boundary, the split falls back to character offsets.
     """
     return tokenize_marked_answer(tokenizer, prompt, answer, add_eos=add_eos)[0]
 
@@ -113,8 +135,9 @@ def tokenize_marked_answer(tokenizer, prompt: PromptTokens, answer: str, *,
     lead = len(clean) - len(clean.lstrip())
     clean = clean.strip()
     after_text = prompt.text.partition(IMAGE_PLACEHOLDER)[2]
-    base = len(after_text) + 1 - lead  # character offset of the answer's first character, in the continuation
-    encoded = tokenizer(after_text + " " + clean, add_special_tokens=False, return_offsets_mapping=True)
+    separator = prompt.answer_separator
+    base = len(after_text) + len(separator) - lead  # offset of the answer's first character in the continuation
+    encoded = tokenizer(after_text + separator + clean, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     n_prompt = len(prompt.after_image)
     keep = range(n_prompt, len(ids)) if list(ids[:n_prompt]) == list(prompt.after_image) else \

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .prompting import (PROMPT_FORMATS, PromptTokens, format_prompt, tokenize_answer, tokenize_marked_answer,
-                        tokenize_prompt)
+from .prompting import (PROMPT_FORMATS, PromptTokens, answer_separator, format_prompt, tokenize_answer,
+                        tokenize_marked_answer, tokenize_prompt)
 
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -127,7 +127,7 @@ class VisionLanguageModel:
         self.options = options or ModelOptions()
         if self.options.image_aspect_ratio is None:
             self.options.image_aspect_ratio = "crop" if self.is_anyres else "pad"
-        self._peft_model = None
+        self._answer_separator: str | None = None  # read off the prompt format on first use
 
     # -- the underlying modules (looked up on every call, so peft's in-place edits are seen) -----------------------
     @property
@@ -177,7 +177,10 @@ class VisionLanguageModel:
     # -- text -------------------------------------------------------------------------------------------------------
     def prompt_tokens(self, question: str) -> PromptTokens:
         """The question in this checkpoint's prompt format, tokenised around its image placeholder."""
-        return tokenize_prompt(self.tokenizer, format_prompt(question, self.tokenizer, self.options.prompt_format))
+        if self._answer_separator is None:
+            self._answer_separator = answer_separator(self.tokenizer, self.options.prompt_format)
+        return tokenize_prompt(self.tokenizer, format_prompt(question, self.tokenizer, self.options.prompt_format),
+                               self._answer_separator)
 
     def answer_tokens(self, prompt: PromptTokens, answer: str) -> list[int]:
         """Answer tokens (EOS included) exactly as the model would generate them after `prompt`."""
