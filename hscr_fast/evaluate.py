@@ -299,29 +299,34 @@ def apply_adapter(vlm, adapter_dir: str | Path, model_dir: str | Path) -> None:
 
 @torch.no_grad()
 def visual_inputs(vlm, records: list[VQARecord], image_folder: str | Path,
-                  visual: VisualCondition) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(visual tokens [N', D], attendable [N'] or None) per record, under the visual condition.
+                  visual: VisualCondition) -> list[GenerationPrompt]:
+    """Each record's prompt with its visual tokens [N', D] (and which are attendable, and with Qwen2-VL their 3D
+    rotary layout), under the visual condition.
 
     Each distinct image of the batch goes through the vision tower once (Med-VQA sets ask several questions per
     image)."""
+    from hscr_fast.generation import GenerationPrompt
+
     if visual.mode == "none":
         empty = torch.empty(0, vlm.hidden_size, dtype=vlm.dtype, device=vlm.device)
-        return [(empty, None)] * len(records)
+        return [GenerationPrompt(vlm.prompt_tokens(record.question), empty) for record in records]
     from hscr_fast.models.dropout import visual_dropout
 
     distinct = list(dict.fromkeys(record.image for record in records))
-    images = [load_image(Path(image_folder) / image) for image in distinct]
-    encoded = vlm.encode_images(vlm.preprocess_images(images))
-    tokens_of = dict(zip(distinct, encoded))
+    pixels = vlm.preprocess_images([load_image(Path(image_folder) / image) for image in distinct])
+    tokens_of = dict(zip(distinct, vlm.encode_images(pixels)))
+    layouts = vlm.visual_layouts(pixels)
+    layout_of = dict(zip(distinct, layouts or [None] * len(distinct)))
     inputs = []
     for record in records:
-        tokens = tokens_of[record.image]
+        tokens, layout = tokens_of[record.image], layout_of[record.image]
+        prompt = vlm.prompt_tokens(record.question)
         if visual.drop_ratio > 0:
             dropout = visual_dropout(tokens.shape[0], visual.drop_ratio, global_seed=visual.seed, sample_id=record.id,
                                      mode=visual.dropout_mode)
-            inputs.append(dropout.apply(tokens))
+            inputs.append(GenerationPrompt(prompt, *dropout.apply(tokens), dropout.apply_layout(layout)))
         else:
-            inputs.append((tokens, None))
+            inputs.append(GenerationPrompt(prompt, tokens, None, layout))
     return inputs
 
 
@@ -352,9 +357,7 @@ def generate_predictions(vlm, records: list[VQARecord], image_folder: str | Path
         with bar:
             for start in range(0, len(pending), batch_size):
                 batch = pending[start:start + batch_size]
-                items = [GenerationPrompt(vlm.prompt_tokens(record.question), tokens, attendable)
-                         for record, (tokens, attendable) in zip(batch, visual_inputs(vlm, batch, image_folder,
-                                                                                      visual))]
+                items = visual_inputs(vlm, batch, image_folder, visual)
                 for record, tokens in zip(batch, greedy_generate(vlm, items, max_new_tokens=max_new_tokens)):
                     predictions.append({
                         "question_id": record.id, "prompt": record.question, "text": decode(vlm, tokens),

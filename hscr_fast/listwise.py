@@ -7,7 +7,9 @@ often a few tokens. Each prompt is packed into ONE row:
 
 with a 4D boolean attention mask in which prefix tokens attend causally to the prefix and every response token
 attends to the whole prefix and causally to its own response, never to another response. Positions restart after
-the prefix for each response, so every response sees exactly the positions it would see alone. One forward
+the prefix for each response, so every response sees exactly the positions it would see alone. (With Qwen2-VL's 3D
+rotary positions the prefix's positions come from its image's layout, `models/positions.py`, and `position_ids` is
+[3, B, L].) One forward
 therefore computes `prefix + Σ answers` tokens instead of `(k+1)·(prefix + answer)`, and gradients flow to the
 shared prefix once (summed over responses), exactly as in k+1 separate forwards.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .models.positions import VisualLayout, prefix_positions, text_positions
 from .models.prompting import PromptTokens
 
 PREFIX_SEGMENT = 0
@@ -47,6 +50,7 @@ class ListwiseExample:
     output_row: int | None = None
     output_slots: list[int] | None = None
     token_flags: list[list[bool]] | None = None  # per response and token, e.g. "inside a marked clinical span"
+    visual_layout: VisualLayout | None = None  # Qwen2-VL: 3D rotary positions of the visual tokens present
 
     def __post_init__(self):
         if not self.responses:
@@ -72,7 +76,7 @@ class ListwiseExample:
 class PackedBatch:
     inputs_embeds: torch.Tensor  # [B, L, D]
     attention_mask: torch.Tensor  # bool [B, 1, L, L], True = may attend
-    position_ids: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L], or [3, B, L] with 3D rotary positions
     score_rows: torch.Tensor  # [M] flat row index (b·L + position) of the hidden state predicting each answer token
     score_labels: torch.Tensor  # [M] the answer token it predicts
     score_slots: torch.Tensor  # [M] flat output slot (row·S + slot) the token belongs to
@@ -98,6 +102,9 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
     slots = max(max(s) for s in slots_out) + 1
     hidden = examples[0].visual_tokens.shape[-1]
     dtype = examples[0].visual_tokens.dtype
+    mrope = examples[0].visual_layout is not None
+    if any((ex.visual_layout is not None) != mrope for ex in examples):
+        raise ValueError("either every example of a batch has a visual layout (3D rotary positions) or none has")
 
     # One embedding call for all text in the batch.
     text_ids = []
@@ -118,7 +125,8 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
         cursor += n_before + n_after
         prefix = ex.prefix_length
         row_segments = [PREFIX_SEGMENT] * prefix
-        row_positions = list(range(prefix))
+        prefix_pos, answer_start = prefix_positions(n_before, n_visual, n_after, ex.visual_layout)
+        row_positions = [prefix_pos]
         visual_ok = (torch.ones(n_visual, dtype=torch.bool) if ex.visual_attendable is None
                      else ex.visual_attendable.to("cpu", torch.bool))
         row_attendable = [True] * n_before + visual_ok.tolist() + [True] * n_after
@@ -137,7 +145,7 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
                 raise ValueError(f"two responses map to output row {out_row}, slot {out_slot}")
             score_slots += [out_row * slots + out_slot] * len(response)
             row_segments += [j + 1] * fed
-            row_positions += list(range(prefix, prefix + fed))
+            row_positions.append(text_positions(answer_start, fed, mrope))
             row_attendable += [True] * fed
             offset += fed
             valid[out_row, out_slot] = True
@@ -146,7 +154,7 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
             pieces.append(torch.zeros(pad, hidden, dtype=dtype, device=device))
         rows.append(torch.cat(pieces))
         segments.append(row_segments + [PAD_SEGMENT] * pad)
-        positions.append(row_positions + [0] * pad)
+        positions.append(torch.cat(row_positions + [text_positions(0, pad, mrope) * 0], dim=-1))
         attendable.append(row_attendable + [False] * pad)
 
     segment_ids = torch.tensor(segments, dtype=torch.long, device=device)
@@ -154,7 +162,7 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
     return PackedBatch(
         inputs_embeds=torch.stack(rows),
         attention_mask=listwise_attention_mask(segment_ids, attendable_t),
-        position_ids=torch.tensor(positions, dtype=torch.long, device=device),
+        position_ids=torch.stack(positions, dim=-2).to(device),
         score_rows=torch.tensor(score_rows, dtype=torch.long, device=device),
         score_labels=torch.tensor(score_labels, dtype=torch.long, device=device),
         score_slots=torch.tensor(score_slots, dtype=torch.long, device=device),
@@ -200,10 +208,3 @@ def listwise_logprobs(vlm, batch: PackedBatch) -> torch.Tensor:
     hidden = answer_hidden_states(vlm, batch)
     token_logps = fused_linear_logprobs(hidden, vlm.lm_head_weight, batch.score_labels)
     return sum_by_slot(token_logps, batch)
-
-
-def encode_examples(vlm, pixel_values: torch.Tensor, prompts: list[PromptTokens],
-                    responses: list[list[list[int]]]) -> list[ListwiseExample]:
-    """Runs the vision tower once for the batch's images and pairs each prompt with its visual tokens."""
-    visual = vlm.encode_images(pixel_values)
-    return [ListwiseExample(prompt, resp, visual[i]) for i, (prompt, resp) in enumerate(zip(prompts, responses))]

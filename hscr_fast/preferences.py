@@ -115,7 +115,8 @@ def to_examples(vlm, items: list[TokenizedPreference]) -> list[ListwiseExample]:
     """Loads the batch's distinct images, runs the vision tower once over them, and builds one example per
     (prompt, image): responses that see the same image share one prefix; row b of the output is item b."""
     distinct = list(dict.fromkeys(item.image_of(j) for item in items for j in range(len(item.responses))))
-    visual = vlm.encode_images(vlm.preprocess_images([load_image(path) for path in distinct]))
+    pixels = vlm.preprocess_images([load_image(path) for path in distinct])
+    visual, layouts = vlm.encode_images(pixels), vlm.visual_layouts(pixels)
     image_row = {path: index for index, path in enumerate(distinct)}
     examples = []
     for row, item in enumerate(items):
@@ -125,5 +126,6 @@ def to_examples(vlm, items: list[TokenizedPreference]) -> list[ListwiseExample]:
         for path, slots in by_image.items():
             examples.append(ListwiseExample(
                 item.prompt, [item.responses[j] for j in slots], visual[image_row[path]], output_row=row,
-                output_slots=slots, token_flags=None if item.marked is None else [item.marked[j] for j in slots]))
+                output_slots=slots, token_flags=None if item.marked is None else [item.marked[j] for j in slots],
+                visual_layout=None if layouts is None else layouts[image_row[path]]))
     return examples

@@ -218,16 +218,19 @@ class SelfContrast:
 
     # -- scoring ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def answer_hidden_pairs(self, samples: list[PreparedSample], answers: list[list[int]],
-                            visual_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def answer_hidden_pairs(self, samples: list[PreparedSample], answers: list[list[int]], visual_tokens,
+                            layouts=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(hidden_full [T, D], hidden_drop [T, D]) per sample: the final hidden states predicting each token of
         `answers[i]`, from one packed forward per condition for the whole batch."""
         full, dropped = [], []
-        for sample, answer, visual in zip(samples, answers, visual_tokens):
-            full.append(ListwiseExample(sample.prompt, [answer], visual))
-            kept_tokens, attendable = self.dropout_for(sample.sample_id, visual.shape[0]).apply(visual)
+        for index, (sample, answer, visual) in enumerate(zip(samples, answers, visual_tokens)):
+            layout = None if layouts is None else layouts[index]
+            full.append(ListwiseExample(sample.prompt, [answer], visual, visual_layout=layout))
+            dropout = self.dropout_for(sample.sample_id, visual.shape[0])
+            kept_tokens, attendable = dropout.apply(visual)
             dropped.append(ListwiseExample(sample.prompt, [answer], kept_tokens,
-                                           attendable if self.config.dropout_mode == "mask" else None))
+                                           attendable if self.config.dropout_mode == "mask" else None,
+                                           visual_layout=dropout.apply_layout(layout)))
         lengths = [len(answer) for answer in answers]
         hidden_full = answer_hidden_states(self.vlm, pack_examples(self.vlm.embed_tokens, full)).split(lengths)
         hidden_drop = answer_hidden_states(self.vlm, pack_examples(self.vlm.embed_tokens, dropped)).split(lengths)
@@ -268,19 +271,19 @@ class SelfContrast:
         if not samples:
             return []
         pixel_values = self.vlm.preprocess_images(list(images)) if isinstance(images, (list, tuple)) else images
-        visual_tokens = self.vlm.encode_images(pixel_values)
+        visual_tokens, layouts = self.vlm.encode_images(pixel_values), self.vlm.visual_layouts(pixel_values)
         answers = [list(sample.answer_ids) for sample in samples]
         content = [self.content.mask(answer) for answer in answers]
         first_pass = [self._ranked(self.select(h_full, h_drop, answer, mask), self.config.top_n)
                       for (h_full, h_drop), answer, mask
-                      in zip(self.answer_hidden_pairs(samples, answers, visual_tokens), answers, content)]
+                      in zip(self.answer_hidden_pairs(samples, answers, visual_tokens, layouts), answers, content)]
         if self.config.mode == "parallel":
             chosen = first_pass
         else:
-            chosen = self._sequential(samples, answers, content, visual_tokens, first_pass)
+            chosen = self._sequential(samples, answers, content, visual_tokens, layouts, first_pass)
         return [self._result(sample, picks) for sample, picks in zip(samples, chosen)]
 
-    def _sequential(self, samples, answers, content, visual_tokens, first_pass):
+    def _sequential(self, samples, answers, content, visual_tokens, layouts, first_pass):
         """Eq. 4 literally: one replacement per pass, each pass re-scoring the answer as modified so far."""
         targets = [len(ranked) for ranked in first_pass]  # n per sample, fixed by the pass on y_w
         chosen = [ranked[:1] for ranked in first_pass]
@@ -293,7 +296,8 @@ class SelfContrast:
             if not active:
                 return chosen
             pairs = self.answer_hidden_pairs([samples[i] for i in active], [current[i] for i in active],
-                                             [visual_tokens[i] for i in active])
+                                             [visual_tokens[i] for i in active],
+                                             None if layouts is None else [layouts[i] for i in active])
             for i, (h_full, h_drop) in zip(active, pairs):
                 replaced = {position for position, _, _ in chosen[i]}
                 eligible = [ok and position not in replaced for position, ok in enumerate(content[i])]

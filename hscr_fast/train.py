@@ -23,6 +23,8 @@ import torch
 
 LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
                         r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+# The module that maps vision features into the language model, per model_type (--train-projector).
+PROJECTOR_MODULES = {"qwen2_vl": "merger", "qwen2_5_vl": "merger"}
 
 
 def _arg(default, help_text, **extra):
@@ -172,7 +174,8 @@ def attach_lora(vlm, config: TrainConfig, model_dir: str):
         vlm.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=LORA_TARGET_LANGUAGE, bias="none",
-                      modules_to_save=["multi_modal_projector"] if config.train_projector else None)
+                      modules_to_save=[PROJECTOR_MODULES.get(vlm.family, "multi_modal_projector")]
+                      if config.train_projector else None)
     vlm.model = get_peft_model(vlm.model, lora)
     return {name: p for name, p in vlm.model.named_parameters() if p.requires_grad}
 

@@ -115,6 +115,26 @@ def preference_lists():
     return write_preference_lists
 
 
+def assert_gradients_match(ours: list, theirs: list) -> int:
+    """Per parameter: our gradient equals the reference one up to 1e-4 of the reference's largest entry (an absolute
+    floor covers gradients that are zero in exact arithmetic and hold only round-off, such as the attention key bias,
+    which softmax ignores). Returns how many parameters had a reference gradient."""
+    compared = 0
+    for mine, reference in zip(ours, theirs):
+        if reference is None:
+            assert mine is None or mine.abs().max() == 0
+            continue
+        assert (mine - reference).abs().max() <= 1e-4 * reference.abs().max() + 1e-7
+        compared += 1
+    return compared
+
+
+@pytest.fixture(scope="session")
+def gradients_match():
+    """`gradients_match(ours, theirs)`: see `assert_gradients_match`."""
+    return assert_gradients_match
+
+
 class LargestTensor:
     """A torch dispatch mode recording the largest tensor any op produces while active (forward and backward), in
     elements (`numel`) and bytes (`nbytes`): how the kernel tests prove no [N, V] tensor is ever formed."""

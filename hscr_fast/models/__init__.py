@@ -1,2 +1,3 @@
-"""Model layer: load a LLaVA-family VLM and expose the pieces HSCR needs (visual tokens, text embeddings, decoder
-hidden states, lm_head), visual token dropout, tiny models for tests, and the LLaVA-Med checkpoint converter."""
+"""Model layer: load a VLM (LLaVA, LLaVA-NeXT, Qwen2-VL) and expose the pieces HSCR needs (visual tokens, their
+rotary positions, text embeddings, decoder hidden states, lm_head), visual token dropout, tiny models for tests, and
+the LLaVA-Med checkpoint converter."""

@@ -5,8 +5,8 @@
 The original layout is a causal LM with vision parts added: `LlavaMistralForCausalLM` (LLaVA-Med v1.5) or
 `LlavaLlamaForCausalLM` (LLaVA-1.5 and its Vicuna/Llama-based fine-tunes). Its config carries `mm_vision_tower`,
 `mm_projector_type`, `mm_vision_select_layer` and `mm_vision_select_feature`. Its weights add the projector,
-`model.mm_projector.{0,2}.*` (`mlp2x_gelu`) or `model.mm_projector.*` (`linear`), and `model.vision_tower.vision_tower.*`
-when the vision tower was saved with it.
+`model.mm_projector.{0,2}.*` (`mlp2x_gelu`) or `model.mm_projector.*` (`linear`), and
+`model.vision_tower.vision_tower.*` when the vision tower was saved with it.
 
 A `linear` projector maps exactly onto transformers' two-layer projector: the first layer holds the weights, the
 activation is the identity, and the second layer is an identity matrix with zero bias. Checkpoints that wrap the

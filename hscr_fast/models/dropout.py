@@ -3,7 +3,8 @@
 After the projector, `drop_ratio` of the visual tokens are dropped, chosen uniformly at random by a generator seeded
 from (global seed, sample id), so every run, rank and resume drops the same tokens for the same sample.
 
-- mode `remove`: the dropped tokens leave the sequence (shorter input; positions stay contiguous);
+- mode `remove`: the dropped tokens leave the sequence (shorter input; positions stay contiguous, or with Qwen2-VL's
+  3D positions the surviving tokens keep their own, see models/positions.py);
 - mode `mask`: they stay in place but no query attends to them.
 """
 from __future__ import annotations
@@ -39,6 +40,12 @@ class VisualDropout:
         if self.mode == "remove":
             return visual_tokens[kept], torch.ones(self.num_kept, dtype=torch.bool, device=visual_tokens.device)
         return visual_tokens, kept
+
+    def apply_layout(self, layout):
+        """The 3D rotary layout (models/positions.py) of what `apply` places in the sequence; None stays None."""
+        if layout is None or self.mode == "mask":
+            return layout
+        return layout.select(self.kept)
 
 
 def visual_dropout(num_visual_tokens: int, drop_ratio: float, *, global_seed: int, sample_id: str | int,

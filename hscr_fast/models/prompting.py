@@ -43,16 +43,18 @@ def strip_image_tag(question: str) -> str:
     return question.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
 
 
-def format_prompt(question: str, tokenizer, prompt_format: str = "llava-med") -> str:
-    """The full prompt text with one `<image>` placeholder, ending where the assistant's answer begins."""
+def format_prompt(question: str, tokenizer, prompt_format: str = "llava-med",
+                  image_markup: str = IMAGE_PLACEHOLDER + "\n") -> str:
+    """The full prompt text with one `<image>` placeholder, ending where the assistant's answer begins.
+    `image_markup` is how the image precedes the question (Qwen2-VL: `<|vision_start|><image><|vision_end|>`)."""
     question = strip_image_tag(question)
     if prompt_format == "llava-med":
-        return f"{VICUNA_V1_SYSTEM} USER: {IMAGE_PLACEHOLDER}\n{question} ASSISTANT:"
+        return f"{VICUNA_V1_SYSTEM} USER: {image_markup}{question} ASSISTANT:"
     if prompt_format == "chat-template":
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("prompt format 'chat-template' needs a tokenizer with a chat_template; this tokenizer "
                              "has none: set \"prompt_format\": \"llava-med\" in the model directory's hscr_fast.json")
-        messages = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"}]
+        messages = [{"role": "user", "content": f"{image_markup}{question}"}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {PROMPT_FORMATS}")
 

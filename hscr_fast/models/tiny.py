@@ -49,8 +49,9 @@ class TinyLlavaSpec:
     seed: int = 0
     corpus: list[str] = field(default_factory=list)
     text_model: str = "mistral"  # or "llama" (LLaVA-1.5 / Vicuna-style decoders)
-    # "llava", or "llava-next": anyres tiling on a grid of 1x1 to 2x2 tiles of image_size, so the number of visual
-    # tokens depends on the image's size.
+    # "llava"; "llava-next": anyres tiling on a grid of 1x1 to 2x2 tiles of image_size; "qwen2-vl" and
+    # "qwen2.5-vl": dynamic resolution (4 to 16 merged tokens per image) and 3D rotary positions. In the last three
+    # the number of visual tokens depends on the image's size.
     family: str = "llava"
 
 
@@ -79,6 +80,8 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str
                               LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor, MistralConfig)
 
     spec = spec or TinyLlavaSpec()
+    if spec.family in ("qwen2-vl", "qwen2.5-vl"):
+        return build_tiny_qwen2_vl(spec, attn_implementation)
     tokenizer = train_tokenizer(BASE_CORPUS + list(spec.corpus), spec.tokenizer_vocab)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     vision_config = CLIPVisionConfig(
@@ -126,6 +129,60 @@ def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str
     processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
                                 vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
+
+
+QWEN_SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                       "<|video_pad|>"]
+# Qwen2-VL's chat layout, reduced to what a single-image question needs.
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny_qwen2_vl(spec: TinyLlavaSpec, attn_implementation: str = "sdpa"):
+    """A tiny Qwen2-VL (or Qwen2.5-VL, whose vision tower adds windowed attention): vision transformer with 2x2 token
+    merging, Qwen2 decoder with M-RoPE, a chat template. Returns (model, TextAndImageProcessor): Qwen2-VL's own
+    processor needs torchvision, which the CPU test environment cannot install."""
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
+                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+
+    from .vlm import TextAndImageProcessor
+
+    tokenizer = train_tokenizer(BASE_CORPUS + list(spec.corpus), spec.tokenizer_vocab)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER] + QWEN_SPECIAL_TOKENS})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    token_id = tokenizer.convert_tokens_to_ids
+    head_dim = spec.text_hidden // spec.text_heads
+    section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # (t, h, w) halves of rotary dims
+    vision = dict(depth=spec.vision_layers, num_heads=spec.vision_heads, patch_size=spec.patch_size,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    if spec.family == "qwen2-vl":
+        config_class, model_class = Qwen2VLConfig, Qwen2VLForConditionalGeneration
+        vision.update(embed_dim=spec.vision_hidden, hidden_size=spec.text_hidden, mlp_ratio=4)
+    else:  # windows of 2x2 merged tokens; the last layer attends to the whole image
+        config_class, model_class = Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        vision.update(hidden_size=spec.vision_hidden, out_hidden_size=spec.text_hidden,
+                      intermediate_size=spec.vision_hidden * 4, window_size=4 * spec.patch_size,
+                      fullatt_block_indexes=[spec.vision_layers - 1])
+    config = config_class(
+        vision_config=vision,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=spec.text_hidden,
+                         intermediate_size=spec.text_intermediate, num_hidden_layers=spec.text_layers,
+                         num_attention_heads=spec.text_heads, num_key_value_heads=spec.text_kv_heads,
+                         max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id),
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(spec.seed)
+    model = model_class(config).eval()
+    merged = spec.patch_size * 2  # one visual token per merged 2x2 patch block
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * merged ** 2, max_pixels=16 * merged ** 2,
+                                               patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2)
+    return model, TextAndImageProcessor(tokenizer, image_processor)
 
 
 def save_tiny_llava(out_dir: str | Path, spec: TinyLlavaSpec | None = None) -> Path:

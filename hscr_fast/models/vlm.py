@@ -1,14 +1,19 @@
-"""`VisionLanguageModel`: a LLaVA-family checkpoint seen as the separate pieces HSCR needs.
+"""`VisionLanguageModel`: a vision-language checkpoint seen as the separate pieces HSCR needs.
 
-Two families: LLaVA (`LlavaForConditionalGeneration`: LLaVA-1.5, LLaVA-Med v1.5 after conversion), where every image
-gives the same number of visual tokens, and LLaVA-NeXT (`LlavaNextForConditionalGeneration`), whose "anyres" tiling
-gives a number that depends on the image's size. Everything downstream takes the visual tokens of one image as an
-[N_i, D] tensor, so it works for both.
+Three families:
+- LLaVA (`LlavaForConditionalGeneration`: LLaVA-1.5, LLaVA-Med v1.5 after conversion): every image gives the same
+  number of visual tokens;
+- LLaVA-NeXT (`LlavaNextForConditionalGeneration`): "anyres" tiling gives a number that depends on the image's size;
+- Qwen2-VL and Qwen2.5-VL: dynamic resolution (a size-dependent number too) and 3D rotary positions (M-RoPE), whose
+  positions `visual_layouts` provides (see models/positions.py).
+Everything downstream takes the visual tokens of one image as an [N_i, D] tensor, so it works for all of them.
 
 - `preprocess_images(images)`: pixel values on the model's device ([B, 3, H, W] for LLaVA, `AnyResPixels` for
-  LLaVA-NeXT); `visual_token_counts(pixels)` says how many visual tokens each image will give;
+  LLaVA-NeXT, `GridPixels` for Qwen2-VL); `visual_token_counts(pixels)` says how many visual tokens each image will
+  give;
 - `encode_images(pixels)`: vision tower + projector → visual tokens in the language model's space, [B, N, D] for
-  LLaVA and a list of [N_i, D] for LLaVA-NeXT (index either by image);
+  LLaVA and a list of [N_i, D] otherwise (index either by image);
+- `visual_layouts(pixels)`: each image's 3D rotary layout (Qwen2-VL), else None;
 - `embed_tokens(ids)`: text embeddings;
 - `decoder_hidden_states(inputs_embeds, attention_mask, position_ids)`: the language model's final hidden states,
   never the logits (log-probs come from `hscr_fast.kernels.fused_linear_logprobs` over answer positions only);
@@ -26,13 +31,20 @@ from pathlib import Path
 
 import torch
 
-from .prompting import (PROMPT_FORMATS, PromptTokens, answer_separator, format_prompt, tokenize_answer,
-                        tokenize_marked_answer, tokenize_prompt)
+from .positions import VisualLayout
+from .prompting import (IMAGE_PLACEHOLDER, PROMPT_FORMATS, PromptTokens, answer_separator, format_prompt,
+                        tokenize_answer, tokenize_marked_answer, tokenize_prompt)
 
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
     "LlavaNextForConditionalGeneration": "llava-next",
+    "Qwen2VLForConditionalGeneration": "qwen2-vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2.5-vl",
 }
+# Families whose decoder takes 3D (temporal, height, width) rotary positions: see models/positions.py.
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+# How the image sits in the prompt text (IMAGE_PLACEHOLDER is where the visual tokens go).
+IMAGE_MARKUP = dict.fromkeys(MROPE_MODEL_TYPES, "<|vision_start|><image><|vision_end|>")
 # Checkpoint layouts we can read after conversion, with the command that converts them.
 CONVERTIBLE_ARCHITECTURES = {
     "LlavaMistralForCausalLM": "python -m hscr_fast.models.convert SRC DST",
@@ -49,7 +61,8 @@ class UnsupportedModelError(ValueError):
 class ModelOptions:
     """Per-checkpoint choices that transformers' config does not record (stored in `hscr_fast.json` beside it)."""
 
-    prompt_format: str = "llava-med"
+    # None: the family's default ("llava-med" for LLaVA and LLaVA-NeXT, "chat-template" for Qwen2-VL).
+    prompt_format: str | None = None
     # LLaVA-Med pads images to a square with the mean colour before CLIP preprocessing ("pad"). "crop" leaves the
     # image to the processor: CLIP's resize + centre crop, or LLaVA-NeXT's anyres tiling. None: the family's default
     # ("pad" for LLaVA, "crop" for LLaVA-NeXT, which tiles the image as it is).
@@ -62,8 +75,9 @@ class ModelOptions:
             return cls()
         values = json.loads(path.read_text())
         options = cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
-        if options.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"{path}: unknown prompt_format {options.prompt_format!r}; expected one of {PROMPT_FORMATS}")
+        if options.prompt_format not in (None, *PROMPT_FORMATS):
+            raise ValueError(f"{path}: unknown prompt_format {options.prompt_format!r}; expected one of "
+                             f"{PROMPT_FORMATS}")
         if options.image_aspect_ratio not in (None, "pad", "crop"):
             raise ValueError(f"{path}: unknown image_aspect_ratio {options.image_aspect_ratio!r}; expected 'pad' or "
                              "'crop'")
@@ -98,6 +112,13 @@ def read_architecture(model_dir: str | Path) -> str:
     return architecture
 
 
+def _image_indices(rows, count: int) -> list[int]:
+    """Image indices selected by an int, a slice or a sequence of ints, as a tensor's rows would be."""
+    if isinstance(rows, slice):
+        return list(range(count))[rows]
+    return [int(rows)] if isinstance(rows, int) else [int(row) for row in rows]
+
+
 @dataclass
 class AnyResPixels:
     """LLaVA-NeXT's preprocessed images: the tiles of each image (padded to the batch's largest tile count), each
@@ -111,11 +132,42 @@ class AnyResPixels:
         return len(self.token_counts)
 
     def __getitem__(self, rows) -> "AnyResPixels":
-        if isinstance(rows, int):
-            rows = [rows]
-        indices = list(range(len(self)))[rows] if isinstance(rows, slice) else [int(r) for r in rows]
+        indices = _image_indices(rows, len(self))
         return AnyResPixels(self.pixel_values[indices], self.image_sizes[indices],
                             [self.token_counts[i] for i in indices])
+
+
+@dataclass
+class GridPixels:
+    """Qwen2-VL's preprocessed images: every image's patches in one [patches, C·T·P·P] tensor, each image's (t, h, w)
+    patch grid, and how many visual tokens each gives after the spatial merge. Indexing selects images."""
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor  # long [B, 3]
+    token_counts: list[int]
+
+    def __len__(self) -> int:
+        return len(self.token_counts)
+
+    def __getitem__(self, rows) -> "GridPixels":
+        indices = _image_indices(rows, len(self))
+        patches = self.image_grid_thw.prod(-1).tolist()
+        starts = [sum(patches[:i]) for i in range(len(patches))]
+        pieces = [self.pixel_values[starts[i]:starts[i] + patches[i]] for i in indices]
+        return GridPixels(torch.cat(pieces) if pieces else self.pixel_values[:0], self.image_grid_thw[indices],
+                          [self.token_counts[i] for i in indices])
+
+
+class TextAndImageProcessor:
+    """A tokenizer and an image processor, for checkpoints whose combined processor cannot be built here (Qwen2-VL's
+    needs a video processor, which needs torchvision). Saves both like a processor would."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+
+    def save_pretrained(self, directory) -> None:
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
 
 
 class VisionLanguageModel:
@@ -126,13 +178,15 @@ class VisionLanguageModel:
         self.image_processor = processor.image_processor
         self.options = options or ModelOptions()
         if self.options.image_aspect_ratio is None:
-            self.options.image_aspect_ratio = "crop" if self.is_anyres else "pad"
+            self.options.image_aspect_ratio = "pad" if self.family == "llava" else "crop"
+        if self.options.prompt_format is None:
+            self.options.prompt_format = "chat-template" if self.uses_mrope else "llava-med"
         self._answer_separator: str | None = None  # read off the prompt format on first use
 
     # -- the underlying modules (looked up on every call, so peft's in-place edits are seen) -----------------------
     @property
     def llava(self):
-        """The `Llava(Next)ForConditionalGeneration` module, also when wrapped by peft."""
+        """The `...ForConditionalGeneration` module, also when wrapped by peft."""
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     @property
@@ -160,16 +214,27 @@ class VisionLanguageModel:
         return self.config.text_config.hidden_size
 
     @property
+    def family(self) -> str:
+        """transformers' model_type: llava, llava_next, qwen2_vl or qwen2_5_vl."""
+        return self.config.model_type
+
+    @property
     def is_anyres(self) -> bool:
         """LLaVA-NeXT: the number of visual tokens depends on the image's size."""
-        return self.config.model_type == "llava_next"
+        return self.family == "llava_next"
+
+    @property
+    def uses_mrope(self) -> bool:
+        """Qwen2-VL: 3D rotary positions, and a number of visual tokens that depends on the image's size."""
+        return self.family in MROPE_MODEL_TYPES
 
     @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per image (576 for CLIP ViT-L/14@336 with the CLS token dropped). LLaVA only: for LLaVA-NeXT
         the count depends on the image (`visual_token_counts`)."""
-        if self.is_anyres:
-            raise TypeError("LLaVA-NeXT gives each image its own number of visual tokens; use visual_token_counts()")
+        if self.family != "llava":
+            raise TypeError(f"{self.family} gives each image its own number of visual tokens; use "
+                            "visual_token_counts()")
         vision = self.config.vision_config
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
@@ -179,8 +244,9 @@ class VisionLanguageModel:
         """The question in this checkpoint's prompt format, tokenised around its image placeholder."""
         if self._answer_separator is None:
             self._answer_separator = answer_separator(self.tokenizer, self.options.prompt_format)
-        return tokenize_prompt(self.tokenizer, format_prompt(question, self.tokenizer, self.options.prompt_format),
-                               self._answer_separator)
+        text = format_prompt(question, self.tokenizer, self.options.prompt_format,
+                             image_markup=IMAGE_MARKUP.get(self.family, IMAGE_PLACEHOLDER + "\n"))
+        return tokenize_prompt(self.tokenizer, text, self._answer_separator)
 
     def answer_tokens(self, prompt: PromptTokens, answer: str) -> list[int]:
         """Answer tokens (EOS included) exactly as the model would generate them after `prompt`."""
@@ -191,28 +257,46 @@ class VisionLanguageModel:
         return tokenize_marked_answer(self.tokenizer, prompt, answer)
 
     # -- the pieces -------------------------------------------------------------------------------------------------
-    def preprocess_images(self, images) -> torch.Tensor | AnyResPixels:
+    def preprocess_images(self, images) -> torch.Tensor | AnyResPixels | GridPixels:
         """PIL RGB images → pixel values on the model's device and dtype: [B, 3, H, W] for LLaVA, `AnyResPixels` for
-        LLaVA-NeXT."""
+        LLaVA-NeXT, `GridPixels` for Qwen2-VL."""
         if self.options.image_aspect_ratio == "pad":
             images = [pad_to_square(image, self.image_processor.image_mean) for image in images]
         processed = self.image_processor(images=images, return_tensors="pt")
         pixels = processed["pixel_values"].to(self.device, self.dtype)
+        if self.uses_mrope:
+            grid = processed["image_grid_thw"]
+            merge = self.config.vision_config.spatial_merge_size
+            return GridPixels(pixels, grid.to(self.device), (grid.prod(-1) // merge ** 2).tolist())
         if not self.is_anyres:
             return pixels
         sizes = processed["image_sizes"]
         counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes.tolist())["num_image_tokens"]
         return AnyResPixels(pixels, sizes.to(self.device), list(counts))
 
-    def visual_token_counts(self, pixels: torch.Tensor | AnyResPixels) -> list[int]:
+    def visual_token_counts(self, pixels: torch.Tensor | AnyResPixels | GridPixels) -> list[int]:
         """How many visual tokens each preprocessed image gives."""
-        if isinstance(pixels, AnyResPixels):
+        if isinstance(pixels, (AnyResPixels, GridPixels)):
             return list(pixels.token_counts)
         return [self.num_visual_tokens] * pixels.shape[0]
 
-    def encode_images(self, pixels: torch.Tensor | AnyResPixels) -> torch.Tensor | list[torch.Tensor]:
+    def visual_layouts(self, pixels) -> list[VisualLayout] | None:
+        """Qwen2-VL: each image's 3D rotary positions, from transformers' own `get_vision_position_ids`; None for the
+        families with 1D positions (see models/positions.py)."""
+        if not isinstance(pixels, GridPixels):
+            return None
+        merge = self.config.vision_config.spatial_merge_size
+        return [VisualLayout(self.llava.model.get_vision_position_ids(0, grid, 1, merge).cpu(),
+                             int(max(grid[1], grid[2])) // merge) for grid in pixels.image_grid_thw.cpu()]
+
+    def encode_images(self, pixels) -> torch.Tensor | list[torch.Tensor]:
         """Vision tower + projector: visual tokens in the language model's embedding space, [B, N, D] for LLaVA and
-        a list of [N_i, D] for LLaVA-NeXT (row or item i: image i)."""
+        a list of [N_i, D] for LLaVA-NeXT and Qwen2-VL (row or item i: image i)."""
+        if isinstance(pixels, GridPixels):
+            features = self.llava.model.get_image_features(
+                pixel_values=pixels.pixel_values.to(self.device, self.dtype), image_grid_thw=pixels.image_grid_thw,
+                return_dict=True).pooler_output
+            return list(features)
         options = dict(vision_feature_layer=self.config.vision_feature_layer,
                        vision_feature_select_strategy=self.config.vision_feature_select_strategy, return_dict=True)
         if isinstance(pixels, AnyResPixels):
@@ -281,7 +365,7 @@ def load_vlm(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, d
              attn_implementation: str | None = None) -> VisionLanguageModel:
     """Loads a LLaVA-family checkpoint and its processor from a local directory (or a hub name when online)."""
     import transformers
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     model_path = Path(model_dir)
     if model_path.exists():
@@ -299,6 +383,12 @@ def load_vlm(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, d
         kwargs["attn_implementation"] = attn_implementation
     model_class = getattr(transformers, architecture)
     model = model_class.from_pretrained(str(model_dir), **kwargs).to(device).eval()
-    processor = AutoProcessor.from_pretrained(str(model_dir))
+    if model.config.model_type in MROPE_MODEL_TYPES:
+        # Only the tokenizer and the image processor are used; the combined processor also needs a video
+        # processor, which needs torchvision.
+        processor = TextAndImageProcessor(AutoTokenizer.from_pretrained(str(model_dir)),
+                                          AutoImageProcessor.from_pretrained(str(model_dir)))
+    else:
+        processor = AutoProcessor.from_pretrained(str(model_dir))
     options = ModelOptions.read(model_path) if model_path.exists() else ModelOptions()
     return VisionLanguageModel(model, processor, options)
