@@ -27,6 +27,16 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_cpu_thread")`): two OpenMP threads
+    on a shared 2-core machine spin-wait for each other, and tiny forwards get ~40x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava():
     """(model, processor): a tiny real-architecture LLaVA (CLIP vision + Mistral), random weights, float32, eval."""

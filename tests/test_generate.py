@@ -14,6 +14,8 @@ import torch
 from hscr_fast import generate
 from hscr_fast.io import read_jsonl
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest
+
 QA = [
     ("Is there a lesion in the left lung?", "yes", "CLOSED"),
     ("Where is the abnormality?", "The right upper lobe shows a small nodule.", "OPEN"),
@@ -41,15 +43,6 @@ def entry(sample_id, image, question, answer, answer_type=None):
     if answer_type:
         item["answer_type"] = answer_type
     return item
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Two OpenMP threads on a shared 2-core machine spin-wait for each other: tiny forwards get ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

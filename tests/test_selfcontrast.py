@@ -15,6 +15,8 @@ from hscr_fast.models.vlm import VisionLanguageModel
 from hscr_fast.selfcontrast import (ContentTokens, SelfContrast, SelfContrastConfig, graded_counts, num_distinct,
                                     render_marked)
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest
+
 SAMPLES = [
     ("a", "Is there a lesion in the left lung?", "yes"),
     ("b", "Where is the abnormality?", "The right upper lobe shows a small nodule."),
@@ -83,15 +85,6 @@ def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alph
         return -1
     p_diff = ((1 + beta) * logits_full_row - beta * logits_drop_row).softmax(-1)
     return min(candidates, key=lambda v: (float(p_diff[v]), v))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Two OpenMP threads on a shared 2-core machine spin-wait for each other: tiny forwards get ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
