@@ -1,5 +1,6 @@
 """Model layer: tiny factory, loading, prompt tokenisation, the exposed pieces, visual token dropout."""
 import json
+from re import escape as re_escape
 
 import pytest
 import torch
@@ -159,3 +160,32 @@ def test_visual_dropout_modes():
         visual_dropout(10, 0.5, global_seed=0, sample_id=1, mode="blur")
     with pytest.raises(ValueError, match="drop_ratio"):
         visual_dropout(10, 1.0, global_seed=0, sample_id=1)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('["llava-med"]', "expected a JSON object"),
+    ('{"prompt_fromat": "llava-med"}', "unknown field(s) ['prompt_fromat']"),
+    ('{"prompt_format": "vicuna"}', "unknown prompt_format 'vicuna'"),
+    ('{"image_aspect_ratio": "square"}', "unknown image_aspect_ratio 'square'; expected 'pad' or 'crop'"),
+])
+def test_a_bad_hscr_fast_json_is_named_in_one_line(tiny_model_dir, tmp_path, capsys, content, message):
+    import shutil
+
+    from PIL import Image
+
+    from hscr_fast.evaluate import main as evaluate_main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "hscr_fast.json").write_text(content)
+    with pytest.raises(UnsupportedModelError, match=re_escape(f"{model_dir / 'hscr_fast.json'}: {message}")):
+        load_vlm(model_dir)
+    assert "Loading weights" not in capsys.readouterr().err  # reported before the weights load
+    Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"id": "q", "image": "x.png", "answer_type": "CLOSED", "conversations": [
+        {"from": "human", "value": "<image>\nIs it?"}, {"from": "gpt", "value": "yes"}]}]))
+    assert evaluate_main(["--model", str(model_dir), "--data", str(data), "--image-folder", str(tmp_path),
+                          "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert message in capsys.readouterr().err

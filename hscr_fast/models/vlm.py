@@ -70,17 +70,28 @@ class ModelOptions:
 
     @classmethod
     def read(cls, model_dir: Path) -> "ModelOptions":
+        """The options in `model_dir/hscr_fast.json` (the family's defaults when there is none). A file that cannot
+        be used raises UnsupportedModelError naming the file, the field and the accepted values."""
         path = Path(model_dir) / SIDECAR_NAME
         if not path.is_file():
             return cls()
-        values = json.loads(path.read_text())
-        options = cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise UnsupportedModelError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(values, dict):
+            raise UnsupportedModelError(f"{path}: expected a JSON object such as {{\"prompt_format\": \"llava-med\"}}")
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UnsupportedModelError(f"{path}: unknown field(s) {unknown}; the fields are "
+                                        f"{sorted(cls.__dataclass_fields__)}")
+        options = cls(**values)
         if options.prompt_format not in (None, *PROMPT_FORMATS):
-            raise ValueError(f"{path}: unknown prompt_format {options.prompt_format!r}; expected one of "
-                             f"{PROMPT_FORMATS}")
+            raise UnsupportedModelError(f"{path}: unknown prompt_format {options.prompt_format!r}; expected one of "
+                                        f"{list(PROMPT_FORMATS)}")
         if options.image_aspect_ratio not in (None, "pad", "crop"):
-            raise ValueError(f"{path}: unknown image_aspect_ratio {options.image_aspect_ratio!r}; expected 'pad' or "
-                             "'crop'")
+            raise UnsupportedModelError(f"{path}: unknown image_aspect_ratio {options.image_aspect_ratio!r}; "
+                                        "expected 'pad' or 'crop'")
         return options
 
     def write(self, model_dir: Path) -> None:
@@ -370,7 +381,9 @@ def load_vlm(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, d
     model_path = Path(model_dir)
     if model_path.exists():
         architecture = read_architecture(model_path)
+        options = ModelOptions.read(model_path)  # before the weights: a bad hscr_fast.json fails at once
     else:
+        options = ModelOptions()
         architecture = (AutoConfig.from_pretrained(str(model_dir)).architectures or [""])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(f"{model_dir}: unsupported architecture {architecture!r}; supported: "
@@ -390,5 +403,4 @@ def load_vlm(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, d
                                           AutoImageProcessor.from_pretrained(str(model_dir)))
     else:
         processor = AutoProcessor.from_pretrained(str(model_dir))
-    options = ModelOptions.read(model_path) if model_path.exists() else ModelOptions()
     return VisionLanguageModel(model, processor, options)
