@@ -23,6 +23,8 @@ import torch
 
 LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
                         r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+# Settings added to a checkpoint's run identity after checkpoints existed, with the value older ones ran with.
+RUN_IDENTITY_DEFAULTS = {"eval_fraction": 0.0}
 # The module that maps vision features into the language model, per model_type (--train-projector).
 PROJECTOR_MODULES = {"qwen2_vl": "merger", "qwen2_5_vl": "merger"}
 
@@ -270,7 +272,9 @@ def train(config: TrainConfig) -> TrainResult:
     step, micro_step, best_eval_loss = 0, 0, math.inf
     if config.resume and engine.latest_tag():
         state = engine.load(engine.latest_tag())
-        mismatched = {k: (state["run"][k], v) for k, v in run_identity.items() if state["run"].get(k) != v}
+        # A checkpoint written before a setting existed recorded nothing for it: it ran with that setting's default.
+        saved = {**RUN_IDENTITY_DEFAULTS, **state["run"]}
+        mismatched = {k: (saved.get(k), v) for k, v in run_identity.items() if saved.get(k) != v}
         if mismatched:
             raise SystemExit(f"error: cannot resume {out}: the run changed since the checkpoint "
                              f"(saved, now): {mismatched}")

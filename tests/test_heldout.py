@@ -125,3 +125,15 @@ def test_bad_held_out_settings_are_reported_before_the_model_loads(lists, tmp_pa
     assert main(common + ["--save-best"]) == 2
     assert "--save-best keeps the adapter with the lowest held-out loss; it needs held-out lists" in \
         capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_split_and_reads_checkpoints_from_before_the_setting(lists, tmp_path, train_config):
+    out = tmp_path / "run"
+    assert train(train_config(lists, out, stop_after_steps=2)).steps == 2
+    state_path = out / "checkpoints" / "step-2" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    with pytest.raises(SystemExit, match="eval_fraction"):  # holding lists out now would change the training set
+        train(train_config(lists, out, resume=True, eval_fraction=0.3))
+    del state["run"]["eval_fraction"]  # as written before held-out evaluation existed
+    state_path.write_text(json.dumps(state))
+    assert train(train_config(lists, out, resume=True)).steps == 10
