@@ -55,6 +55,13 @@ def test_generate_train_evaluate_end_to_end(model_dir, vqa_set, tmp_path):
                           "--image-folder", str(vqa_set / "images"), "--out", str(prefs), "--batch-size", "4"]) == 0
     written = read_jsonl(prefs)
     assert written and all(len(line["responses"]) >= 2 for line in written)
+    # Stage 1's other settings: masked (not removed) visual tokens, and Eq. 4 read literally (one replacement per
+    # re-scored pass).
+    other = tmp_path / "prefs-mask-sequential.jsonl"
+    assert generate.main(["--model", str(model_dir), "--data", str(vqa_set / "data.json"),
+                          "--image-folder", str(vqa_set / "images"), "--out", str(other), "--batch-size", "4",
+                          "--dropout-mode", "mask", "--mode", "sequential"]) == 0
+    assert read_jsonl(other)
 
     result = train(TrainConfig(model=str(model_dir), preferences=str(prefs), image_folder=str(vqa_set / "images"),
                                out=str(tmp_path / "run"), epochs=1, learning_rate=2e-3, per_device_batch_size=2,
