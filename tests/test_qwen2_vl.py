@@ -102,3 +102,38 @@ def test_lora_targets_the_decoder_and_train_projector_the_right_module(family, p
     lora = [name for name in trainable if "lora_" in name]
     assert lora and all(".language_model.layers." in name for name in lora)  # never the vision tower
     assert any(f".{projector}." in name and "lora_" not in name for name in trainable)
+
+
+def test_removed_visual_tokens_leave_the_others_at_their_own_3d_positions(qwen, make_images):
+    """Dropout in `remove` mode: the packed forward equals a plain forward whose positions are transformers' own
+    (`get_rope_index` over the whole, undropped prompt) with the dropped tokens' columns deleted."""
+    from hscr_fast.models.dropout import visual_dropout
+
+    vlm = qwen
+    pixels = vlm.preprocess_images(make_images(2, seed=11, sizes=IMAGE_SIZES[1:]))
+    visual, layouts = vlm.encode_images(pixels), vlm.visual_layouts(pixels)
+    image_id = vlm.config.image_token_id
+    examples, expected = [], torch.zeros(2, 4)
+    with torch.no_grad():
+        for b, (question, answers) in enumerate(zip(QUESTIONS[1:], ANSWERS[1:])):
+            prompt = vlm.prompt_tokens(question)
+            responses = [vlm.answer_tokens(prompt, a) for a in answers]
+            dropout = visual_dropout(visual[b].shape[0], 0.5, global_seed=0, sample_id=b, mode="remove")
+            tokens, _ = dropout.apply(visual[b])
+            examples.append(ListwiseExample(prompt, responses, tokens, visual_layout=dropout.apply_layout(layouts[b])))
+            n_before, n_visual = len(prompt.before_image), visual[b].shape[0]
+            for j, response in enumerate(responses):
+                ids = list(prompt.before_image) + [image_id] * n_visual + list(prompt.after_image) + response[:-1]
+                positions, _ = vlm.llava.model.get_rope_index(
+                    torch.tensor([ids]), torch.tensor([[int(t == image_id) for t in ids]]),
+                    image_grid_thw=pixels.image_grid_thw[b:b + 1])
+                keep = torch.ones(len(ids), dtype=torch.bool)
+                keep[n_before:n_before + n_visual] = dropout.kept
+                embeds = torch.cat([vlm.embed_tokens(torch.tensor(prompt.before_image)), tokens,
+                                    vlm.embed_tokens(torch.tensor(list(prompt.after_image) + response[:-1]))])[None]
+                hidden = vlm.decoder_hidden_states(embeds, None, positions[:, :, keep])[0, -len(response):]
+                logps = torch.log_softmax(hidden @ vlm.lm_head_weight.T, -1)
+                expected[b, j] = logps.gather(-1, torch.tensor(response)[:, None]).sum()
+        batch = pack_examples(vlm.embed_tokens, examples)
+        packed = listwise_logprobs(vlm, batch)
+    torch.testing.assert_close(packed * batch.valid, expected * batch.valid, rtol=1e-5, atol=1e-4)
