@@ -38,7 +38,6 @@ lesion's exact shape should not be recoverable from the corrupted image.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -50,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from hscr_fast.data.images import to_rgb
+from hscr_fast.io import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -193,12 +193,9 @@ def read_slake_mask_labels(path: str | os.PathLike) -> dict[int, str]:
 def read_slake_detection(path: str | os.PathLike) -> list[tuple[str, list[float]]]:
     """SLAKE's `detection.json` (`[{"Lung Cancer": [x, y, w, h]}, ...]`) as [(label, box), ...] in file order."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: SLAKE detection file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: SLAKE detection file not found")
+    entries = read_json_file(path)
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of {{label: [x, y, w, h]}} objects, got "
                          f"{type(entries).__name__}")

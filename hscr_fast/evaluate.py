@@ -38,7 +38,7 @@ import torch
 
 from hscr_fast.data.images import ImageLoadError, load_image
 from hscr_fast.data.records import DataFormatError, VQARecord, load_llava_med_json
-from hscr_fast.io import JsonlAppender, JsonlError, atomic_write_json, parse_jsonl_line
+from hscr_fast.io import JsonlAppender, JsonlError, atomic_write_json, parse_jsonl_line, read_json_file
 from hscr_fast.metrics import BREAKDOWN_KEYS, compute_metrics
 from hscr_fast.models.vlm import UnsupportedModelError
 
@@ -267,10 +267,7 @@ def apply_adapter(vlm, adapter_dir: str | Path, model_dir: str | Path) -> None:
     if not config_path.is_file():
         raise EvaluationError(f"{adapter_dir}: no adapter_config.json; --adapter expects a PEFT adapter directory "
                               f"(as hscr_fast.train writes)")
-    try:
-        adapter_config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{config_path}: not valid JSON ({error})") from None
+    adapter_config = read_json_file(config_path, EvaluationError)
     _check_adapter_base(adapter_dir, adapter_config.get("base_model_name_or_path"), model_dir)
     try:
         peft_model = PeftModel.from_pretrained(vlm.model, str(adapter_dir), is_trainable=False)
@@ -499,10 +496,7 @@ def compare_runs(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[Path,
         if not metrics_path.is_file():
             raise EvaluationError(f"{run_dir}: no metrics.json; --compare takes output folders of "
                                   f"`python -m hscr_fast.evaluate`")
-        try:
-            metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError as error:
-            raise EvaluationError(f"{metrics_path}: not valid JSON ({error})") from None
+        metrics = read_json_file(metrics_path, EvaluationError)
         if not isinstance(metrics, dict) or "closed_accuracy" not in metrics:
             raise EvaluationError(f"{metrics_path}: not a metrics file (no closed_accuracy)")
         runs[label] = metrics

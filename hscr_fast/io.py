@@ -70,6 +70,16 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2) -> No
     atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
+def read_json_file(path: PathLike, error: type[Exception] = ValueError) -> Any:
+    """The JSON value in `path`. A file that is not UTF-8 text or not JSON raises `error`, naming the file and where
+    the parser stopped."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as problem:
+        raise error(f"{path}: not valid JSON ({problem})") from None
+
+
 def parse_jsonl_line(text: str, path: PathLike, line_number: int) -> dict:
     """Parse one JSONL line into a dict, or raise `JsonlError` naming `path:line_number` and what is wrong."""
     try:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import read_json_file
 from .positions import VisualLayout
 from .prompting import (IMAGE_PLACEHOLDER, PROMPT_FORMATS, PromptTokens, answer_separator, format_prompt,
                         tokenize_answer, tokenize_marked_answer, tokenize_prompt)
@@ -75,10 +76,7 @@ class ModelOptions:
         path = Path(model_dir) / SIDECAR_NAME
         if not path.is_file():
             return cls()
-        try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise UnsupportedModelError(f"{path}: not valid JSON ({error})") from None
+        values = read_json_file(path, UnsupportedModelError)
         if not isinstance(values, dict):
             raise UnsupportedModelError(f"{path}: expected a JSON object such as {{\"prompt_format\": \"llava-med\"}}")
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
@@ -105,10 +103,7 @@ def read_architecture(model_dir: str | Path) -> str:
         raise FileNotFoundError(f"model directory not found: {model_dir}")
     if not config_path.is_file():
         raise UnsupportedModelError(f"{model_dir}: no config.json; expected a transformers checkpoint directory")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise UnsupportedModelError(f"{config_path}: not valid JSON ({error})") from None
+    config = read_json_file(config_path, UnsupportedModelError)
     architectures = config.get("architectures") or []
     if not architectures:
         raise UnsupportedModelError(f"{config_path}: no 'architectures' entry; cannot tell which model class to use")
