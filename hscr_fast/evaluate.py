@@ -32,7 +32,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from hscr_fast.data.records import DataFormatError, VQARecord, load_llava_med_js
 from hscr_fast.io import JsonlAppender, JsonlError, atomic_write_json, parse_jsonl_line, read_json_file
 from hscr_fast.metrics import BREAKDOWN_KEYS, compute_metrics
 from hscr_fast.models.vlm import UnsupportedModelError
+
+if TYPE_CHECKING:  # only for annotations: the generation code is imported where it runs
+    from hscr_fast.generation import GenerationPrompt
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +341,7 @@ def generate_predictions(vlm, records: list[VQARecord], image_folder: str | Path
     """
     from tqdm.auto import tqdm
 
-    from hscr_fast.generation import GenerationPrompt, decode, greedy_generate
+    from hscr_fast.generation import decode, greedy_generate
 
     if batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {batch_size}")
