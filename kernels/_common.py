@@ -1,4 +1,5 @@
-"""Shared by both kernel ops: backend choice, the fp32-output linear layer, and input checks.
+"""Shared by the kernel ops: backend choice, the fp32-output linear layer, input checks, and the chunking and
+backward shared by the two ops on logits = hidden @ weight.T (fused_linear_logprobs, fused_token_kl).
 
 Every op has a Triton form (CUDA tensors) and a chunked PyTorch form with the same memory behaviour (CPU, and CUDA
 without triton). `backend="auto"` picks by device; `backend="triton"` on CPU tensors runs the Triton kernels in
@@ -77,6 +78,43 @@ def linear_logits_fp32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tens
             stop = min(start + _UPCAST_WEIGHT_ROWS, weight.shape[0])
             out[:, start:stop] = hidden32 @ weight[start:stop].float().T
         return out
+
+
+# Least memory a chunk of logits may use, whatever 1/8 of the full logits comes to.
+_MIN_CHUNK_BYTES = 32 * 2**20
+
+
+def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype, logit_blocks: int) -> int:
+    """Rows per chunk so that `logit_blocks` fp32 [rows, V] blocks (plus the gradient factor when `dtype` is
+    narrower than fp32) use 1/8 of the full logits' memory in `dtype`, and at least _MIN_CHUNK_BYTES."""
+    itemsize, logits_itemsize = dtype.itemsize, compute_dtype(dtype).itemsize
+    bytes_per_row = vocab * (logit_blocks * logits_itemsize + (itemsize if itemsize != logits_itemsize else 0))
+    budget = max(_MIN_CHUNK_BYTES, rows * vocab * itemsize // 8)
+    return max(1, min(rows, budget // bytes_per_row))
+
+
+def rescale_direction(direction: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Frozen-weight backward: the per-row gradient direction kept by forward, times the upstream gradient [N].
+    fp32 multiply, one rounding into the hidden dtype; `out=` avoids an fp32 [N, D] temporary."""
+    return torch.mul(direction, grad_out.float()[:, None], out=torch.empty_like(direction))
+
+
+def recompute_linear_grads(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int, hidden_needs_grad: bool,
+                           grad_factor_of) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Trained-weight backward of a chunked op on logits = hidden @ weight.T: (grad_hidden or None, grad_weight).
+
+    `grad_factor_of(chunk)` recomputes the chunk's dOut/dlogits [rows, V] in the weight dtype. grad_weight is
+    accumulated in the weight dtype, one rounding per chunk (as Liger does): an fp32 accumulator would add a full fp32
+    [V, D] copy of the weight to the peak."""
+    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if hidden_needs_grad else None
+    grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        chunk = slice(start, start + chunk_rows)
+        grad_factor = grad_factor_of(chunk)
+        if hidden_needs_grad:
+            torch.mm(grad_factor, weight, out=grad_hidden[chunk])
+        grad_weight.addmm_(grad_factor.T, hidden[chunk])
+    return grad_hidden, grad_weight
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -37,9 +37,8 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import check_labels, compute_dtype, linear_logits_fp32, resolve_backend
-
-_MIN_CHUNK_BYTES = 32 * 2**20
+from ._common import (check_labels, compute_dtype, default_chunk_rows, linear_logits_fp32, recompute_linear_grads,
+                      rescale_direction, resolve_backend)
 _MAX_BLOCK_V = 4096
 
 # triton.language and the kernel, bound by _triton_kernels() on first use (see there).
@@ -181,34 +180,18 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp):
         if ctx.strategy == "precompute":
             (direction,) = ctx.saved_tensors
-            # fp32 multiply, one rounding into the hidden dtype; `out=` avoids an fp32 [N, D] temporary
-            grad_hidden = torch.mul(direction, grad_logp.float()[:, None], out=torch.empty_like(direction))
-            return grad_hidden, None, None, None, None, None
+            return rescale_direction(direction, grad_logp), None, None, None, None, None
         hidden, weight, labels, lse = ctx.saved_tensors
-        hidden_needs_grad = ctx.needs_input_grad[0]
         grad_logp = grad_logp.float().contiguous()
-        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if hidden_needs_grad else None
-        # Accumulated in the weight dtype, one rounding per chunk (as Liger does): an fp32 accumulator would add a
-        # full fp32 [V, D] copy of the weight to the peak.
-        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        for start in range(0, hidden.shape[0], ctx.chunk_rows):
-            chunk = slice(start, start + ctx.chunk_rows)
-            logits = linear_logits_fp32(hidden[chunk], weight)
-            _, _, grad_factor = _logprob_rows(
-                ctx.backend, logits, labels[chunk], ctx.ignore_index,
-                lse=lse[chunk], grad_scale=grad_logp[chunk], grad_dtype=weight.dtype,
-            )
-            if hidden_needs_grad:
-                torch.mm(grad_factor, weight, out=grad_hidden[chunk])
-            grad_weight.addmm_(grad_factor.T, hidden[chunk])
+
+        def grad_factor_of(chunk):
+            return _logprob_rows(ctx.backend, linear_logits_fp32(hidden[chunk], weight), labels[chunk],
+                                 ctx.ignore_index, lse=lse[chunk], grad_scale=grad_logp[chunk],
+                                 grad_dtype=weight.dtype)[2]
+
+        grad_hidden, grad_weight = recompute_linear_grads(hidden, weight, ctx.chunk_rows, ctx.needs_input_grad[0],
+                                                          grad_factor_of)
         return grad_hidden, grad_weight, None, None, None, None
-
-
-def _default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
-    itemsize, logits_itemsize = dtype.itemsize, compute_dtype(dtype).itemsize
-    bytes_per_row = vocab * (logits_itemsize + (itemsize if itemsize != logits_itemsize else 0))
-    budget = max(_MIN_CHUNK_BYTES, rows * vocab * itemsize // 8)
-    return max(1, min(rows, budget // bytes_per_row))
 
 
 def fused_linear_logprobs(
@@ -245,5 +228,5 @@ def fused_linear_logprobs(
         raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size}")
     check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index, op=op)
     backend = resolve_backend(backend, hidden.device)
-    chunk_rows = chunk_size or _default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
+    chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype, logit_blocks=1)
     return _FusedLinearLogprobs.apply(hidden, weight, labels.long().contiguous(), ignore_index, chunk_rows, backend)

@@ -59,9 +59,11 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import compute_dtype, linear_logits_fp32, resolve_backend
+from ._common import (compute_dtype, default_chunk_rows, linear_logits_fp32, recompute_linear_grads,
+                      rescale_direction, resolve_backend)
 
-_MIN_CHUNK_BYTES = 32 * 2**20
+# two logit blocks (policy, reference) and one scratch block in the torch form
+_LOGIT_BLOCKS = 3
 _MAX_BLOCK_V = 4096
 _DOT_COLUMNS = 8192  # vocabulary columns per product block in the torch form's row-wise dot products
 
@@ -267,37 +269,18 @@ class _FusedTokenKL(torch.autograd.Function):
     def backward(ctx, grad_kl):
         if ctx.strategy == "precompute":
             (direction,) = ctx.saved_tensors
-            # fp32 multiply, one rounding into the hidden dtype; `out=` avoids an fp32 [N, D] temporary
-            grad_policy = torch.mul(direction, grad_kl.float()[:, None], out=torch.empty_like(direction))
-            return grad_policy, None, None, None, None, None
+            return rescale_direction(direction, grad_kl), None, None, None, None, None
         policy_hidden, reference_hidden, weight, stats = ctx.saved_tensors
-        policy_needs_grad = ctx.needs_input_grad[0]
         grad_kl = grad_kl.float().contiguous()
-        grad_policy = (torch.empty_like(policy_hidden, memory_format=torch.contiguous_format)
-                       if policy_needs_grad else None)
-        # Accumulated in the weight dtype, one rounding per chunk (as fused_linear_logprobs and Liger do): an fp32
-        # accumulator would add a full fp32 [V, D] copy of the weight to the peak.
-        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-        for start in range(0, policy_hidden.shape[0], ctx.chunk_rows):
-            chunk = slice(start, start + ctx.chunk_rows)
-            _, _, grad_factor = _token_kl_rows(
-                ctx.backend, linear_logits_fp32(policy_hidden[chunk], weight),
-                linear_logits_fp32(reference_hidden[chunk], weight), ctx.lam,
-                stats=stats[:, chunk], grad_scale=grad_kl[chunk], grad_dtype=weight.dtype,
-            )
-            if policy_needs_grad:
-                torch.mm(grad_factor, weight, out=grad_policy[chunk])
-            grad_weight.addmm_(grad_factor.T, policy_hidden[chunk])
+
+        def grad_factor_of(chunk):
+            return _token_kl_rows(ctx.backend, linear_logits_fp32(policy_hidden[chunk], weight),
+                                  linear_logits_fp32(reference_hidden[chunk], weight), ctx.lam, stats=stats[:, chunk],
+                                  grad_scale=grad_kl[chunk], grad_dtype=weight.dtype)[2]
+
+        grad_policy, grad_weight = recompute_linear_grads(policy_hidden, weight, ctx.chunk_rows,
+                                                          ctx.needs_input_grad[0], grad_factor_of)
         return grad_policy, None, grad_weight, None, None, None
-
-
-def _default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype) -> int:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    logits_itemsize = torch.empty((), dtype=compute_dtype(dtype)).element_size()
-    # two logit blocks and one scratch block (torch form), plus the low-precision gradient factor
-    bytes_per_row = vocab * (3 * logits_itemsize + (itemsize if itemsize != logits_itemsize else 0))
-    budget = max(_MIN_CHUNK_BYTES, rows * vocab * itemsize // 8)
-    return max(1, min(rows, budget // bytes_per_row))
 
 
 def _check_inputs(policy_hidden, reference_hidden, weight, lam, mask, chunk_size, op):
@@ -351,12 +334,13 @@ def fused_token_kl(
     backend = resolve_backend(backend, policy_hidden.device)
     reference_hidden = reference_hidden.detach()
     if mask is None:
-        chunk_rows = chunk_size or _default_chunk_rows(policy_hidden.shape[0], weight.shape[0], weight.dtype)
+        chunk_rows = chunk_size or default_chunk_rows(policy_hidden.shape[0], weight.shape[0], weight.dtype,
+                                                      _LOGIT_BLOCKS)
         return _FusedTokenKL.apply(policy_hidden, reference_hidden, weight, float(lam), chunk_rows, backend)
     # Gather the selected rows so masked-out positions cost no GEMM; index_select and index_copy carry the gradient
     # back to the selected rows of policy_hidden (zeros elsewhere).
     selected = mask.nonzero().squeeze(1)
-    chunk_rows = chunk_size or _default_chunk_rows(selected.shape[0], weight.shape[0], weight.dtype)
+    chunk_rows = chunk_size or default_chunk_rows(selected.shape[0], weight.shape[0], weight.dtype, _LOGIT_BLOCKS)
     kl_selected = _FusedTokenKL.apply(policy_hidden.index_select(0, selected),
                                       reference_hidden.index_select(0, selected), weight, float(lam), chunk_rows,
                                       backend)
