@@ -539,7 +539,11 @@ def _log_cut(alpha: float) -> float:
 
 
 def _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask, ignore_index,
-                   device, op):
+                   device, op, *, vocab: int, labels: torch.Tensor) -> "_Options":
+    """Checks what both entry points share (vocabulary, labels, options) and returns the options in kernel form."""
+    if vocab == 0:
+        raise ValueError(f"{op}: the vocabulary is empty")
+    check_labels(labels, rows, vocab, ignore_index, op=op)
     if not math.isfinite(beta):
         raise ValueError(f"{op}: beta must be a finite number, got {beta}")
     if not 0.0 <= alpha <= 1.0:
@@ -609,11 +613,8 @@ def contrastive_select(
     if logits_drop.device != logits_full.device or labels.device != logits_full.device:
         raise ValueError(f"{op}: logits_full, logits_drop and labels must be on one device")
     rows, vocab = logits_full.shape
-    if vocab == 0:
-        raise ValueError(f"{op}: logits have an empty vocabulary")
-    check_labels(labels, rows, vocab, ignore_index, op=op)
     options = _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask,
-                             ignore_index, logits_full.device, op)
+                             ignore_index, logits_full.device, op, vocab=vocab, labels=labels)
     backend = resolve_backend(backend, logits_full.device)
     if rows == 0:
         return _empty_selection(logits_full.device)
@@ -677,11 +678,8 @@ def contrastive_select_from_hidden(
     if not hidden_full.device == hidden_drop.device == weight.device == labels.device:
         raise ValueError(f"{op}: hidden states, weight and labels must be on one device")
     rows, vocab = hidden_full.shape[0], weight.shape[0]
-    if vocab == 0:
-        raise ValueError(f"{op}: weight has an empty vocabulary")
-    check_labels(labels, rows, vocab, ignore_index, op=op)
     options = _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask,
-                             ignore_index, weight.device, op)
+                             ignore_index, weight.device, op, vocab=vocab, labels=labels)
     backend = resolve_backend(backend, weight.device)
     if rows == 0:
         return _empty_selection(weight.device)
