@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,30 @@ def atomic_output(path: PathLike) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path`; on normal exit it takes the place of `path` (whose old contents
+    are removed after the swap), on an exception `path` is left as it was and the staging folder is removed.
+
+    Readers see the old folder or the complete new one, never a half-written one: the swap is two renames within one
+    filesystem, between which `path` is briefly absent."""
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
+    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; a plain mkdir would not
+    try:
+        yield staging
+        if destination.exists():
+            retired = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".old"))
+            os.replace(destination, retired / destination.name)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _current_umask() -> int:

@@ -389,18 +389,11 @@ def describe_held_out(step: int, held_out: dict, improved: bool) -> str:
 def save_adapter_atomically(peft_model, adapter_dir: Path, evaluation: dict) -> None:
     """Writes the adapter (PEFT format) and `evaluation.json` beside it into a fresh folder, then swaps it in: a
     crash leaves the previous best or the new one, never a mixture."""
-    import shutil
+    from .io import atomic_directory
 
-    staging = adapter_dir.with_name(adapter_dir.name + ".new")
-    retired = adapter_dir.with_name(adapter_dir.name + ".old")
-    for leftover in (staging, retired):
-        shutil.rmtree(leftover, ignore_errors=True)
-    peft_model.save_pretrained(staging)
-    (staging / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
-    if adapter_dir.exists():
-        adapter_dir.rename(retired)
-    staging.rename(adapter_dir)
-    shutil.rmtree(retired, ignore_errors=True)
+    with atomic_directory(adapter_dir) as staging:
+        peft_model.save_pretrained(staging)
+        (staging / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
 
 
 def load_training_data(config: TrainConfig) -> tuple[list, list]:

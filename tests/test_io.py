@@ -161,3 +161,21 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
         assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o644
     finally:
         os.umask(mask)
+
+
+def test_atomic_directory_swaps_in_whole_or_not_at_all(tmp_path):
+    from hscr_fast.io import atomic_directory
+
+    target = tmp_path / "model"
+    with atomic_directory(target) as staging:
+        (staging / "weights.bin").write_text("v1")
+    assert (target / "weights.bin").read_text() == "v1" and oct(target.stat().st_mode & 0o777) != oct(0o700)
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "weights.bin").write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert (target / "weights.bin").read_text() == "v1"  # the old folder is untouched
+    with atomic_directory(target) as staging:
+        (staging / "other.bin").write_text("v2")
+    assert sorted(p.name for p in target.iterdir()) == ["other.bin"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or retired folder left

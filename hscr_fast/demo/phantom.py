@@ -33,8 +33,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,8 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
+
+from hscr_fast.io import atomic_directory
 
 DEFAULT_IMAGE_SIZE = 84  # 6×6 patches at the CLIP patch size 14
 MIN_IMAGE_SIZE = 56  # below this a small lesion is ~2 px across
@@ -561,9 +561,7 @@ def build_phantom_dataset(out_dir: str | os.PathLike, *, num_train_images: int =
         raise FileExistsError(f"{root} exists and is not a phantom dataset (no manifest.json); choose another "
                               f"out_dir or remove it")
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(root) as staging:
         staged = _paths(staging)
         staged.image_folder.mkdir(parents=True)
         staged.mask_folder.mkdir()
@@ -575,15 +573,6 @@ def build_phantom_dataset(out_dir: str | os.PathLike, *, num_train_images: int =
             summaries[split] = _summary(records)
         # The manifest is written last: its presence with a matching fingerprint is what "complete" means.
         staged.manifest.write_text(json.dumps({"fingerprint": fingerprint, "splits": summaries}, indent=1))
-        if root.exists():
-            retired = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(root, retired)
-            os.replace(staging, root)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return paths
 
 

@@ -24,10 +24,8 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,7 @@ from typing import Any
 
 import torch
 
-from hscr_fast.io import atomic_write_json
+from hscr_fast.io import atomic_directory, atomic_write_json
 
 from .sft import SFTConfig, VisionWarmupConfig
 
@@ -309,26 +307,18 @@ def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
 
 
 def _save_checkpoint(vlm, model_dir: Path, progress: bool) -> None:
-    """save_pretrained model + processor + sidecar into a temporary sibling, then swap it in with os.replace."""
+    """save_pretrained model + processor + sidecar into a temporary sibling, then swap it in (io.atomic_directory)."""
     from transformers.utils import logging as transformers_logging
 
-    staging = model_dir.parent / f".{model_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     bars_were_enabled = transformers_logging.is_progress_bar_enabled()
     try:
         if not progress:  # save_pretrained draws a one-shard "Writing model shards" bar
             transformers_logging.disable_progress_bar()
-        vlm.model.save_pretrained(staging)
-        vlm.processor.save_pretrained(staging)
-        vlm.options.write(staging)
-        if model_dir.exists():
-            retired = model_dir.parent / f".{model_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(model_dir, retired)
-            os.replace(staging, model_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, model_dir)
+        with atomic_directory(model_dir) as staging:
+            vlm.model.save_pretrained(staging)
+            vlm.processor.save_pretrained(staging)
+            vlm.options.write(staging)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if bars_were_enabled:
             transformers_logging.enable_progress_bar()
 
