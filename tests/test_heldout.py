@@ -127,6 +127,24 @@ def test_bad_held_out_settings_are_reported_before_the_model_loads(lists, tmp_pa
     assert "--save-best keeps the adapter with the lowest held-out loss; it needs held-out lists" in \
         capsys.readouterr().err
 
+    # A held-out file is checked like the training file: every line, every image.
+    import shutil
+
+    lines = (lists / "heldout.jsonl").read_text().splitlines()
+    images = shutil.copytree(lists / "images", tmp_path / "images")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    broken = json.loads(lines[1]) | {"image": "corrupt.png"}
+    empty = json.loads(lines[3]) | {"responses": ["two", ""]}
+    (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], json.dumps(broken), lines[2], json.dumps(empty)]) + "\n")
+    held_out = ["--eval-preferences", str(tmp_path / "bad.jsonl"), "--eval-image-folder", str(images)]
+    assert main(common + held_out) == 2
+    error = capsys.readouterr().err
+    assert "bad.jsonl:4" in error and "response" in error  # the empty answer, by line
+    (tmp_path / "bad.jsonl").write_text("\n".join([lines[0], json.dumps(broken)]) + "\n")
+    assert main(common + held_out) == 2
+    error = capsys.readouterr().err
+    assert "record 2" in error and "corrupt.png" in error  # the unreadable image, by record
+
 
 def test_resume_refuses_a_changed_split_and_reads_checkpoints_from_before_the_setting(lists, tmp_path, train_config):
     out = tmp_path / "run"
