@@ -1,9 +1,11 @@
-"""The prefix-shared listwise forward.
+"""The prefix-shared listwise forward, for vision-language and text-only causal language models alike.
 
-A prompt's k+1 responses share the image tokens and the question (~600 tokens for a 336px image) while answers are
-often a few tokens. Each prompt is packed into ONE row:
+A prompt's k+1 responses share the prompt (for a VLM, ~600 tokens of image and question for a 336px image) while
+answers are often a few tokens. Each prompt is packed into ONE row:
 
     [ prefix: text-before-image | visual tokens | text-after-image ][ r0 ][ r1 ] ... [ rk ]
+
+A text-only prompt is the same row without visual tokens: the prefix is the prompt's token ids.
 
 with a 4D boolean attention mask in which prefix tokens attend causally to the prefix and every response token
 attends to the whole prefix and causally to its own response, never to another response. Positions restart after
@@ -20,9 +22,15 @@ Mask choice: a dense bool mask, which transformers hands to SDPA unchanged (`att
 it converted to additive form). It costs B·L² bytes (one per bool: 18 MB for two rows of LLaVA-NeXT's ~3,000 tokens)
 and lets SDPA use its memory-efficient kernel. It is exact and backend-independent, and it works with gradient
 checkpointing (no KV cache is carried between layers).
+
+Entry points: `pack_examples` builds the row; `listwise_logprobs(model, batch)` runs any model that has
+`decoder_hidden_states` and `lm_head_weight` (our wrappers) or is a stock transformers causal LM; users with their own
+model class run its decoder on the batch's `inputs_embeds`, `attention_mask` and `position_ids` and hand the final
+hidden states and the output head's weight to `response_logprobs`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +44,8 @@ PAD_SEGMENT = -1
 
 @dataclass
 class ListwiseExample:
-    """One prompt with its responses (token ids, EOS included), all conditioned on the same visual tokens.
+    """One prompt with its responses (token ids, EOS included), all conditioned on the same visual tokens, or on
+none: `prompt` may be a `PromptTokens` split around an image or, for a text-only model, the prompt's token ids.
 
     Response j lands in column `output_slots[j]` of output row `output_row` of the [rows, slots] result; by default
     example b fills row b, columns 0..k. A preference list whose responses see different images (image-side
@@ -44,9 +53,9 @@ class ListwiseExample:
     the same output row: a prefix is shared exactly among the responses that see the same image.
     """
 
-    prompt: PromptTokens
+    prompt: PromptTokens | Sequence[int]
     responses: list[list[int]]
-    visual_tokens: torch.Tensor  # [N, D] in the language model's embedding space (after dropout when applied)
+    visual_tokens: torch.Tensor | None = None  # [N, D] in the language model's embedding space; None: text only
     visual_attendable: torch.Tensor | None = None  # bool [N]; False = masked out (dropout mode "mask")
     output_row: int | None = None
     output_slots: list[int] | None = None
@@ -54,6 +63,11 @@ class ListwiseExample:
     visual_layout: VisualLayout | None = None  # Qwen2-VL: 3D rotary positions of the visual tokens present
 
     def __post_init__(self):
+        if not isinstance(self.prompt, PromptTokens):
+            self.prompt = PromptTokens(tuple(int(token) for token in self.prompt), (), text="")
+        if not self.prompt.num_text_tokens and self.num_visual_tokens == 0:
+            raise ValueError("a listwise example needs a prompt of at least one token (the shared prefix that "
+                             "predicts each response's first token)")
         if not self.responses:
             raise ValueError("a listwise example needs at least one response")
         for index, response in enumerate(self.responses):
@@ -65,8 +79,12 @@ class ListwiseExample:
             raise ValueError("token_flags must hold one flag per response token")
 
     @property
+    def num_visual_tokens(self) -> int:
+        return 0 if self.visual_tokens is None else self.visual_tokens.shape[0]
+
+    @property
     def prefix_length(self) -> int:
-        return len(self.prompt.before_image) + self.visual_tokens.shape[0] + len(self.prompt.after_image)
+        return self.prompt.num_text_tokens + self.num_visual_tokens
 
     @property
     def packed_length(self) -> int:
@@ -92,17 +110,18 @@ class PackedBatch:
 
 
 def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None) -> PackedBatch:
-    """Builds the packed rows. `embed_tokens(ids [n]) -> [n, D]` is the model's text embedding."""
+    """Builds the packed rows. `embed_tokens(ids [n]) -> [n, D]` is the model's text embedding (a wrapper's
+    `embed_tokens`, or a transformers model's `get_input_embeddings()`). The batch lives on `device`, by default the
+    visual tokens' device, else the embedding's."""
     if not examples:
         raise ValueError("pack_examples needs at least one example")
-    device = device or examples[0].visual_tokens.device
+    with_image = [ex for ex in examples if ex.visual_tokens is not None]
+    device = device or (with_image[0].visual_tokens.device if with_image else _module_device(embed_tokens))
     rows_out = [b if ex.output_row is None else ex.output_row for b, ex in enumerate(examples)]
     slots_out = [list(range(len(ex.responses))) if ex.output_slots is None else list(ex.output_slots)
                  for ex in examples]
     length = max(ex.packed_length for ex in examples)
     slots = max(max(s) for s in slots_out) + 1
-    hidden = examples[0].visual_tokens.shape[-1]
-    dtype = examples[0].visual_tokens.dtype
     mrope = examples[0].visual_layout is not None
     if any((ex.visual_layout is not None) != mrope for ex in examples):
         raise ValueError("either every example of a batch has a visual layout (3D rotary positions) or none has")
@@ -113,15 +132,20 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
         text_ids += list(ex.prompt.before_image) + list(ex.prompt.after_image)
         for response in ex.responses:
             text_ids += response[:-1]
-    text_embeds = embed_tokens(torch.tensor(text_ids, dtype=torch.long, device=device)).to(dtype)
+    text_embeds = embed_tokens(torch.tensor(text_ids, dtype=torch.long, device=device)).to(device)
+    dtype = with_image[0].visual_tokens.dtype if with_image else text_embeds.dtype
+    text_embeds = text_embeds.to(dtype)
+    hidden = text_embeds.shape[-1]
+    no_visual_tokens = text_embeds.new_zeros(0, hidden)
 
     rows, positions, segments, attendable = [], [], [], []
     score_rows, score_labels, score_slots, score_flags = [], [], [], []
     valid = torch.zeros(max(rows_out) + 1, slots, dtype=torch.bool)
     cursor = 0
     for b, ex in enumerate(examples):
-        n_before, n_after, n_visual = len(ex.prompt.before_image), len(ex.prompt.after_image), ex.visual_tokens.shape[0]
-        pieces = [text_embeds[cursor:cursor + n_before], ex.visual_tokens.to(dtype),
+        n_before, n_after, n_visual = len(ex.prompt.before_image), len(ex.prompt.after_image), ex.num_visual_tokens
+        visual = no_visual_tokens if ex.visual_tokens is None else ex.visual_tokens.to(device, dtype)
+        pieces = [text_embeds[cursor:cursor + n_before], visual,
                   text_embeds[cursor + n_before:cursor + n_before + n_after]]
         cursor += n_before + n_after
         prefix = ex.prefix_length
@@ -189,9 +213,21 @@ def listwise_attention_mask(segment_ids: torch.Tensor, attendable: torch.Tensor)
     return (mask | pad_self)[:, None]
 
 
-def answer_hidden_states(vlm, batch: PackedBatch) -> torch.Tensor:
-    """[M, D] final hidden states that predict each answer token of the batch (in `score_rows` order)."""
-    hidden = vlm.decoder_hidden_states(batch.inputs_embeds, batch.attention_mask, batch.position_ids)
+def answer_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+    """[M, D] final hidden states that predict each answer token of the batch (in `score_rows` order). `model` has
+    `decoder_hidden_states` (our wrappers) or is a stock transformers causal language model."""
+    from .models.causal_lm import as_listwise_model
+
+    hidden = as_listwise_model(model).decoder_hidden_states(batch.inputs_embeds, batch.attention_mask,
+                                                            batch.position_ids)
+    return select_answer_states(hidden, batch)
+
+
+def select_answer_states(hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """The [M, D] rows of the decoder's output [B, L, D] that predict the batch's answer tokens."""
+    if hidden.shape[:2] != batch.inputs_embeds.shape[:2]:
+        raise ValueError(f"hidden states of shape {tuple(hidden.shape)} do not match the packed batch "
+                         f"{tuple(batch.inputs_embeds.shape[:2])} (rows, tokens)")
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.score_rows)
 
 
@@ -202,10 +238,34 @@ def sum_by_slot(token_values: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
     return out.view(batch.valid.shape)
 
 
-def listwise_logprobs(vlm, batch: PackedBatch) -> torch.Tensor:
-    """Sequence log-probs [rows, S] (sum over answer tokens, float32) of every response, differentiable."""
+def response_logprobs(hidden: torch.Tensor, head_weight: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Sequence log-probs [rows, S] (float32, 0 at invalid slots) from a decoder's final hidden states [B, L, D] over
+    the packed batch and its output head's weight [V, D]: for models this library does not wrap. Differentiable in
+    both; the [tokens, V] logits are never stored."""
     from hscr_fast.kernels import fused_linear_logprobs
 
-    hidden = answer_hidden_states(vlm, batch)
-    token_logps = fused_linear_logprobs(hidden, vlm.lm_head_weight, batch.score_labels)
+    token_logps = fused_linear_logprobs(select_answer_states(hidden, batch), head_weight, batch.score_labels)
     return sum_by_slot(token_logps, batch)
+
+
+def listwise_logprobs(model, batch: PackedBatch) -> torch.Tensor:
+    """Sequence log-probs [rows, S] (sum over answer tokens, float32) of every response, differentiable. `model` as
+    in `answer_hidden_states`."""
+    from hscr_fast.kernels import fused_linear_logprobs
+    from .models.causal_lm import as_listwise_model
+
+    model = as_listwise_model(model)
+    hidden = answer_hidden_states(model, batch)
+    token_logps = fused_linear_logprobs(hidden, model.lm_head_weight, batch.score_labels)
+    return sum_by_slot(token_logps, batch)
+
+
+def _module_device(embed_tokens) -> torch.device:
+    """Where a text-only batch goes when no device is given: the embedding module's, or the model's whose method
+    `embed_tokens` is (CPU for any other function)."""
+    if isinstance(embed_tokens, torch.nn.Module):
+        parameter = next(embed_tokens.parameters(), None)
+        if parameter is not None:
+            return parameter.device
+    owner_device = getattr(getattr(embed_tokens, "__self__", None), "device", None)
+    return owner_device if isinstance(owner_device, torch.device) else torch.device("cpu")

@@ -62,7 +62,8 @@ def ragged_case(batch, width, seed, dtype=torch.float64):
 
 
 CASES = [(batch, width, seed) for batch in (1, 3, 7) for width in (2, 3, 5) for seed in (0, 1)]
-LOSSES = {"plackett-luce": (plackett_luce_loss, plackett_luce_loop), "lipo-lambda": (lipo_lambda_loss, lipo_lambda_loop)}
+LOSSES = {"plackett-luce": (plackett_luce_loss, plackett_luce_loop),
+          "lipo-lambda": (lipo_lambda_loss, lipo_lambda_loop)}
 
 
 @pytest.mark.parametrize("name", LOSSES)

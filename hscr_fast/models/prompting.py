@@ -20,6 +20,8 @@ IMAGE_PLACEHOLDER = "<image>"
 VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 PROMPT_FORMATS = ("llava-med", "chat-template")
+# Text-only models: the tokenizer's chat template, or the prompt text as given.
+TEXT_PROMPT_FORMATS = ("chat-template", "plain")
 # Marks around the clinical span of a minimally edited response (token-level alignment); never shown to the model.
 MARK_OPEN, MARK_CLOSE = "<mask>", "</mask>"
 
@@ -96,6 +98,42 @@ def tokenize_prompt(tokenizer, prompt_text: str, answer_separator: str = " ") ->
                         tuple(_encode(tokenizer, after, with_bos=False)), prompt_text, answer_separator)
 
 
+def format_text_prompt(prompt: str, tokenizer, prompt_format: str) -> str:
+    """A text-only prompt as the model sees it: the user turn of the tokenizer's chat template followed by its
+    generation prompt ("chat-template"), or the text as given ("plain")."""
+    if prompt_format == "chat-template":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt format 'chat-template' needs a tokenizer with a chat_template; this tokenizer has "
+                             "none: use the 'plain' prompt format")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    if prompt_format == "plain":
+        return prompt
+    raise ValueError(f"unknown text prompt format {prompt_format!r}; expected one of {TEXT_PROMPT_FORMATS}")
+
+
+def tokenize_text_prompt(tokenizer, prompt_text: str, answer_separator: str = " ") -> PromptTokens:
+    """A prompt without an image, in the same two parts as an image prompt so that one packing serves both: BOS (when
+    the tokenizer has one) before the absent image, the rest of the prompt after it. A BOS the text already spells
+    out (chat templates often do) is not added twice."""
+    if IMAGE_PLACEHOLDER in prompt_text:
+        raise ValueError(f"a text-only prompt cannot hold the image placeholder {IMAGE_PLACEHOLDER}: {prompt_text!r}")
+    rest = _without_bos_text(tokenizer, prompt_text)
+    before = (tokenizer.bos_token_id,) if tokenizer.bos_token_id is not None else ()
+    return PromptTokens(before, tuple(_encode(tokenizer, rest, with_bos=False)), prompt_text, answer_separator)
+
+
+def _without_bos_text(tokenizer, text: str) -> str:
+    bos_text = tokenizer.bos_token or ""
+    return text[len(bos_text):] if bos_text and text.startswith(bos_text) else text
+
+
+def _continued_text(tokenizer, prompt: PromptTokens) -> str:
+    """The prompt text whose tokens are `prompt.after_image`: what an answer is tokenised as a continuation of."""
+    _before, placeholder, after = prompt.text.partition(IMAGE_PLACEHOLDER)
+    return after if placeholder else _without_bos_text(tokenizer, prompt.text)
+
+
 def tokenize_answer(tokenizer, prompt: PromptTokens, answer: str, *, add_eos: bool = True) -> list[int]:
     """Answer tokens as a continuation of the prompt text after the image, plus EOS.
 
@@ -136,7 +174,7 @@ def tokenize_marked_answer(tokenizer, prompt: PromptTokens, answer: str, *,
     clean, spans = split_marked_spans(answer)
     lead = len(clean) - len(clean.lstrip())
     clean = clean.strip()
-    after_text = prompt.text.partition(IMAGE_PLACEHOLDER)[2]
+    after_text = _continued_text(tokenizer, prompt)
     separator = prompt.answer_separator
     base = len(after_text) + len(separator) - lead  # offset of the answer's first character in the continuation
     encoded = tokenizer(after_text + separator + clean, add_special_tokens=False, return_offsets_mapping=True)
