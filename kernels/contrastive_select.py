@@ -4,15 +4,24 @@ For answer position t with label y_t, full-image logits L[t] and image-dropped l
 
     sensitivity  s_t = log softmax(L[t])[y_t] − log softmax(L'[t])[y_t]          (sensitivity="logprob", default)
                  s_t = L[t, y_t] − L'[t, y_t]                                     (sensitivity="logit")
-    contrast     c_t(v) = (1+β)·L[t, v] − β·L'[t, v],   P_diff,t = softmax(c_t)
-    candidates   {v in the top-`num_candidates` tokens of L'[t] (ties: lower token id) : p_drop(v) ≥ α'·max p_drop}
-                 ∪ {v : p_full(v) ≥ α·max p_full}
-                 minus y_t
-                 in log space: L'[t, v] − max L'[t] ≥ log α' and L[t, v] − max L[t] ≥ log α (α = 0 or α' = 0: no cut)
-    replacement  the candidate with the lowest P_diff,t, i.e. the lowest c_t (softmax is monotone within a row);
-                 ties: lower token id; -1 when there is no candidate or the position is ignored
-    positions    the top-`top_n` eligible positions (label != ignore_index and content_mask) by descending s_t,
-                 ties: lower position first
+    positions    the top-`top_n` eligible positions (label != ignore_index and content_mask, and s_t > `min_sensitivity`
+                 unless that is None) by descending s_t, ties: lower position first
+    replacement  by `rule`, among candidates that are never y_t nor a token of `exclude[t]`; ties: lower token id;
+                 -1 when there is no candidate or the position is ignored:
+      rule="pdiff" (ascending P_diff, Eq. 3):
+                 contrast c_t(v) = (1+β)·L[t, v] − β·L'[t, v],   P_diff,t = softmax(c_t)
+                 candidates {v in the top-`num_candidates` tokens of L'[t] (ties: lower token id) :
+                             p_drop(v) ≥ α'·max p_drop}  ∪  {v : p_full(v) ≥ α·max p_full}
+                 the candidate with the lowest P_diff,t, i.e. the lowest c_t (softmax is monotone within a row)
+      rule="deprived" (the image-deprived side amplified, as contrastive decoding does for the full side):
+                 candidates {v : p_drop(v) ≥ α'·max p_drop} (no top-k bound, no full side)
+                 the candidate with the highest (1+β)·L'[t, v] − β·L[t, v]
+    cuts in log space: L'[t, v] − max L'[t] ≥ log α' and L[t, v] − max L[t] ≥ log α (α = 0 or α' = 0: no cut)
+
+Both rules run the same passes: "deprived" is "pdiff" with the top-k bound lifted (k = V), the full side switched off
+(log α = +∞) and the contrast's coefficients swapped (lowest β·L − (1+β)·L' is highest (1+β)·L' − β·L).
+`exclude` [T, E] (−1 = padding) keeps tokens out of the candidates without touching s_t: special tokens, and the
+replacements already taken when a caller asks a position for its next-best one.
 
 Note the plausible set is not bounded by 1/α: it is relative to max p_full, so a flat row can pass every token.
 
@@ -62,6 +71,8 @@ _KEPT_PER_CHUNK_ELEMENTS = 4  # from hidden: pass 1 keeps at most one possible c
 _MAX_BLOCK_V = 2048
 _INTERPRETER_SPLITS = 4  # enough programs per row to exercise the split merge under TRITON_INTERPRET
 
+REPLACEMENT_RULES = ("pdiff", "deprived")
+
 # triton.language, the kernels and their constants, bound by _triton_kernels() on first use (see there).
 tl = None
 _KEY_MIN = _KEY_MAX = None
@@ -81,13 +92,14 @@ class ContrastiveSelection:
 
 class _Options(NamedTuple):
     top_n: int
-    num_candidates: int
+    num_candidates: int  # V for rule "deprived": the deprived side is the cut alone
     sensitivity: str
     ignore_index: int
-    log_alpha: float
+    log_alpha: float  # full-side cut; +inf for rule "deprived" (no full side)
     log_alpha_drop: float  # deprived-side cut; -inf: none (DESIGN.md's literal rule)
-    coef_full: float  # 1 + beta
-    coef_drop: float  # beta
+    coef_full: float  # the replacement minimises coef_full·L − coef_drop·L': 1 + beta ("pdiff") or beta ("deprived")
+    coef_drop: float  # beta ("pdiff") or 1 + beta ("deprived")
+    min_sensitivity: float | None  # positions need s_t > this; None: literal top-n
 
 
 class _Stats(NamedTuple):
@@ -205,8 +217,8 @@ def _triton_kernels():
     @triton.jit
     def _candidates_kernel(
         full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span, vocab_offset,
-        labels_ptr, max_full_ptr, max_drop_ptr, kth_key_ptr, best_ptr, num_splits, log_alpha, log_alpha_drop,
-        coef_full, coef_drop, BLOCK_V: tl.constexpr,
+        labels_ptr, exclude_ptr, max_full_ptr, max_drop_ptr, kth_key_ptr, best_ptr, num_splits, log_alpha,
+        log_alpha_drop, coef_full, coef_drop, NUM_EXCLUDED: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
@@ -229,6 +241,8 @@ def _triton_kernels():
             deprived = (_keys_by_value_desc(drop, ids) >= kth_key) & ((drop - max_drop) >= log_alpha_drop)
             plausible = (full - max_full) >= log_alpha
             candidate = in_range & (deprived | plausible) & (ids != label)
+            for slot in tl.static_range(NUM_EXCLUDED):  # a handful of ids per row: one comparison each
+                candidate = candidate & (ids != tl.load(exclude_ptr + row * NUM_EXCLUDED + slot))
             contrast = coef_full * full - coef_drop * drop
             keys = tl.where(candidate, _keys_by_value_asc(contrast, ids), _KEY_MAX)
             best = tl.minimum(best, tl.min(keys, 0))
@@ -268,15 +282,17 @@ def _stats_triton(full, drop, vocab_offset, k):
     return _Partial(*partial, top_keys)
 
 
-def _candidates_triton(full, drop, vocab_offset, labels, stats, options):
+def _candidates_triton(full, drop, vocab_offset, labels, exclude, stats, options):
     _, candidates_kernel = _triton_kernels()
     rows, cols = full.shape
     block, span, splits = _split_layout(rows, cols, full.device)
     best = full.new_empty(rows, splits, dtype=torch.int64)
+    num_excluded = 0 if exclude is None else exclude.shape[1]
     candidates_kernel[(rows, splits)](
         full, drop, full.stride(0), drop.stride(0), cols, span, vocab_offset,
-        labels, stats.max_full, stats.max_drop, stats.kth_key, best, splits, options.log_alpha, options.log_alpha_drop,
-        options.coef_full, options.coef_drop, BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
+        labels, labels if exclude is None else exclude, stats.max_full, stats.max_drop, stats.kth_key, best, splits,
+        options.log_alpha, options.log_alpha_drop, options.coef_full, options.coef_drop, NUM_EXCLUDED=num_excluded,
+        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
     )
     return best.amin(dim=1)
 
@@ -348,7 +364,7 @@ def _contrast_torch(full, drop, options):
     return torch.add(options.coef_full * full, drop, alpha=-options.coef_drop)
 
 
-def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
+def _candidates_torch(full, drop, vocab_offset, labels, exclude, stats, options):
     rows, cols = full.shape
     candidate = torch.empty(rows, cols + 1, dtype=torch.bool, device=full.device)
     torch.ge(full, (stats.max_full + options.log_alpha)[:, None], out=candidate[:, :cols])  # p >= alpha max p
@@ -357,6 +373,8 @@ def _candidates_torch(full, drop, vocab_offset, labels, stats, options):
     else:  # the top-k ids that passed the cut (-1, outside every chunk, for those that did not)
         _scatter_tokens(candidate, stats.top_ids, vocab_offset, True)
     _scatter_tokens(candidate, labels[:, None], vocab_offset, False)
+    if exclude is not None:
+        _scatter_tokens(candidate, exclude, vocab_offset, False)
     contrast = _contrast_torch(full, drop, options).masked_fill_(~candidate[:, :cols], float("inf"))
     best_value, best_index = contrast.min(dim=1)  # the first of equal minima: the lowest token id
     best_key = _keys_by_value_asc_torch(best_value, best_index + vocab_offset)
@@ -405,7 +423,7 @@ class _KeptTokens:
         self.values[2, start:stop] = _contrast_torch(full_kept, drop_kept, options)
         self.count = stop
 
-    def best_keys(self, labels: torch.Tensor, stats: _Stats, options: _Options) -> torch.Tensor:
+    def best_keys(self, labels: torch.Tensor, exclude, stats: _Stats, options: _Options) -> torch.Tensor:
         """[T] ascending (contrast, id) key of each row's best candidate, INT64_MAX where none: pass 2's result."""
         index = self.index[:self.count]
         full, drop, contrast = self.values[:, :self.count]
@@ -415,6 +433,8 @@ class _KeptTokens:
         deprived = ((_keys_by_value_desc_torch(drop, ids) >= stats.kth_key[row])
                     & ((drop - stats.max_drop[row]) >= options.log_alpha_drop))
         candidate = (plausible | deprived) & (ids != labels[row])
+        if exclude is not None:
+            candidate &= (ids[:, None] != exclude[row]).all(dim=1)
         keys = torch.where(candidate, _keys_by_value_asc_torch(contrast, ids), INT64_MAX)
         best = torch.full((labels.shape[0],), INT64_MAX, dtype=torch.int64, device=labels.device)
         return best.scatter_reduce_(0, row, keys, "amin")
@@ -478,7 +498,7 @@ class _RowScores(NamedTuple):
 
 
 @torch.no_grad()
-def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Options, backend: str,
+def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, exclude, options: _Options, backend: str,
                 keep_budget: int = 0) -> _RowScores:
     """Both passes over the (vocab_offset, L chunk, L' chunk) triples that `chunks()` yields, for the rows of labels.
 
@@ -508,11 +528,12 @@ def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, options: _Opti
     stats = _finish_stats(running, all_in_top_k=tracked_k != options.num_candidates,
                           log_alpha_drop=options.log_alpha_drop)
     if kept is not None and not kept.overflowed:
-        best_key = kept.best_keys(labels, stats, options)
+        best_key = kept.best_keys(labels, exclude, stats, options)
     else:
         best_key = torch.full((rows,), INT64_MAX, dtype=torch.int64, device=device)
         for vocab_offset, full, drop in chunks():
-            best_key = torch.minimum(best_key, candidates_pass(full, drop, vocab_offset, labels, stats, options))
+            best_key = torch.minimum(best_key, candidates_pass(full, drop, vocab_offset, labels, exclude, stats,
+                                                               options))
     return _RowScores(label_full, label_drop, stats.lse_full, stats.lse_drop, best_key)
 
 
@@ -526,9 +547,12 @@ def _assemble(scores: _RowScores, labels: torch.Tensor, content_mask, options: _
         score = scores.label_full - scores.label_drop
     eligible = valid if content_mask is None else valid & content_mask
     sensitivity = torch.where(eligible, score, float("-inf"))
-    count = min(options.top_n, int(eligible.sum()))
-    # stable descending sort: equal sensitivities keep position order, so the lower position comes first
-    sensitive_positions = torch.sort(sensitivity, descending=True, stable=True).indices[:count]
+    selectable = eligible if options.min_sensitivity is None else eligible & (score > options.min_sensitivity)
+    count = min(options.top_n, int(selectable.sum()))
+    # stable descending sort: equal sensitivities keep position order, so the lower position comes first; the
+    # selectable ones are the largest (a threshold on s_t), so they lead the order
+    sensitive_positions = torch.sort(torch.where(selectable, score, float("-inf")), descending=True,
+                                     stable=True).indices[:count]
     # the low word of an ascending key is the token id
     replacement = torch.where(valid & (scores.best_key != INT64_MAX), scores.best_key & 0xFFFFFFFF, -1)
     return ContrastiveSelection(sensitivity, sensitive_positions, replacement, logprob_full, logprob_drop)
@@ -539,7 +563,8 @@ def _log_cut(alpha: float) -> float:
 
 
 def _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask, ignore_index,
-                   device, op, *, vocab: int, labels: torch.Tensor) -> "_Options":
+                   device, op, *, vocab: int, labels: torch.Tensor, rule: str = "pdiff", exclude=None,
+                   min_sensitivity: float | None = None) -> "_Options":
     """Checks what both entry points share (vocabulary, labels, options) and returns the options in kernel form."""
     if vocab == 0:
         raise ValueError(f"{op}: the vocabulary is empty")
@@ -563,8 +588,23 @@ def _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensiti
         if content_mask.dtype != torch.bool or content_mask.shape != (rows,) or content_mask.device != device:
             raise ValueError(f"{op}: content_mask must be a bool tensor of shape [{rows}] on {device}, got "
                              f"{content_mask.dtype} {list(content_mask.shape)} on {content_mask.device}")
+    if rule not in REPLACEMENT_RULES:
+        raise ValueError(f"{op}: rule must be one of {REPLACEMENT_RULES}, got {rule!r}")
+    if min_sensitivity is not None and not math.isfinite(min_sensitivity):
+        raise ValueError(f"{op}: min_sensitivity must be a finite number or None (literal top-n), "
+                         f"got {min_sensitivity}")
+    if exclude is not None:
+        if exclude.dtype != torch.int64 or exclude.dim() != 2 or exclude.shape[0] != rows or exclude.device != device:
+            raise ValueError(f"{op}: exclude must be an int64 tensor [{rows}, E] on {device}, got {exclude.dtype} "
+                             f"{list(exclude.shape)} on {exclude.device}")
+        if exclude.numel() and (int(exclude.min()) < -1 or int(exclude.max()) >= vocab):
+            raise ValueError(f"{op}: exclude holds token ids in [0, {vocab}) or -1 (padding), got values from "
+                             f"{int(exclude.min())} to {int(exclude.max())}")
+    if rule == "deprived":  # the deprived side's cut alone, no full side, the contrast turned round
+        return _Options(int(top_n), vocab, sensitivity, ignore_index, math.inf, _log_cut(alpha_drop),
+                        float(beta), 1.0 + float(beta), min_sensitivity)
     return _Options(int(top_n), int(num_candidates), sensitivity, ignore_index, _log_cut(alpha), _log_cut(alpha_drop),
-                    1.0 + float(beta), float(beta))
+                    1.0 + float(beta), float(beta), min_sensitivity)
 
 
 def _empty_selection(device) -> ContrastiveSelection:
@@ -590,6 +630,9 @@ def contrastive_select(
     sensitivity: str = "logprob",
     content_mask: torch.Tensor | None = None,
     ignore_index: int = -100,
+    rule: str = "pdiff",
+    exclude: torch.Tensor | None = None,
+    min_sensitivity: float | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> ContrastiveSelection:
@@ -600,6 +643,10 @@ def contrastive_select(
     p_full(v) ≥ alpha·max p_full, minus y_t; the replacement is the candidate with the lowest P_diff (ties: lowest
     id). `alpha_drop=None` (default) means the same as `alpha` (0.1); `alpha_drop=0` is DESIGN.md's literal rule,
     which on peaked rows picks tokens implausible even without the image (the module docstring has the example).
+    `rule="deprived"` takes instead the highest (1+β)·L' − β·L among tokens with p_drop ≥ alpha_drop·max p_drop
+    (`num_candidates` and `alpha` then play no part). `exclude` [T, E] int64 (−1: padding) names tokens never to
+    choose at row t (special tokens; replacements already taken). `min_sensitivity`: positions need s_t above it
+    (0.0: only tokens the image supports); None takes the top-n whatever their sign.
     Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is
     fp32. `chunk_size`: vocabulary columns per tile in the torch form (default: whole rows, in blocks of about
     2M elements).
@@ -614,7 +661,8 @@ def contrastive_select(
         raise ValueError(f"{op}: logits_full, logits_drop and labels must be on one device")
     rows, vocab = logits_full.shape
     options = _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask,
-                             ignore_index, logits_full.device, op, vocab=vocab, labels=labels)
+                             ignore_index, logits_full.device, op, vocab=vocab, labels=labels, rule=rule,
+                             exclude=exclude, min_sensitivity=min_sensitivity)
     backend = resolve_backend(backend, logits_full.device)
     if rows == 0:
         return _empty_selection(logits_full.device)
@@ -624,8 +672,9 @@ def contrastive_select(
         # the kernels read the inputs where they are (any float dtype), splitting V across programs
         full = logits_full if logits_full.stride(1) == 1 else logits_full.contiguous()
         drop = logits_drop if logits_drop.stride(1) == 1 else logits_drop.contiguous()
-        return _assemble(_score_rows(lambda: iter([(0, full, drop)]), vocab, labels, options, backend), labels,
-                         content_mask, options)
+        exclude = None if exclude is None else exclude.contiguous()
+        return _assemble(_score_rows(lambda: iter([(0, full, drop)]), vocab, labels, exclude, options, backend),
+                         labels, content_mask, options)
 
     # torch form: blocks of whole rows (contiguous, nothing to merge across the vocabulary) unless chunk_size asks
     # for vocabulary chunks; either way tiles of about _TILE_ELEMENTS
@@ -639,7 +688,8 @@ def contrastive_select(
             for offset in range(0, vocab, width):
                 yield offset, rows_full[:, offset:offset + width].float(), rows_drop[:, offset:offset + width].float()
 
-        scores.append(_score_rows(chunks, vocab, labels[start:start + block], options, backend))
+        scores.append(_score_rows(chunks, vocab, labels[start:start + block],
+                                  None if exclude is None else exclude[start:start + block], options, backend))
     return _assemble(_RowScores(*(torch.cat(parts) for parts in zip(*scores))), labels, content_mask, options)
 
 
@@ -657,6 +707,9 @@ def contrastive_select_from_hidden(
     sensitivity: str = "logprob",
     content_mask: torch.Tensor | None = None,
     ignore_index: int = -100,
+    rule: str = "pdiff",
+    exclude: torch.Tensor | None = None,
+    min_sensitivity: float | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
 ) -> ContrastiveSelection:
@@ -679,7 +732,8 @@ def contrastive_select_from_hidden(
         raise ValueError(f"{op}: hidden states, weight and labels must be on one device")
     rows, vocab = hidden_full.shape[0], weight.shape[0]
     options = _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask,
-                             ignore_index, weight.device, op, vocab=vocab, labels=labels)
+                             ignore_index, weight.device, op, vocab=vocab, labels=labels, rule=rule,
+                             exclude=exclude, min_sensitivity=min_sensitivity)
     backend = resolve_backend(backend, weight.device)
     if rows == 0:
         return _empty_selection(weight.device)
@@ -698,4 +752,6 @@ def contrastive_select_from_hidden(
     # recomputed chunks (two GEMMs each) make pass 2 costly: keep pass 1's possible candidates instead, up to a
     # quarter of a chunk's elements (20 bytes each: about 1.25 chunks of fp32 logits)
     keep_budget = rows * width // _KEPT_PER_CHUNK_ELEMENTS if width < vocab else 0
-    return _assemble(_score_rows(chunks, vocab, labels, options, backend, keep_budget), labels, content_mask, options)
+    exclude = None if exclude is None else exclude.contiguous()
+    return _assemble(_score_rows(chunks, vocab, labels, exclude, options, backend, keep_budget), labels, content_mask,
+                     options)

@@ -54,9 +54,11 @@ def rule_cases(settings: dict, triton_literal=()):
 
 def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, top_n=10, alpha=0.1,
                                  alpha_drop=None, num_candidates=8, sensitivity="logprob", content_mask=None,
-                                 ignore_index=-100):
+                                 ignore_index=-100, rule="pdiff", exclude=None, min_sensitivity=None):
     """DESIGN.md Stage 1 steps 3-5 in float64, one position at a time, with the deprived-side cut
-    p_drop(v) >= alpha_drop * max p_drop on the top-k (alpha_drop None: = alpha; 0: the literal rule)."""
+    p_drop(v) >= alpha_drop * max p_drop on the top-k (alpha_drop None: = alpha; 0: the literal rule).
+    rule="deprived": the highest (1+β)·L' − β·L among {v : p_drop(v) >= alpha_drop·max p_drop}. `exclude` [T, E]:
+    ids never chosen at row t (-1: none). min_sensitivity: positions need s_t > it."""
     full, drop = logits_full.double().cpu(), logits_drop.double().cpu()
     labels = labels.cpu()
     rows, vocab = full.shape
@@ -69,26 +71,39 @@ def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, 
     else:
         score = full.gather(1, safe).squeeze(1) - drop.gather(1, safe).squeeze(1)
     eligible = valid if content_mask is None else valid & content_mask.cpu()
-    positions = sorted((t for t in range(rows) if eligible[t]), key=lambda t: (-score[t].item(), t))[:top_n]
+    selectable = [t for t in range(rows) if eligible[t] and (min_sensitivity is None or score[t] > min_sensitivity)]
+    positions = sorted(selectable, key=lambda t: (-score[t].item(), t))[:top_n]
     replacement = torch.full((rows,), -1, dtype=torch.int64)
     alpha_drop = alpha if alpha_drop is None else alpha_drop
     for t in range(rows):
         if not valid[t]:
             continue
-        candidate = torch.zeros(vocab, dtype=torch.bool)
-        # top-k of the dropped distribution, ties to the lower id (a stable sort keeps id order among equals)
-        candidate[torch.sort(drop[t], descending=True, stable=True).indices[:num_candidates]] = True
-        # the cuts p >= alpha * max p and the order of P_diff, taken in log space: at logits of ±1e4 the
-        # probabilities themselves underflow to 0 even in float64 and would tie everywhere
         log_p_drop = torch.log_softmax(drop[t], -1)
-        candidate &= log_p_drop >= (math.log(alpha_drop) if alpha_drop > 0 else -math.inf) + log_p_drop.max()
-        log_p_full = torch.log_softmax(full[t], -1)
-        candidate |= log_p_full >= (math.log(alpha) if alpha > 0 else -math.inf) + log_p_full.max()
+        deprived_plausible = log_p_drop >= (math.log(alpha_drop) if alpha_drop > 0 else -math.inf) + log_p_drop.max()
+        if rule == "deprived":
+            candidate = deprived_plausible.clone()
+        else:
+            candidate = torch.zeros(vocab, dtype=torch.bool)
+            # top-k of the dropped distribution, ties to the lower id (a stable sort keeps id order among equals)
+            candidate[torch.sort(drop[t], descending=True, stable=True).indices[:num_candidates]] = True
+            # the cuts p >= alpha * max p and the order of P_diff, taken in log space: at logits of ±1e4 the
+            # probabilities themselves underflow to 0 even in float64 and would tie everywhere
+            candidate &= deprived_plausible
+            log_p_full = torch.log_softmax(full[t], -1)
+            candidate |= log_p_full >= (math.log(alpha) if alpha > 0 else -math.inf) + log_p_full.max()
         candidate[labels[t]] = False
+        if exclude is not None:
+            for token in exclude[t].tolist():
+                if token >= 0:
+                    candidate[token] = False
         if candidate.any():
             ids = candidate.nonzero().squeeze(1)
-            log_p_diff = torch.log_softmax((1 + beta) * full[t] - beta * drop[t], -1)[ids]
-            replacement[t] = ids[(log_p_diff == log_p_diff.min()).nonzero()[0, 0]]
+            if rule == "deprived":  # highest deprived-side contrast, first (lowest id) of equal maxima
+                score_v = torch.log_softmax((1 + beta) * drop[t] - beta * full[t], -1)[ids]
+                replacement[t] = ids[(score_v == score_v.max()).nonzero()[0, 0]]
+            else:
+                log_p_diff = torch.log_softmax((1 + beta) * full[t] - beta * drop[t], -1)[ids]
+                replacement[t] = ids[(log_p_diff == log_p_diff.min()).nonzero()[0, 0]]
     return ContrastiveSelection(
         sensitivity=torch.where(eligible, score, -math.inf),
         sensitive_positions=torch.tensor(positions, dtype=torch.int64),
@@ -312,6 +327,125 @@ def test_deprived_side_cut_replaces_yes_by_no_not_by_junk(backend):
                                                            backend=backend).replacement.tolist()
 
 
+DEPRIVED_LAYOUTS = {"whole-rows": None, "vocab-chunks": 200}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_size", DEPRIVED_LAYOUTS.values(), ids=DEPRIVED_LAYOUTS.keys())
+def test_deprived_rule_matches_reference_and_differs_from_pdiff(backend, chunk_size):
+    full, drop, labels = make_logits(13, 1031, seed=21)
+    labels[4] = -100
+    ours = contrastive_select(full, drop, labels, rule="deprived", backend=backend, chunk_size=chunk_size)
+    expected = reference_contrastive_select(full, drop, labels, rule="deprived")
+    assert_same_selection(ours, expected)
+    pdiff = reference_contrastive_select(full, drop, labels)
+    assert ours.replacement.cpu().tolist() != pdiff.replacement.tolist()  # the rules can be told apart
+    # most rows have a deprived-plausible token besides y_t; a row where y_t is the only one has none (-1)
+    assert (expected.replacement >= 0).sum() >= 8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deprived_rule_from_hidden_matches_reference(backend):
+    rows, vocab, dim = 11, 1031, 40
+    generator = torch.Generator().manual_seed(5)
+    weight = (torch.randn(vocab, dim, generator=generator) * 0.5).to(DEVICE)
+    hidden_full = torch.randn(rows, dim, generator=generator).to(DEVICE)
+    hidden_drop = hidden_full + 0.5 * torch.randn(rows, dim, generator=generator).to(DEVICE)
+    labels = torch.randint(0, vocab, (rows,), generator=generator).to(DEVICE)
+    ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, rule="deprived", alpha_drop=0.05,
+                                          backend=backend, chunk_size=300)
+    expected = reference_contrastive_select(hidden_full.double() @ weight.double().T,
+                                            hidden_drop.double() @ weight.double().T, labels, rule="deprived",
+                                            alpha_drop=0.05)
+    assert_same_selection(ours, expected)
+
+
+def next_best_exclusions(first: ContrastiveSelection, vocab: int, seed: int) -> torch.Tensor:
+    """[T, 3]: each row's first choice (so the next-best must come out), a random id, and padding (-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    random_ids = torch.randint(0, vocab, (first.replacement.shape[0],), generator=generator)
+    padding = torch.full_like(random_ids, -1)
+    return torch.stack([first.replacement.cpu(), random_ids, padding], dim=1).to(DEVICE)
+
+
+EXCLUDE_RULES = {"pdiff-cut": dict(), "pdiff-literal": dict(alpha_drop=0.0), "deprived": dict(rule="deprived")}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", EXCLUDE_RULES.values(), ids=EXCLUDE_RULES.keys())
+def test_exclude_gives_the_next_best_candidate(backend, rule):
+    full, drop, labels = make_logits(13, 1031, seed=9)
+    labels[6] = -100
+    first = reference_contrastive_select(full, drop, labels, **rule)
+    exclude = next_best_exclusions(first, 1031, seed=1)
+    ours = contrastive_select(full, drop, labels, exclude=exclude, backend=backend, chunk_size=300, **rule)
+    expected = reference_contrastive_select(full, drop, labels, exclude=exclude, **rule)
+    assert_same_selection(ours, expected)
+    chosen = first.replacement >= 0
+    assert chosen.sum() >= 6 and (expected.replacement[chosen] != first.replacement[chosen]).all()
+    torch.testing.assert_close(ours.sensitivity.cpu(), contrastive_select(full, drop, labels, backend=backend,
+                                                                          **rule).sensitivity.cpu())
+
+
+@pytest.mark.parametrize("rule", EXCLUDE_RULES.values(), ids=EXCLUDE_RULES.keys())
+def test_exclude_from_hidden_in_the_one_pass_record(monkeypatch, rule):
+    """The torch from-hidden form decides candidacy from its pass-1 record (peaked rows): `exclude` must hold there
+    too."""
+    rows, vocab, dim, chunk_size = 17, 2053, 64, 700
+    generator = torch.Generator().manual_seed(13)
+    weight = torch.randn(vocab, dim, generator=generator) * 3.0 / dim**0.5
+    hidden_full = torch.randn(rows, dim, generator=generator)
+    hidden_drop = hidden_full + 0.5 * torch.randn(rows, dim, generator=generator)
+    labels = (hidden_full @ weight.T).argmax(-1)
+    logits_full, logits_drop = hidden_full.double() @ weight.double().T, hidden_drop.double() @ weight.double().T
+    first = reference_contrastive_select(logits_full, logits_drop, labels, **rule)
+    exclude = next_best_exclusions(first, vocab, seed=2).cpu()
+    module = importlib.import_module("hscr_fast.kernels.contrastive_select")
+    logit_chunks = []
+
+    def counting_linear_logits(hidden, head):
+        logit_chunks.append(head.shape[0])
+        return linear_logits_fp32(hidden, head)
+
+    monkeypatch.setattr(module, "linear_logits_fp32", counting_linear_logits)
+    ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, exclude=exclude, backend="torch",
+                                          chunk_size=chunk_size, **rule)
+    # the pdiff rule keeps its candidates in pass 1 (one pass); the deprived rule has no full-side cut to bound the
+    # record and takes the two-pass path
+    assert sum(logit_chunks) == (2 if rule.get("rule") == "deprived" else 1) * 2 * vocab
+    assert_same_selection(ours, reference_contrastive_select(logits_full, logits_drop, labels, exclude=exclude,
+                                                             **rule))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_min_sensitivity_keeps_only_image_supported_positions(backend):
+    full, drop, labels = make_logits(19, 1031, seed=17)
+    labels[2] = -100
+    literal = contrastive_select(full, drop, labels, top_n=19, backend=backend)
+    supported = contrastive_select(full, drop, labels, top_n=19, min_sensitivity=0.0, backend=backend)
+    expected = reference_contrastive_select(full, drop, labels, top_n=19, min_sensitivity=0.0)
+    assert_same_selection(supported, expected)
+    positive = (literal.sensitivity > 0).sum().item()
+    assert 0 < positive < 18  # both signs occur, so the threshold changes the positions
+    assert supported.sensitive_positions.tolist() == literal.sensitive_positions[:positive].tolist()
+    threshold = literal.sensitivity[literal.sensitive_positions[2]].item()
+    top_two = contrastive_select(full, drop, labels, top_n=19, min_sensitivity=threshold, backend=backend)
+    assert top_two.sensitive_positions.tolist() == literal.sensitive_positions[:2].tolist()
+    torch.testing.assert_close(supported.sensitivity, literal.sensitivity)  # s_t itself is reported unchanged
+
+
+def test_deprived_rule_replaces_yes_by_no():
+    """The "yes"/"no" case above under the deprived rule: the junk is implausible without the image (p_drop far
+    below 0.1 max p_drop), so only "no" is a candidate."""
+    vocab, yes, no = 1031, 500, 501
+    drop = torch.full((1, vocab), math.log(0.1 / (vocab - 2)))
+    drop[0, yes], drop[0, no] = math.log(0.5), math.log(0.4)
+    full = torch.full((1, vocab), -4.0)
+    full[0, yes], full[0, no] = 12.0, 3.0
+    ours = contrastive_select(full, drop, torch.tensor([yes]), rule="deprived", backend="torch")
+    assert ours.replacement.tolist() == [no]
+
+
 @pytest.mark.parametrize("backend,alpha_drop", cut_cases())
 def test_extreme_logits_give_finite_outputs(backend, alpha_drop):
     full, drop, labels = make_logits(17, 1031, seed=11)
@@ -378,6 +512,14 @@ def test_bad_inputs_raise_specific_errors():
         contrastive_select(full, drop, labels, alpha_drop=-0.1)
     with pytest.raises(ValueError, match="sensitivity must be"):
         contrastive_select(full, drop, labels, sensitivity="prob")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        contrastive_select(full, drop, labels, rule="ascending")
+    with pytest.raises(ValueError, match=r"exclude must be an int64 tensor \[5, E\]"):
+        contrastive_select(full, drop, labels, exclude=torch.zeros(4, 2, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="exclude holds token ids"):
+        contrastive_select(full, drop, labels, exclude=torch.full((5, 1), 1031, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="min_sensitivity must be a finite number"):
+        contrastive_select(full, drop, labels, min_sensitivity=math.nan)
     with pytest.raises(ValueError, match="must both be \\[T, V\\]"):
         contrastive_select(full, drop[:, :5], labels)
     with pytest.raises(TypeError, match="share one floating dtype"):
@@ -396,13 +538,13 @@ common = {"drop_row_stride": "i64", "full_row_stride": "i64", "n_cols": "i32", "
           "num_splits": "i32"}
 stats = {"max_full_ptr": "*fp32", "sumexp_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "sumexp_drop_ptr": "*fp32",
          "top_keys_ptr": "*i64"}
-candidates = {"labels_ptr": "*i64", "max_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "kth_key_ptr": "*i64",
+candidates = {"labels_ptr": "*i64", "exclude_ptr": "*i64", "max_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "kth_key_ptr": "*i64",
               "best_ptr": "*i64", "log_alpha": "fp32", "log_alpha_drop": "fp32", "coef_full": "fp32",
               "coef_drop": "fp32"}
 for dtype in ("bf16", "fp32"):
     inputs = {"full_ptr": "*" + dtype, "drop_ptr": "*" + dtype}
     for kernel, signature, constexprs in ((stats_kernel, stats, {"K": 8, "K_PAD": 8, "BLOCK_V": 2048}),
-                                          (candidates_kernel, candidates, {"BLOCK_V": 2048})):
+                                          (candidates_kernel, candidates, {"NUM_EXCLUDED": 3, "BLOCK_V": 2048})):
         full_signature = {**inputs, **common, **signature, **{k: "constexpr" for k in constexprs}}
         source = triton.compiler.ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs)
         assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
