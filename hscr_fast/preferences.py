@@ -61,6 +61,10 @@ def validate_preferences(path: str | Path, image_folder: str | Path) -> list[Pre
         raise DataFormatError(f"{path}: no preference lists in the file")
     problems = []
     for line_number, record in enumerate(records, start=1):
+        if record.image is None:
+            problems.append(f"  record {line_number} (id {record.id!r}): no image; a vision-language model needs "
+                            "one per preference list")
+            continue
         try:
             for name in dict.fromkeys([record.image] + (response_images(record) or [])):
                 validate_image(Path(image_folder) / name)

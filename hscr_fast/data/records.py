@@ -6,8 +6,12 @@
   (the converters store organ / modality / question_type / location there). Images are paths relative to an image
   folder. A conversation with several turns yields its first human question and the first gpt answer after it; later
   turns are ignored (Med-VQA sets are single-turn, and HSCR rewrites one answer per sample).
-* Preference lists: JSONL, one prompt per line, `{"id", "image", "prompt", "responses": [y_w, y_l1, …],
-  "similarity"?: [...], "weight"?: float, ...}` -> `PreferenceRecord`, responses ordered best first.
+* Preference lists: JSONL, one prompt per line, `{"id", "image"?, "prompt", "responses": [y_w, y_l1, …],
+  "similarity"?: [...], "weight"?: float, ...}` -> `PreferenceRecord`, responses ordered best first. A record without
+  "image" is text-only (for text-only language models).
+* TRL's pairwise preference records on the same lines: `{"prompt", "chosen", "rejected", "images"?: [one path],
+  "id"?}`, plain strings or conversational (`[{"role": ..., "content": ...}]`), read as lists of one dispreferred
+  response (k = 1). Without an "id" a pair is named by its line ("line-7").
 
 Both loaders take `on_error="raise"` (stop at the first bad record) or `"skip"` (return the bad ones as `SkipReason`s,
 so a caller can print counts by reason and go on).
@@ -30,6 +34,7 @@ _HUMAN_ROLES = ("human", "user")
 _GPT_ROLES = ("gpt", "assistant")
 _LLAVA_MED_KEYS = ("id", "image", "conversations", "answer_type")
 _PREFERENCE_KEYS = ("id", "image", "prompt", "responses", "similarity", "weight")
+_TRL_PAIR_KEYS = ("id", "prompt", "chosen", "rejected", "images")
 
 OnError = Literal["raise", "skip"]
 
@@ -86,7 +91,7 @@ class PreferenceRecord:
     `weight` (optional) scales the sample's loss for weighted preference optimisation."""
 
     id: str
-    image: str
+    image: str | None  # None: a text-only prompt
     prompt: str
     responses: list[str]
     similarity: list[float] | None = None
@@ -227,12 +232,15 @@ def write_llava_med_json(path: str | os.PathLike, records: list[VQARecord]) -> N
     atomic_write_json(path, [record.to_llava_med() for record in records], indent=1)
 
 
-def _parse_preference_entry(entry: dict, image_folder: Path | None, min_responses: int) -> PreferenceRecord:
-    missing = [key for key in ("id", "image", "prompt", "responses") if key not in entry]
+def _parse_preference_entry(entry: dict, image_folder: Path | None, min_responses: int,
+                            line_number: int) -> PreferenceRecord:
+    if "chosen" in entry or "rejected" in entry:
+        return _parse_trl_pair(entry, image_folder, line_number)
+    missing = [key for key in ("id", "prompt", "responses") if key not in entry]
     if missing:
-        raise BadRecord("missing keys",
-                        f"missing key(s) {missing}; a preference line needs id, image, prompt, responses")
-    image = _check_image(entry["image"], image_folder)
+        raise BadRecord("missing keys", f"missing key(s) {missing}; a preference line needs id, prompt, responses "
+                                        "(and image, for a vision-language model), or TRL's prompt, chosen, rejected")
+    image = None if entry.get("image") is None else _check_image(entry["image"], image_folder)
     if not isinstance(entry["prompt"], str):
         raise BadRecord("bad prompt", f"'prompt' must be a string, got {type(entry['prompt']).__name__}")
     responses = entry["responses"]
@@ -289,7 +297,7 @@ def load_preference_jsonl(path: str | os.PathLike, image_folder: str | os.PathLi
                 continue
             record_id = str(entry["id"]) if entry.get("id") is not None else None
             try:
-                record = _parse_preference_entry(entry, folder, min_responses)
+                record = _parse_preference_entry(entry, folder, min_responses, line_number)
                 if record.id in first_line_of:
                     raise BadRecord("duplicate id", f"id already used on line {first_line_of[record.id]}")
             except BadRecord as bad:
@@ -299,6 +307,44 @@ def load_preference_jsonl(path: str | os.PathLike, image_folder: str | os.PathLi
             first_line_of[record.id] = line_number
             records.append(record)
     return records, skipped
+
+
+def _parse_trl_pair(entry: dict, image_folder: Path | None, line_number: int) -> PreferenceRecord:
+    """A TRL preference pair (explicit prompt; plain or conversational) as a list of two responses."""
+    missing = [key for key in ("prompt", "chosen", "rejected") if key not in entry]
+    if missing:
+        raise BadRecord("missing keys", f"missing key(s) {missing}; a TRL preference pair needs prompt, chosen and "
+                                        "rejected (a pair whose prompt is inside chosen/rejected can be split with "
+                                        "trl.data_utils.extract_prompt first)")
+    prompt = _trl_text(entry["prompt"], "prompt", "user")
+    chosen = _trl_text(entry["chosen"], "chosen", "assistant")
+    rejected = _trl_text(entry["rejected"], "rejected", "assistant")
+    images = entry.get("images")
+    if images is not None and (not isinstance(images, list) or len(images) > 1):
+        raise BadRecord("bad images", f"'images' must list at most one image path (one image per prompt), got "
+                                      f"{images!r}")
+    image = _check_image(images[0], image_folder) if images else None
+    metadata = {key: value for key, value in entry.items() if key not in _TRL_PAIR_KEYS}
+    record_id = str(entry["id"]) if entry.get("id") is not None else f"line-{line_number}"
+    return PreferenceRecord(id=record_id, image=image, prompt=prompt, responses=[chosen, rejected],
+                            metadata={**metadata, "source_format": "trl"})
+
+
+def _trl_text(value: Any, key: str, role: str) -> str:
+    """The text of a TRL field: a string, or one message of `role` whose content is a string or typed parts (text
+    parts joined; image parts mark where TRL puts the image, which the prompt format decides here)."""
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != role:
+            roles = [message.get("role") if isinstance(message, dict) else message for message in value]
+            raise BadRecord(f"bad {key}", f"'{key}' must be a string or one {role!r} message; got messages with "
+                                          f"roles {roles} (multi-turn and system prompts are not supported)")
+        value = value[0].get("content")
+        if isinstance(value, list):
+            value = "".join(part.get("text", "") for part in value if isinstance(part, dict) and
+                            part.get("type") == "text")
+    if not isinstance(value, str) or not _strip_image_token(value):
+        raise BadRecord(f"bad {key}", f"'{key}' must hold non-empty text, got {value!r}")
+    return _strip_image_token(value) if key == "prompt" else value.strip()
 
 
 def _is_finite_number(value: Any) -> bool:
