@@ -9,6 +9,10 @@ module's `forward`. That is fine for ZeRO stage ≤ 2, which shards optimizer st
 parameters on every rank, and whose gradient reduction hooks sit on the parameters, not on `forward`. For the same
 reason the plain engine averages gradients across ranks itself instead of relying on DDP's forward-time bookkeeping.
 
+Divergence: at an accumulation boundary a non-finite gradient norm raises `NonFiniteGradient` *instead of* applying
+the step, on both engines (in fp32/bf16 there is no loss scale to lower, so DeepSpeed's "overflow, skipping step" is
+a divergence too), and `save` refuses parameters that are not finite: no checkpoint ever holds NaN or Inf.
+
 Checkpoints hold only the trainable parameters (the LoRA adapter, and the projector when trained), the optimizer
 and scheduler states, the trainer's counters and every rank's RNG state; a `latest` file, written atomically after
 everything else, names the last complete checkpoint, so a crash mid-save leaves the previous one in charge.
@@ -43,6 +47,25 @@ def deepspeed_config(*, micro_batch: int, accumulation: int, max_grad_norm: floa
     }
 
 
+class Divergence(ArithmeticError):
+    """Training produced a NaN or Inf that must not reach the weights or a checkpoint."""
+
+
+class NonFiniteGradient(Divergence):
+    """The gradient norm at an accumulation boundary is NaN or infinite; the optimizer step was not applied."""
+
+    def __init__(self, norm: float | None):
+        super().__init__(f"non-finite gradient norm ({norm})")
+        self.norm = norm
+
+
+def non_finite_parameters(named_params: dict[str, torch.nn.Parameter]) -> list[str]:
+    """Names of the parameters holding a NaN or Inf (this rank's shard of a ZeRO-3-partitioned parameter)."""
+    with torch.no_grad():
+        return [name for name, param in named_params.items()
+                if not torch.isfinite(getattr(param, "ds_tensor", param)).all()]
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -59,7 +82,9 @@ def _set_rng_state(state: dict) -> None:
 class Engine:
     """Shared checkpoint bookkeeping; subclasses implement the optimisation and the heavy state."""
 
-    def __init__(self, checkpoint_dir: Path, rank: int, world_size: int, keep: int):
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], checkpoint_dir: Path, rank: int,
+                 world_size: int, keep: int):
+        self.named_params = named_params
         self.checkpoint_dir = Path(checkpoint_dir)
         self.rank, self.world_size, self.keep = rank, world_size, keep
 
@@ -68,6 +93,9 @@ class Engine:
         return pointer.read_text().strip() if pointer.is_file() else None
 
     def save(self, tag: str, trainer_state: dict) -> Path:
+        poisoned = non_finite_parameters(self.named_params)
+        if poisoned:  # unreachable while every step checks its gradient; kept so that no path saves NaN
+            raise Divergence(f"parameters not finite ({', '.join(poisoned[:3])}); nothing saved as {tag}")
         folder = self.checkpoint_dir / tag
         self._save_heavy(tag)
         folder.mkdir(parents=True, exist_ok=True)
@@ -102,12 +130,13 @@ class Engine:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, module, params, optimizer, scheduler, ds_config: dict, **kwargs):
+    def __init__(self, module, named_params, optimizer, scheduler, ds_config: dict, **kwargs):
         import deepspeed
 
-        super().__init__(**kwargs)
+        super().__init__(named_params, **kwargs)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+            model=module, model_parameters=list(named_params.values()), optimizer=optimizer,
+            lr_scheduler=scheduler, config=ds_config)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -115,6 +144,10 @@ class DeepSpeedEngine(Engine):
     def step(self) -> bool:
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.step()
+        # ZeRO checks every rank's gradient partition for NaN/Inf and, on "overflow", skips the update (and the
+        # schedule). Without a loss scale to lower that is not recoverable: report it rather than train on.
+        if boundary and not self.engine.was_step_applied():
+            raise NonFiniteGradient(self.grad_norm)
         return boundary
 
     @property
@@ -141,8 +174,7 @@ class TorchEngine(Engine):
 
     def __init__(self, named_params: dict[str, torch.nn.Parameter], optimizer, scheduler, *, accumulation: int,
                  max_grad_norm: float, **kwargs):
-        super().__init__(**kwargs)
-        self.named_params = named_params
+        super().__init__(named_params, **kwargs)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
         self.micro_steps = 0
@@ -162,6 +194,9 @@ class TorchEngine(Engine):
                 param.grad /= self.world_size
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm if self.max_grad_norm > 0 else math.inf)
         self._grad_norm = float(norm)
+        if not math.isfinite(self._grad_norm):  # the same on every rank: the gradients were averaged above
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradient(self._grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hscr_fast.io import (JsonlAppender, JsonlError, OutputFiles, atomic_write_json, atomic_write_text,
-                          check_same_arguments, fingerprint_of)
+                          check_same_arguments, fingerprint_of, refuse_outputs_over_inputs)
 
 FINGERPRINT_ARGS = ("seed", "drop_ratio", "dropout_mode", "sensitivity", "beta", "top_n", "alpha", "alpha_drop",
                     "num_candidates", "num_variants", "num_dispreferred", "min_gap", "similarity_model", "mode",
@@ -433,6 +433,9 @@ def _run(args, group: ProcessGroup) -> dict | None:
     records, input_skips = load_llava_med_json(data_path, on_error="skip")
     selected = records[:args.num_samples] if args.num_samples else records
     paths = OutputPaths(Path(args.out))
+    refuse_outputs_over_inputs({"--out": paths.out, "the skip file of --out": paths.skipped,
+                                "the summary of --out": paths.summary},
+                               {"--data": data_path, "--image-folder": image_folder, "--model": model_dir})
     fingerprint = args_fingerprint(args, model_dir, data_path)
     done = finished_ids(paths, fingerprint)
     group.barrier()  # every rank has read the finished ids before any rank appends
@@ -448,7 +451,11 @@ def _run(args, group: ProcessGroup) -> dict | None:
     to_show = args.show if group.rank == 0 else 0
     processed = 0
     start = time.perf_counter()
-    with JsonlAppender(records_path) as record_out, JsonlAppender(skips_path, id_key=None) as skip_out, \
+    def ours(line: dict) -> bool:  # a torn last line is dropped only from a file these lines prove is this run's
+        return line.get("args_fingerprint") == fingerprint
+
+    with JsonlAppender(records_path, owns=ours) as record_out, \
+            JsonlAppender(skips_path, id_key=None, owns=ours) as skip_out, \
             tqdm(total=sum(len(batch) for batch in batches), unit="sample", desc="hscr generate",
                  disable=group.rank != 0, dynamic_ncols=True) as progress:
         for batch, loaded in zip(batches, prefetched(builder, batches)):
@@ -536,14 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     from hscr_fast.data.records import DataFormatError
-    from hscr_fast.io import JsonlError
+    from hscr_fast.io import JsonlError, OutputOverInputError
     from hscr_fast.models.vlm import UnsupportedModelError
 
     transformers_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
     try:
         summary = run(args)
-    except (DataFormatError, JsonlError, UnsupportedModelError, FileNotFoundError, NotADirectoryError) as error:
-        raise SystemExit(f"error: {error}") from None  # the message names the file and the fault; no traceback
+    except (DataFormatError, JsonlError, OutputOverInputError, UnsupportedModelError, FileNotFoundError,
+            NotADirectoryError) as error:
+        print(f"error: {error}", file=sys.stderr)  # the message names the file and the fault; no traceback
+        return 2
     if summary is not None:
         print(format_summary(summary))
         print(f"  → {OutputPaths(Path(args.out)).summary}")

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,29 @@ PathLike = str | os.PathLike
 
 class JsonlError(ValueError):
     """A JSONL file has a line that is not a JSON object; the message names the file and the line number."""
+
+
+class OutputOverInputError(ValueError):
+    """An output path of a command is one of its inputs (or lies inside its model folder)."""
+
+
+def refuse_outputs_over_inputs(outputs: dict[str, PathLike], inputs: dict[str, PathLike | None],
+                               *, whole_folders: tuple[str, ...] = ("--model",)) -> None:
+    """Raise `OutputOverInputError` before anything is opened for writing when a file a command would write (named
+    by how the user chose it, e.g. "--out") is an input: the same path after symlinks, the same file through a hard
+    link, or a path inside one of the `whole_folders` inputs (a model folder is never written into)."""
+    for output_name, output in outputs.items():
+        output = Path(output).resolve()
+        for input_name, given in inputs.items():
+            if given is None:
+                continue
+            source = Path(given).resolve()
+            same = output == source or (output.exists() and source.exists() and os.path.samefile(output, source))
+            inside = input_name in whole_folders and source.is_dir() and source in output.parents
+            if same or inside:
+                where = "is" if same else "lies inside"
+                raise OutputOverInputError(f"{output_name} {output} {where} the {input_name} input {source}; "
+                                           f"writing there would destroy it — choose another {output_name}")
 
 
 @contextlib.contextmanager
@@ -145,9 +168,12 @@ class JsonlAppender:
     """Append JSON records to a JSONL progress file, one flushed line per record, resuming an earlier run.
 
     On opening an existing file it keeps every complete record and drops a torn last line — a final line that is not
-    valid JSON (with or without a newline), as left by a process killed mid-write — with a warning. A valid final
-    record that merely lacks its newline is kept and the newline added. A bad line *followed by* good lines is not a
-    torn write but a corrupted file: that raises `JsonlError` rather than silently deleting data.
+    valid JSON (with or without a newline), as left by a process killed mid-write — with a warning, but only in a file
+    it can prove it wrote: at least one complete record before the torn line, and every complete record accepted by
+    `owns` (e.g. "carries this run's fingerprint") when given. Anything else raises `JsonlError` and the file is left
+    untouched: a file holding no complete record, a line that is valid JSON but not an object (a JSON list or a
+    compact dump is never a torn write), or a bad line *followed by* good lines (a corrupted file). A valid final
+    record that merely lacks its newline is kept and the newline added.
 
     `ids` holds `str(record[id_key])` of every record in the file (existing and appended), so a job can skip finished
     work: `if sample.id in appender.ids: continue`. Appending a second record with an id already present raises, since
@@ -159,9 +185,11 @@ class JsonlAppender:
                     out.append({"id": sample.id, ...})
     """
 
-    def __init__(self, path: PathLike, *, id_key: str | None = "id", fsync: bool = False):
+    def __init__(self, path: PathLike, *, id_key: str | None = "id", fsync: bool = False,
+                 owns: Callable[[dict], bool] | None = None):
         self.path = Path(path)
         self.id_key = id_key
+        self.owns = owns
         self.fsync = fsync
         self.ids: set[str] = set()
         self.num_existing = 0
@@ -175,16 +203,19 @@ class JsonlAppender:
         data = self.path.read_bytes()
         lines = data.split(b"\n")  # for a well-formed file the piece after the final newline is b""
         keep_bytes = 0  # length of the prefix made of complete, valid lines
+        records = []
         for line_number, raw in enumerate(lines, start=1):
             if raw.strip():
-                record = self._parse_or_none(raw)
+                record = self._parse_or_none(raw, line_number)
                 if record is None:
                     if any(later.strip() for later in lines[line_number:]):
                         raise JsonlError(f"{self.path}:{line_number}: invalid JSON line followed by further records; "
                                          f"the file is corrupted, not just cut off — fix or remove that line")
+                    self._refuse_unless_owned(records, line_number)
                     logger.warning("%s:%d: dropping a torn last line (%d bytes) left by an interrupted run",
                                    self.path, line_number, len(raw))
                     break
+                records.append(record)
                 self._track(record)
                 self.num_existing += 1
             keep_bytes += len(raw) + 1
@@ -197,13 +228,26 @@ class JsonlAppender:
             with self.path.open("ab") as handle:
                 handle.write(b"\n")
 
-    @staticmethod
-    def _parse_or_none(raw: bytes) -> dict | None:
+    def _refuse_unless_owned(self, records: list[dict], line_number: int) -> None:
+        """Truncating is allowed only in a file this writer's records prove it wrote."""
+        foreign = not records or (self.owns is not None and not all(self.owns(record) for record in records))
+        if foreign:
+            raise JsonlError(f"{self.path}:{line_number}: not JSON, and the file holds no complete record this "
+                             f"command wrote, so it is not its own interrupted output; left untouched — choose "
+                             f"another output path, or delete the file if it is a leftover")
+
+    def _parse_or_none(self, raw: bytes, line_number: int) -> dict | None:
+        """The record on a line, None for a line that is not JSON (possibly torn); JSON that is not an object is
+        no torn write, hence not this writer's file."""
         try:
             value = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             return None
-        return value if isinstance(value, dict) else None
+        if not isinstance(value, dict):
+            raise JsonlError(f"{self.path}:{line_number}: a JSON {type(value).__name__}, not one object per line: "
+                             f"this is not a JSONL file this command wrote; left untouched — choose another output "
+                             f"path")
+        return value
 
     def _track(self, record: dict) -> None:
         if self.id_key is not None and self.id_key in record:

@@ -194,7 +194,7 @@ def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, f
 def train(config: TrainConfig) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
-    from .engine import DeepSpeedEngine, TorchEngine, deepspeed_config
+    from .engine import DeepSpeedEngine, Divergence, TorchEngine, deepspeed_config, non_finite_parameters
     from .heldout import held_out_metrics
     from .models.vlm import load_vlm
     from .objective import batch_loss, score_batch
@@ -258,7 +258,7 @@ def train(config: TrainConfig) -> TrainResult:
                      deepspeed_config(micro_batch=config.per_device_batch_size,
                                       accumulation=config.gradient_accumulation_steps,
                                       max_grad_norm=config.max_grad_norm, bf16=dtype == torch.bfloat16))
-        engine = DeepSpeedEngine(vlm.model, list(trainable.values()), optimizer, scheduler, ds_config, **common)
+        engine = DeepSpeedEngine(vlm.model, trainable, optimizer, scheduler, ds_config, **common)
     else:
         engine = TorchEngine(trainable, optimizer, scheduler, accumulation=config.gradient_accumulation_steps,
                              max_grad_norm=config.max_grad_norm, **common)
@@ -288,6 +288,11 @@ def train(config: TrainConfig) -> TrainResult:
     progress = tqdm(total=total_steps, initial=step, desc=config.loss.upper(), unit="step", disable=rank != 0,
                     dynamic_ncols=True)
     vlm.model.train()
+
+    def diverged(what: str) -> TrainingDiverged:
+        progress.close()  # the bar's last state goes out before the error line, not after it
+        return TrainingDiverged(divergence_message(what, engine, last_saved))
+
     # Throughput window: "paused" is time spent on held-out evaluation and checkpoints, which tokens/s leaves out.
     window = {"tokens": 0, "samples": 0, "start": time.perf_counter(), "paused": 0.0, "metrics": []}
     last_saved = engine.latest_tag()
@@ -304,16 +309,16 @@ def train(config: TrainConfig) -> TrainResult:
         if world_size > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
         if finite.item() < 1:
-            ids = [item.id for item in batch_items]
-            raise TrainingDiverged(
-                f"non-finite loss at optimizer step {step + 1} (epoch {epoch}, batch ids {ids} on rank {rank}); "
-                f"training stopped. Last good checkpoint: "
-                f"{engine.checkpoint_dir / last_saved if last_saved else 'none'}"
-                f" — lower --learning-rate, or check these samples, then rerun with --resume")
+            raise diverged(f"non-finite loss at optimizer step {step + 1} (epoch {epoch}, batch ids "
+                           f"{[item.id for item in batch_items]} on rank {rank})")
 
         # 6. Backward and (at accumulation boundaries) the optimizer step.
+        # One policy on both engines: a NaN/Inf gradient norm stops the run before the step is applied.
         engine.backward(loss)
-        boundary = engine.step()
+        try:
+            boundary = engine.step()
+        except Divergence as error:
+            raise diverged(f"{error} at optimizer step {step + 1} (epoch {epoch}); the step was not applied") from None
         micro_step += 1
         window["tokens"] += scored.num_real_tokens
         window["samples"] += len(batch_items)
@@ -353,15 +358,21 @@ def train(config: TrainConfig) -> TrainResult:
 
         # 9. Checkpoint.
         if step % config.save_steps == 0 or step == stop_at:
+            try:
+                engine.save(f"step-{step}", {"step": step, "micro_step": micro_step, "run": run_identity,
+                                             "best_eval_loss": best_eval_loss})
+            except Divergence as error:
+                raise diverged(str(error)) from None
             last_saved = f"step-{step}"
-            engine.save(last_saved, {"step": step, "micro_step": micro_step, "run": run_identity,
-                                     "best_eval_loss": best_eval_loss})
         window["paused"] += time.perf_counter() - pause_start
     progress.close()
 
     # 10. The adapter in standard PEFT format (PeftModel.from_pretrained loads it), the plot, optionally merged.
     result = TrainResult(out / "adapter", out / "metrics.jsonl", out / "curves.png", step,
                          best_adapter_dir=out / "adapter-best" if config.save_best else None)
+    poisoned = non_finite_parameters(trainable)
+    if poisoned:  # unreachable while every step and checkpoint is checked; kept so that no path saves NaN
+        raise diverged(f"parameters not finite ({', '.join(poisoned[:3])}); no adapter written")
     if rank == 0:
         vlm.model.save_pretrained(result.adapter_dir)
         if log.path.is_file() and log.path.stat().st_size:
@@ -378,6 +389,12 @@ def train(config: TrainConfig) -> TrainResult:
     if world_size > 1:
         torch.distributed.barrier()
     return result
+
+
+def divergence_message(what: str, engine, last_saved: str | None) -> str:
+    return (f"{what}; training stopped. Last good checkpoint: "
+            f"{engine.checkpoint_dir / last_saved if last_saved else 'none'} — lower --learning-rate, or check the "
+            f"data, then rerun with --resume")
 
 
 def describe_held_out(step: int, held_out: dict, improved: bool) -> str:

@@ -35,8 +35,14 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(strict_json_values(row), allow_nan=False) + "\n")
             handle.flush()
+
+
+def strict_json_values(row: dict) -> dict:
+    """NaN and ±Infinity become null: JSON has no such numbers, and strict readers reject Python's bare `NaN`."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in row.items()}
 
 
 def _read_tolerant(path: Path) -> list[dict]:

@@ -179,3 +179,48 @@ def test_atomic_directory_swaps_in_whole_or_not_at_all(tmp_path):
         (staging / "other.bin").write_text("v2")
     assert sorted(p.name for p in target.iterdir()) == ["other.bin"]  # replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or retired folder left
+
+
+@pytest.mark.parametrize("foreign", [
+    b'[{"id": "a", "conversations": []}, {"id": "b"}]',  # a compact JSON list (the VQA-RAD / SLAKE files' layout)
+    b'[{"id": "a"}]\n',
+    b'"just a string"',
+    b'not json at all, no newline',                        # no complete record proves it is this writer's file
+    b'{"id": "s0", "ans',                                  # even a torn record: nothing before it proves ownership
+])
+def test_appender_never_truncates_a_file_it_cannot_prove_it_wrote(tmp_path, foreign):
+    path = tmp_path / "data.json"
+    path.write_bytes(foreign)
+    with pytest.raises(JsonlError, match=r"data\.json:1: .*left untouched"):
+        JsonlAppender(path)
+    assert path.read_bytes() == foreign
+
+
+def test_appender_drops_a_torn_line_only_after_records_it_owns(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    theirs = b'{"id": "s0", "args_fingerprint": "other"}\n{"id": "s1", "ans'
+    path.write_bytes(theirs)
+    with pytest.raises(JsonlError, match="left untouched"):
+        JsonlAppender(path, owns=lambda record: record.get("args_fingerprint") == "mine")
+    assert path.read_bytes() == theirs
+    path.write_bytes(b'{"id": "s0", "args_fingerprint": "mine"}\n{"id": "s1", "ans')
+    with JsonlAppender(path, owns=lambda record: record.get("args_fingerprint") == "mine") as out:
+        assert out.ids == {"s0"}
+    assert path.read_bytes() == b'{"id": "s0", "args_fingerprint": "mine"}\n'
+
+
+def test_outputs_over_inputs_are_refused(tmp_path):
+    from hscr_fast.io import OutputOverInputError, refuse_outputs_over_inputs
+
+    (tmp_path / "model").mkdir()
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    (tmp_path / "link.json").symlink_to(data)
+    inputs = {"--data": data, "--model": tmp_path / "model", "--image-folder": tmp_path}
+    for out, why in ((data, "is the --data input"), (tmp_path / "link.json", "is the --data input"),
+                     (tmp_path / "model" / "prefs.jsonl", "lies inside the --model input"),
+                     (tmp_path, "is the --image-folder input")):
+        with pytest.raises(OutputOverInputError, match=f"--out {out.resolve()} {why}"):
+            refuse_outputs_over_inputs({"--out": out}, inputs)
+    refuse_outputs_over_inputs({"--out": tmp_path / "prefs.jsonl"}, inputs)  # beside the images is fine
+    assert data.read_text() == "[]"
