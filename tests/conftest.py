@@ -1,14 +1,36 @@
-"""Test-wide settings: offline hub, deterministic CPU threads, shared fixtures (tiny models, real data paths)."""
+"""Test-wide settings: offline hub, deterministic CPU threads, a throwaway home, shared fixtures (tiny models, real
+data paths)."""
 import json
 import os
+import shutil
+import site
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Nothing a test runs may write to the user's home or caches (~/.cache/hscr_fast's demo world, the Hugging Face,
+# Triton, Inductor and matplotlib caches): every such location points into one temporary folder, removed when the
+# session ends. Set at import, before any test module imports a library that reads these variables once.
+TEST_HOME = Path(tempfile.mkdtemp(prefix="hscr-tests-home-"))
+# Subprocesses (torchrun, the DeepSpeed runs) still find packages installed with `pip install --user`.
+os.environ.setdefault("PYTHONUSERBASE", site.getuserbase())
+os.environ.update(HOME=str(TEST_HOME), XDG_CACHE_HOME=str(TEST_HOME / ".cache"),
+                  XDG_CONFIG_HOME=str(TEST_HOME / ".config"), HF_HOME=str(TEST_HOME / ".cache" / "huggingface"),
+                  HSCR_DEMO_DIR=str(TEST_HOME / "hscr-demo"), TRITON_CACHE_DIR=str(TEST_HOME / ".triton"),
+                  TORCHINDUCTOR_CACHE_DIR=str(TEST_HOME / "torchinductor"), MPLCONFIGDIR=str(TEST_HOME / ".mpl"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def throwaway_home():
+    """The temporary home every test runs in (see TEST_HOME above); removed after the session."""
+    yield TEST_HOME
+    shutil.rmtree(TEST_HOME, ignore_errors=True)
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

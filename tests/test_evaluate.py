@@ -438,11 +438,20 @@ def test_real_med_vqa_sets_score_end_to_end(shared_data, tiny_model_dir, tmp_pat
     assert _scores(tmp_path / "s") == _scores(out)
 
 
-def test_demo_world_is_the_default(tmp_path, monkeypatch):
-    demo = pytest.importorskip("hscr_fast.demo")
-    if not hasattr(demo, "ensure_demo_world"):
-        pytest.skip("hscr_fast.demo.ensure_demo_world is not there yet")
+def test_demo_world_is_the_default(tmp_path, monkeypatch, tiny_model_dir, eval_set):
+    """With neither --model nor --data the command evaluates `ensure_demo_world()`'s model on its test set, into
+    hscr_fast_runs/evaluate-demo/base. The world is stood in for by the tiny model and this module's test set:
+    building the real one takes minutes and writes outside the test's folders."""
+    import types
+
+    import hscr_fast.demo
+
+    data, image_folder = eval_set
+    world = types.SimpleNamespace(model_dir=tiny_model_dir, test_json=data, image_folder=image_folder)
+    monkeypatch.setattr(hscr_fast.demo, "ensure_demo_world", lambda: world, raising=False)
     monkeypatch.chdir(tmp_path)
     assert main(["--limit", "4", "--max-new-tokens", "4", "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "hscr_fast_runs" / "evaluate-demo" / "base" / "metrics.json").read_text())
     assert metrics["num_questions"] == 4
+    assert metrics["run"]["model"] == str(tiny_model_dir.resolve())
+    assert metrics["run"]["data"] == str(data.resolve())
