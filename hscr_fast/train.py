@@ -83,6 +83,8 @@ class TrainConfig:
     save_steps: int = _arg(50, "checkpoint every N optimizer steps (and at the end)")
     save_total_limit: int = _arg(2, "checkpoints kept")
     resume: bool = _arg(False, "continue from the latest checkpoint in OUT/checkpoints")
+    overwrite: bool = _arg(False, "replace the run already in OUT (its adapter, checkpoints and metrics are deleted); "
+                                  "without it (or --resume) an OUT holding a run is refused")
     stop_after_steps: int | None = _arg(None, "stop (after checkpointing) once this many optimizer steps are done; "
                                               "the schedule still spans the full run — for time-limited jobs")
     merge: bool = _arg(False, "also write the merged model (base + adapter) to OUT/merged")
@@ -108,6 +110,14 @@ class TrainConfig:
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class PreviousRunError(ValueError):
+    """--out holds a run and neither --resume nor --overwrite says what to do with it."""
+
+
+# What a run writes into OUT; --overwrite deletes exactly these (OUT may hold other files, such as the data).
+RUN_OUTPUTS = ("adapter", "adapter-best", "checkpoints", "merged", "metrics.jsonl", "curves.png")
 
 
 def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
@@ -214,6 +224,7 @@ def train(config: TrainConfig) -> TrainResult:
     records, eval_records = load_training_data(config)
     say(f"[hscr] {len(records)} preference lists validated ({config.preferences})"
         + (f"; {len(eval_records)} held out for evaluation" if eval_records else ""))
+    claim_output_folder(out, config, rank, world_size)
 
     # 2. Model + LoRA.
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if config.dtype == "auto" \
@@ -413,6 +424,28 @@ def save_adapter_atomically(peft_model, adapter_dir: Path, evaluation: dict) -> 
         (staging / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
 
 
+def claim_output_folder(out: Path, config: TrainConfig, rank: int, world_size: int) -> None:
+    """Before the model loads: a previous run in `out` is refused unless --resume (continue it) or --overwrite
+    (rank 0 deletes its outputs, nothing else in the folder)."""
+    import shutil
+
+    if config.resume and config.overwrite:
+        raise PreviousRunError("--resume continues the run in --out and --overwrite replaces it; give one")
+    previous = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if previous and not (config.resume or config.overwrite):
+        raise PreviousRunError(f"--out {out} already holds a run ({', '.join(previous)}); add --resume to continue "
+                               f"it, --overwrite to replace it, or choose another --out")
+    if previous and config.overwrite and rank == 0:
+        for name in previous:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+    if world_size > 1:
+        torch.distributed.barrier()  # no rank starts writing before the old run is gone
+
+
 def load_training_data(config: TrainConfig) -> tuple[list, list]:
     """(training records, held-out records), every line and image validated; raises before any model loads."""
     from .data.records import DataFormatError
@@ -457,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
-    except (DataFormatError, UnsupportedModelError, FileNotFoundError) as error:
+    except (DataFormatError, PreviousRunError, UnsupportedModelError, FileNotFoundError) as error:
         # Bad input: one line naming the file/record and what is wrong; nothing was trained yet.
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -62,7 +62,20 @@ CASES = {
     "generate-out-inside-the-model": Case(
         "generate", lambda w: ["--model", str(w.model), "--data", str(w.sft), "--out", str(w.model / "config.json")],
         r"--out .*config\.json lies inside the --model input"),
+    # A finished run is neither overwritten nor mixed into without --resume or --overwrite.
+    "train-over-a-finished-run": Case(
+        "train", lambda w: ["--model", str(w.model), "--preferences", str(w.preferences), "--image-folder",
+                            str(w.images), "--deepspeed", "none", "--out", str(w.root / "run")],
+        r"--out .*run already holds a run \(checkpoints, metrics.jsonl\); add --resume to continue it, "
+        r"--overwrite to replace it",
+        prepare=lambda w: previous_run(w.root / "run")),
 }
+
+
+def previous_run(out: Path) -> None:
+    (out / "checkpoints" / "step-20").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-20")
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": step, "loss": 0.5}) + "\n" for step in range(20)))
 
 
 def run_command(command: str, argv: list[str], capsys) -> tuple[int, str]:

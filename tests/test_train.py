@@ -208,3 +208,28 @@ def test_deepspeed_without_torchrun(tiny_model_dir, preference_data, tmp_path):
         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert len(read_metrics(tmp_path / "ds")) == 2
+
+
+def test_a_finished_run_is_refused_unless_resume_or_overwrite(preference_data, tmp_path, train_config):
+    import hashlib
+
+    from hscr_fast.train import PreviousRunError
+
+    def snapshot(folder):
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    out = tmp_path / "run"
+    (tmp_path / "run").mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    train(train_config(preference_data, out, epochs=1, save_steps=1, save_total_limit=5))
+    finished = snapshot(out)
+    with pytest.raises(PreviousRunError, match=r"--out .*run already holds a run \(adapter, checkpoints, "
+                                               r"metrics.jsonl, curves.png\); add --resume .* --overwrite"):
+        train(train_config(preference_data, out, epochs=1, stop_after_steps=2))
+    assert snapshot(out) == finished  # nothing touched
+
+    train(train_config(preference_data, out, epochs=1, stop_after_steps=2, save_steps=1, overwrite=True))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-1", "step-2"]
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]
+    assert (out / "notes.txt").read_text() == "the user's own file"

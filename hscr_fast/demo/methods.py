@@ -83,8 +83,9 @@ def run_method(method: str, out_root: Path, *, learning_rate: float) -> Path:
     world = ensure_demo_world()
     out = out_root / method
     out.mkdir(parents=True, exist_ok=True)
+    # Each comparison run rebuilds its method's lists in OUT and trains from scratch: it replaces its own last run.
     config = TrainConfig(model=str(world.model_dir), image_folder=str(world.image_folder), out=str(out),
-                         **{**TRAINING, "learning_rate": learning_rate})
+                         overwrite=True, **{**TRAINING, "learning_rate": learning_rate})
     if method == "mmedpo":
         config.preferences = str(with_lesion_weights(image_dispreference_records(world, out, mode="replace"),
                                                      out / "mmedpo.jsonl"))
