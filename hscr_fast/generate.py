@@ -556,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     if summary is not None:
         print(format_summary(summary))
         print(f"  → {OutputPaths(Path(args.out)).summary}")
+        if summary["selected"] and not summary["written"]:  # nothing to train on: a failure, whatever the reasons
+            print(f"error: no preference list written: all {summary['selected']} selected records were skipped "
+                  f"({', '.join(f'{reason} {count}' for reason, count in summary['skipped'].items())}); the "
+                  f"reasons per record are in {summary['skipped_file']}", file=sys.stderr)
+            return 2
     return 0
 
 

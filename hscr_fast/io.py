@@ -133,7 +133,9 @@ def parse_jsonl_line(text: str, path: PathLike, line_number: int) -> dict:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise JsonlError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+        # json's own messages may end in "at" ("Unterminated string starting at"): the column completes them.
+        joint = " " if error.msg.endswith(" at") else " at "
+        raise JsonlError(f"{path}:{line_number}: invalid JSON ({error.msg}{joint}column {error.colno})") from None
     if not isinstance(value, dict):
         raise JsonlError(f"{path}:{line_number}: expected a JSON object per line, got {type(value).__name__}")
     return value

@@ -180,7 +180,10 @@ def attach_lora(vlm, config: TrainConfig, model_dir: str):
     """LoRA on the language model's linear layers (the vision tower's own q/k/v_proj are excluded by the regex)."""
     from peft import LoraConfig, get_peft_model
 
-    vlm.llava.config._name_or_path = str(model_dir)  # recorded by peft as base_model_name_or_path
+    # Recorded by peft as base_model_name_or_path: absolute, so that checking an adapter's base later does not depend
+    # on the folder the training was started from.
+    base = str(Path(model_dir).resolve())
+    vlm.llava.config._name_or_path = vlm.model.name_or_path = base
     if config.gradient_checkpointing:
         # Non-reentrant: the frozen embeddings give inputs that need no grad, which reentrant checkpointing dislikes.
         vlm.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -69,6 +69,16 @@ CASES = {
         r"--out .*run already holds a run \(checkpoints, metrics.jsonl\); add --resume to continue it, "
         r"--overwrite to replace it",
         prepare=lambda w: previous_run(w.root / "run")),
+    # Nothing to train on is a failure, not a success with an empty file.
+    "generate-every-record-rejected": Case(
+        "generate", lambda w: ["--model", str(w.model), "--data", str(w.root / "gone.json"), "--image-folder",
+                               str(w.images), "--out", str(w.root / "prefs-out.jsonl")],
+        r"no preference list written: all 2 selected records were skipped \(missing_image 2\); the reasons per "
+        r"record are in .*prefs-out\.skipped\.jsonl",
+        prepare=lambda w: (w.root / "gone.json").write_text(json.dumps([
+            {"id": f"x{index}", "image": f"gone{index}.png", "conversations": [
+                {"from": "human", "value": "<image>\nIs there a lesion?"}, {"from": "gpt", "value": "yes"}]}
+            for index in range(2)]))),
 }
 
 

@@ -224,3 +224,13 @@ def test_outputs_over_inputs_are_refused(tmp_path):
             refuse_outputs_over_inputs({"--out": out}, inputs)
     refuse_outputs_over_inputs({"--out": tmp_path / "prefs.jsonl"}, inputs)  # beside the images is fine
     assert data.read_text() == "[]"
+
+
+def test_json_error_message_reads_as_english(tmp_path):
+    from hscr_fast.io import parse_jsonl_line
+
+    with pytest.raises(JsonlError) as caught:
+        parse_jsonl_line('{"id": "a", "text": "cut', tmp_path / "p.jsonl", 3)
+    assert str(caught.value).endswith("p.jsonl:3: invalid JSON (Unterminated string starting at column 21)")
+    with pytest.raises(JsonlError, match=r"invalid JSON \(Expecting value at column 8\)"):
+        parse_jsonl_line('{"id": }', tmp_path / "p.jsonl", 1)

@@ -233,3 +233,14 @@ def test_a_finished_run_is_refused_unless_resume_or_overwrite(preference_data, t
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-1", "step-2"]
     assert [row["step"] for row in read_metrics(out)] == [1, 2]
     assert (out / "notes.txt").read_text() == "the user's own file"
+
+
+def test_adapter_records_the_base_model_as_an_absolute_path(tiny_model_dir, monkeypatch):
+    """A relative --model is resolved: the adapter's base check must not depend on the working directory."""
+    from hscr_fast.models.vlm import load_vlm
+    from hscr_fast.train import attach_lora
+
+    monkeypatch.chdir(tiny_model_dir.parent)
+    vlm = load_vlm(tiny_model_dir.name)
+    attach_lora(vlm, TrainConfig(), tiny_model_dir.name)
+    assert vlm.model.peft_config["default"].base_model_name_or_path == str(tiny_model_dir.resolve())
