@@ -330,13 +330,30 @@ def visual_inputs(vlm, records: list[VQARecord], image_folder: str | Path,
     return inputs
 
 
+def readable_records(records: list[VQARecord], image_folder: str | Path,
+                     unreadable: dict[str, str]) -> list[VQARecord]:
+    """The records whose image decodes; the others are added to `unreadable` ({id: reason}), each with a warning."""
+    failures = {}
+    for image in dict.fromkeys(record.image for record in records):
+        try:
+            load_image(Path(image_folder) / image)
+        except ImageLoadError as error:
+            failures[image] = str(error)
+    for record in records:
+        if record.image in failures:
+            unreadable[record.id] = failures[record.image]
+            logger.warning("question %r skipped, its image cannot be read: %s", record.id, failures[record.image])
+    return [record for record in records if record.image not in failures]
+
+
 def generate_predictions(vlm, records: list[VQARecord], image_folder: str | Path | None,
                          predictions_path: str | Path, *, visual: VisualCondition = VisualCondition(),
                          batch_size: int = 8, max_new_tokens: int = 64, model_id: str = "",
-                         progress: bool = True) -> int:
+                         progress: bool = True, unreadable: dict[str, str] | None = None) -> int:
     """Greedy answers for the records not yet in `predictions_path`, appended one flushed line each.
 
-    Returns how many were generated in this call. Batches are left-padded (`hscr_fast.generation`), so every answer is
+    A record whose image cannot be decoded gets no answer: it goes into `unreadable` ({id: reason}) with a warning
+    naming it, and the others are answered. Returns how many were generated in this call. Batches are left-padded (`hscr_fast.generation`), so every answer is
     the one the model gives to that question alone, whatever the batch size.
     """
     from tqdm.auto import tqdm
@@ -345,6 +362,7 @@ def generate_predictions(vlm, records: list[VQARecord], image_folder: str | Path
 
     if batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {batch_size}")
+    unreadable = {} if unreadable is None else unreadable
     if visual.mode == "full" and image_folder is None:
         raise EvaluationError("an image folder is needed to evaluate with visual tokens (--image-folder)")
     with JsonlAppender(predictions_path, id_key="question_id") as predictions:
@@ -357,15 +375,17 @@ def generate_predictions(vlm, records: list[VQARecord], image_folder: str | Path
         with bar:
             for start in range(0, len(pending), batch_size):
                 batch = pending[start:start + batch_size]
-                items = visual_inputs(vlm, batch, image_folder, visual)
+                if visual.mode == "full":
+                    batch = readable_records(batch, image_folder, unreadable)
+                items = visual_inputs(vlm, batch, image_folder, visual) if batch else []
                 for record, tokens in zip(batch, greedy_generate(vlm, items, max_new_tokens=max_new_tokens)):
                     predictions.append({
                         "question_id": record.id, "prompt": record.question, "text": decode(vlm, tokens),
                         "answer": record.answer, "answer_type": record.answer_type, "model_id": model_id,
                         "metadata": record.metadata,
                     })
-                bar.update(len(batch))
-    return len(pending)
+                bar.update(len(pending[start:start + batch_size]))
+    return len(pending) - len(unreadable)
 
 
 def _with_generation_settings(run: dict[str, Any], visual: VisualCondition, max_new_tokens: int) -> dict[str, Any]:
@@ -410,14 +430,22 @@ def evaluate_vlm(vlm, records: list[VQARecord], out_dir: str | Path, *, image_fo
     # Dropout layers must be off whatever state the caller left the model in (the trainer calls this mid-run).
     was_training = vlm.model.training
     vlm.model.eval()
+    unreadable: dict[str, str] = {}
     try:
         generated = generate_predictions(vlm, records, image_folder, predictions_path, visual=visual,
                                          batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                         model_id=str(run.get("model_id", "")), progress=progress)
+                                         model_id=str(run.get("model_id", "")), progress=progress,
+                                         unreadable=unreadable)
     finally:
         vlm.model.train(was_training)
-    metrics = score_predictions(records, read_predictions(predictions_path), predictions_path=predictions_path,
-                                data_path=data_path, known_ids=known_ids)
+    scored = [record for record in records if record.id not in unreadable]
+    if not scored:
+        raise EvaluationError(f"{data_path}: no question could be evaluated: every image is unreadable, e.g. "
+                              f"{next(iter(unreadable.values()))}")
+    metrics = score_predictions(scored, read_predictions(predictions_path), predictions_path=predictions_path,
+                                data_path=data_path, known_ids=known_ids or {record.id for record in records})
+    # Questions left out because their image cannot be read: counted and named, never silently dropped.
+    metrics["skipped_unreadable_images"] = {"count": len(unreadable), "ids": sorted(unreadable)}
     metrics["run"] = {**run, "condition": visual.label, "generated_this_call": generated}
     write_metrics(out_dir, metrics, title=title or f"Med-VQA: {run.get('model_id', 'model')}, {visual.label}")
     return metrics
@@ -593,8 +621,16 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
 
     return (f"closed accuracy {percent(metrics['closed_accuracy'])} (exact {percent(metrics['closed_exact'])}, "
             f"n={metrics['num_closed']})  open recall {percent(metrics['open_recall'])} "
-            f"(exact {percent(metrics['open_exact'])}, n={metrics['num_open']})\nwrote {out / 'metrics.json'} and "
-            f"{out / 'metrics.md'}")
+            f"(exact {percent(metrics['open_exact'])}, n={metrics['num_open']})\n" + skipped_line(metrics)
+            + f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+
+
+def skipped_line(metrics: dict[str, Any]) -> str:
+    skipped = metrics.get("skipped_unreadable_images") or {"count": 0}
+    if not skipped["count"]:
+        return ""
+    return (f"skipped {skipped['count']} question(s) whose image cannot be read (not scored): "
+            f"{', '.join(map(repr, skipped['ids'][:5]))}{', ...' if skipped['count'] > 5 else ''}\n")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -455,3 +455,17 @@ def test_demo_world_is_the_default(tmp_path, monkeypatch, tiny_model_dir, eval_s
     assert metrics["num_questions"] == 4
     assert metrics["run"]["model"] == str(tiny_model_dir.resolve())
     assert metrics["run"]["data"] == str(data.resolve())
+
+
+def test_unreadable_test_image_is_skipped_named_and_counted(tmp_path, tiny_model_dir, make_images, capsys):
+    """One corrupt image (asked about by q1 and q5) does not stop the run: the other questions are answered and scored,
+    the two are named and counted in metrics.json and in the summary."""
+    data, image_folder = _write_set(tmp_path / "set", make_images(4, seed=5))
+    (image_folder / "scan1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "out"
+    assert main(_args(tiny_model_dir, data, image_folder, out, "--batch-size", 3)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_questions"] == len(QUESTIONS) - 2
+    assert metrics["skipped_unreadable_images"] == {"count": 2, "ids": ["q1", "q5"]}
+    assert set(_predictions(out)) == {f"q{index}" for index in range(len(QUESTIONS))} - {"q1", "q5"}
+    assert "skipped 2 question(s) whose image cannot be read (not scored): 'q1', 'q5'" in capsys.readouterr().out
