@@ -181,7 +181,7 @@ def score_predictions(records: list[VQARecord], predictions: dict[str, tuple[int
     for record in records:
         row = {"question_id": record.id, "prediction": predictions[record.id][1]["text"], "answer": record.answer,
                "answer_type": record.answer_type}
-        row.update({key: record.metadata[key] for key in BREAKDOWN_KEYS if key in record.metadata})
+        row.update({key: record.metadata[key] for key in (*BREAKDOWN_KEYS, "findings") if key in record.metadata})
         rows.append(row)
     return compute_metrics(rows)
 
@@ -619,9 +619,13 @@ def _summary(metrics: dict[str, Any], out: Path) -> str:
     def percent(value):
         return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
+    reports = (f"\nreports: {percent(metrics['report_hallucination_rate'])}% with a hallucinated finding, "
+               f"{percent(metrics['hallucinated_finding_share'])}% of stated findings hallucinated, coverage "
+               f"{percent(metrics['finding_coverage'])}% (n={metrics['num_reports']})"
+               if "num_reports" in metrics else "")
     return (f"closed accuracy {percent(metrics['closed_accuracy'])} (exact {percent(metrics['closed_exact'])}, "
             f"n={metrics['num_closed']})  open recall {percent(metrics['open_recall'])} "
-            f"(exact {percent(metrics['open_exact'])}, n={metrics['num_open']})\n" + skipped_line(metrics)
+            f"(exact {percent(metrics['open_exact'])}, n={metrics['num_open']}){reports}\n" + skipped_line(metrics)
             + f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
 
 

@@ -30,6 +30,10 @@ Scores per question (`score_prediction`), on the normalised strings:
   both    closed_exact/open_exact  strict: normalised prediction == normalised ground truth.
 An empty prediction scores 0 everywhere. Aggregates are percentages (as the papers print them); a metric over zero
 questions is None.
+
+Reports: records that carry a `findings` list (the image's true findings, see `hscr_fast.hallucination`) are also
+scored as generated reports — report hallucination rate (CHAIR_s-like), hallucinated share of stated findings and
+coverage of true findings — over the records that have the field, in the totals and in every breakdown group.
 """
 from __future__ import annotations
 
@@ -60,7 +64,8 @@ _ARTICLES = {"a", "an", "the"}
 ANSWER_TYPES = ("CLOSED", "OPEN")
 # Record keys that get their own breakdown table when the data has them.
 # SLAKE names the body region "location" (Abdomen, Lung, ...); VQA-RAD names it "organ".
-BREAKDOWN_KEYS = ("organ", "location", "modality", "question_type")
+# The phantom demo world names whether a question's clinical history agrees with the image as "prior".
+BREAKDOWN_KEYS = ("organ", "location", "modality", "question_type", "prior")
 
 
 def normalize_answer(text: Any) -> str:
@@ -129,6 +134,11 @@ def compute_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     "by_<key>" dict mapping each value to the same metrics over its questions (records without the key go under
     "(missing)"). An error names the record (position and id) that caused it.
     """
+    from hscr_fast.hallucination import check_findings, finding_vocabulary, score_report
+
+    records = list(records)
+    vocabulary = finding_vocabulary(check_findings(record["findings"], f"record {position}{_record_id(record)}")
+                                    for position, record in enumerate(records) if "findings" in record)
     all_scores: list[dict[str, Any]] = []
     groups: dict[str, dict[str, list[dict[str, Any]]]] = {key: defaultdict(list) for key in BREAKDOWN_KEYS}
     group_values: list[dict[str, Any]] = []
@@ -141,6 +151,8 @@ def compute_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             scores = score_prediction(record["prediction"], record["answer"], record["answer_type"])
         except ValueError as error:
             raise ValueError(f"record {position}{_record_id(record)}: {error}") from error
+        if "findings" in record:
+            scores["report"] = score_report(record["prediction"], record["findings"], vocabulary)
         all_scores.append(scores)
         group_values.append({key: record.get(key) for key in BREAKDOWN_KEYS})
 
@@ -168,28 +180,44 @@ def metrics_to_markdown(metrics: dict[str, Any], title: str | None = None) -> st
         f"| open exact match | {_percent(metrics['open_exact'])} |",
         f"| questions (closed / open) | {metrics['num_closed']} / {metrics['num_open']} |",
     ]
+    if "num_reports" in metrics:
+        lines += [
+            f"| reports with a hallucinated finding (CHAIR_s-like) | {_percent(metrics['report_hallucination_rate'])} |",
+            f"| hallucinated share of stated findings | {_percent(metrics['hallucinated_finding_share'])} |",
+            f"| coverage of true findings | {_percent(metrics['finding_coverage'])} |",
+            f"| reports (stated / true findings) | {metrics['num_reports']} ({metrics['num_stated_findings']} / "
+            f"{metrics['num_true_findings']}) |",
+        ]
     for key in BREAKDOWN_KEYS:
         breakdown = metrics.get(f"by_{key}")
         if not breakdown:
             continue
+        reports = any("num_reports" in group for group in breakdown.values())
         lines += [
             "",
             f"### by {key.replace('_', ' ')}",
             "",
-            f"| {key} | closed n | closed acc | closed acc yes/no | closed exact | open n | open recall | open exact |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {key} | closed n | closed acc | closed acc yes/no | closed exact | open n | open recall | open exact |"
+            + (" reports | hallucinating reports | hallucinated findings | coverage |" if reports else ""),
+            "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" * 4 if reports else ""),
         ]
         for value, group in breakdown.items():
             cells = [value.replace("|", "\\|"), str(group["num_closed"]), _percent(group["closed_accuracy"]),
                      _percent(group["closed_accuracy_yes_no"]), _percent(group["closed_exact"]),
                      str(group["num_open"]), _percent(group["open_recall"]), _percent(group["open_exact"])]
+            if reports:
+                cells += [str(group.get("num_reports", 0)), _percent(group.get("report_hallucination_rate")),
+                          _percent(group.get("hallucinated_finding_share")), _percent(group.get("finding_coverage"))]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
+    from hscr_fast.hallucination import report_metrics
+
     closed = [s for s in scores if s["answer_type"] == "CLOSED"]
     open_ = [s for s in scores if s["answer_type"] == "OPEN"]
+    reports = [s["report"] for s in scores if "report" in s]
     return {
         "closed_accuracy": _mean_percent(s["closed_hit"] for s in closed),
         "closed_accuracy_yes_no": _mean_percent(s["closed_hit_yes_no"] for s in closed),
@@ -199,6 +227,7 @@ def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
         "num_closed": len(closed),
         "num_open": len(open_),
         "num_questions": len(scores),
+        **(report_metrics(reports) if reports else {}),
     }
 
 

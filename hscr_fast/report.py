@@ -25,6 +25,7 @@ HEADLINE_METRICS = (
 )
 # What the demo report plots: the two numbers the HSCR paper's Table 1 reports.
 DEMO_PLOT_METRICS = (("closed_accuracy", "closed accuracy (%)"), ("open_recall", "open recall (%)"))
+HALLUCINATION_PLOT_METRIC = (("report_hallucination_rate", "reports with a hallucinated finding (%)"),)
 WITH_VISUAL = "with visual tokens"
 WITHOUT_VISUAL = "without visual tokens"
 
@@ -151,9 +152,15 @@ def _check_demo_results(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) 
                              f"{WITHOUT_VISUAL!r} to metrics dicts; got keys {sorted(conditions)}")
 
 
+def _has_reports(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> bool:
+    return any("num_reports" in metrics for conditions in results.values() for metrics in conditions.values())
+
+
 def demo_report_markdown(results: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
-    """The demo's table: one row per (model, visual condition), then how much the visual tokens add per model."""
+    """The demo's table: one row per (model, visual condition), then how much the visual tokens add per model. When
+    the data has report questions, the share of reports with a hallucinated finding is a column too."""
     _check_demo_results(results)
+    reports = _has_reports(results)
     lines = [
         "## Demo: Med-VQA on the phantom test set, before and after alignment",
         "",
@@ -161,8 +168,9 @@ def demo_report_markdown(results: Mapping[str, Mapping[str, Mapping[str, Any]]])
         "\"Without visual tokens\" generates from the prompt with the image removed: what the model answers from the "
         "text alone.",
         "",
-        "| model | visual tokens | " + " | ".join(label for _, label in HEADLINE_METRICS) + " | closed n | open n |",
-        "|---|---|" + "---:|" * (len(HEADLINE_METRICS) + 2),
+        "| model | visual tokens | " + " | ".join(label for _, label in HEADLINE_METRICS) + " | closed n | open n |"
+        + (" hallucinating reports | reports |" if reports else ""),
+        "|---|---|" + "---:|" * (len(HEADLINE_METRICS) + 2 + 2 * reports),
     ]
     for label, conditions in results.items():
         for condition in (WITH_VISUAL, WITHOUT_VISUAL):
@@ -172,6 +180,8 @@ def demo_report_markdown(results: Mapping[str, Mapping[str, Mapping[str, Any]]])
             cells = [_escape(label), condition.removesuffix(" visual tokens")]
             cells += [_cell(metrics.get(key)) for key, _ in HEADLINE_METRICS]
             cells += [str(metrics.get("num_closed", "–")), str(metrics.get("num_open", "–"))]
+            if reports:
+                cells += [_cell(metrics.get("report_hallucination_rate")), str(metrics.get("num_reports", "–"))]
             lines.append("| " + " | ".join(cells) + " |")
     gains = [(label, conditions) for label, conditions in results.items()
              if WITH_VISUAL in conditions and WITHOUT_VISUAL in conditions]
@@ -206,7 +216,7 @@ def write_demo_report(out_dir: str | Path, results: Mapping[str, Mapping[str, Ma
         metric_label: {label: {condition: conditions[condition].get(key) for condition in (WITH_VISUAL, WITHOUT_VISUAL)
                                if condition in conditions}
                        for label, conditions in results.items()}
-        for key, metric_label in DEMO_PLOT_METRICS
+        for key, metric_label in DEMO_PLOT_METRICS + (HALLUCINATION_PLOT_METRIC if _has_reports(results) else ())
     }
     plot_grouped_bars(png_path, panels, title="Demo: phantom test set, before/after alignment")
     return md_path, png_path

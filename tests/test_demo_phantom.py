@@ -1,5 +1,6 @@
-"""The phantom Med-VQA generator: answers must follow from the rendered pixels, deterministically, and the dataset
-files must be valid LLaVA-Med JSON written atomically and idempotently."""
+"""The phantom Med-VQA generator: answers must follow from the rendered pixels, deterministically; the clinical
+history must name the true locations exactly as often as each split says and name other ones otherwise; and the
+dataset files must be valid LLaVA-Med JSON written atomically and idempotently."""
 import json
 import re
 import time
@@ -11,9 +12,9 @@ import pytest
 from PIL import Image
 
 from hscr_fast.demo import phantom
-from hscr_fast.demo.phantom import (DEFAULT_IMAGE_SIZE, FISSURE_BAND, LESION_IRREGULARITY, LESION_RADIUS, Lesion,
-                                    build_phantom_dataset, candidate_questions, image_rngs, phantom_corpus,
-                                    phantom_vocabulary, questions_for, render_phantom)
+from hscr_fast.demo.phantom import (DEFAULT_IMAGE_SIZE, FISSURE_BAND, HISTORY_AGREEMENT, LESION_IRREGULARITY,
+                                    LESION_RADIUS, Lesion, build_phantom_dataset, candidate_questions, draw_history,
+                                    image_rngs, phantom_corpus, phantom_vocabulary, questions_for, render_phantom)
 
 
 def render(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE):
@@ -64,10 +65,7 @@ def oracle(question: str, findings: list[tuple[str, str, str]]) -> str:
     if q.startswith(("Describe", "What does this scan", "Summarize")):
         if n == 0:
             return "No lesion is seen."
-        if n == 1:
-            side, lobe, size = findings[0]
-            return f"A {size} lesion in the {side} {lobe} lobe."
-        return "Two lesions: " + ", ".join(f"{s} {d} {l}" for d, l, s in findings) + "."
+        return " ".join(f"A {size} lesion in the {side} {lobe} lobe." for side, lobe, size in findings)
     if q.startswith(("Where", "What is the location", "What are the locations")):
         return " and ".join(f"{d} {l} lobe" for d, l, _ in findings)
     if q.startswith("Which"):
@@ -195,7 +193,7 @@ def test_corpus_covers_every_text_with_a_small_vocabulary():
         lesions = render(5, index)[2]
         for qa in questions_for(lesions, image_rngs(5, "train", index)[1], 12):
             assert qa.question in corpus and qa.answer in corpus
-            assert 1 <= len(re.findall(r"\w+", qa.answer)) <= 8, qa
+            assert 1 <= len(re.findall(r"\w+", qa.answer)) <= 16, qa
 
 
 def test_bad_arguments_get_clear_errors(tmp_path):
@@ -208,6 +206,8 @@ def test_bad_arguments_get_clear_errors(tmp_path):
         questions_for([Lesion(1, "middle", "upper", "small", (0, 0), 1, (0, 0, 1, 1))], np.random.default_rng(0))
     with pytest.raises(ValueError, match="questions_per_image"):
         build_phantom_dataset(tmp_path / "ds", num_train_images=1, num_test_images=1, questions_per_image=0)
+    with pytest.raises(ValueError, match="num_val_images"):
+        build_phantom_dataset(tmp_path / "ds", num_train_images=1, num_val_images=-1, num_test_images=1)
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "precious.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="not a phantom dataset"):
@@ -219,19 +219,36 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+HISTORY = re.compile(r"(?:lesions? in|nodules? in) the (right|left) (upper|lower) lobe(?: and the (right|left) "
+                     r"(upper|lower) lobe)?")
+
+
+def history_locations(history: str) -> list[list[str]]:
+    """The locations a history line names, read back from its words (independently of the generator's templates)."""
+    if "no chest complaints" in history or "no symptoms" in history:
+        return []
+    match = HISTORY.search(history)
+    assert match, history
+    words = [word for word in match.groups() if word]
+    return [words[i:i + 2] for i in range(0, len(words), 2)]
+
+
 def test_dataset_files_are_valid_llava_med_json(tmp_path):
-    paths = build_phantom_dataset(tmp_path / "ds", num_train_images=12, num_test_images=5, questions_per_image=3,
-                                  seed=11, image_size=84)
+    paths = build_phantom_dataset(tmp_path / "ds", num_train_images=12, num_val_images=4, num_test_images=5,
+                                  questions_per_image=3, seed=11, image_size=84)
     ids = set()
-    for split, json_path, num_images in (("train", paths.train_json, 12), ("test", paths.test_json, 5)):
+    for split, json_path, num_images, asked in (("train", paths.train_json, 12, 1), ("val", paths.val_json, 4, 1),
+                                                ("test", paths.test_json, 5, 2)):
         records = json.loads(json_path.read_text())
-        assert len(records) == num_images * 3
+        assert len(records) == num_images * 3 * asked
         for record in records:
+            report = record["question_type"] == "description"
             assert set(record) == {"id", "image", "mask", "conversations", "answer_type", "question_type", "organ",
-                                   "modality", "lesions"}
+                                   "modality", "lesions", "history_locations", "prior"} | ({"findings"} if report
+                                                                                          else set())
             ids.add(record["id"])
             human, gpt = record["conversations"]
-            assert human["from"] == "human" and human["value"].startswith("<image>\n")
+            assert human["from"] == "human" and human["value"].startswith("<image>\nHistory: ")
             assert gpt["from"] == "gpt" and gpt["value"]
             assert record["answer_type"] in ("CLOSED", "OPEN") and record["organ"] == "chest"
             index = int(record["image"].split("_")[1].split(".")[0])
@@ -240,14 +257,57 @@ def test_dataset_files_are_valid_llava_med_json(tmp_path):
             assert (np.asarray(Image.open(paths.mask_folder / record["mask"])) == mask).all()
             assert [Lesion.from_dict(d) for d in record["lesions"]] == [
                 Lesion.from_dict(lesion.to_dict()) for lesion in lesions]
-            assert gpt["value"] == oracle(human["value"].split("\n", 1)[1], findings_from_mask(mask))
-    assert len(ids) == 17 * 3, "ids must be unique across splits"
+            history, question = human["value"].split("\n", 1)[1].split(". ", 1)
+            truth = findings_from_mask(mask)
+            # The answer follows from the image whatever the history says.
+            assert gpt["value"] == oracle(question, truth)
+            # The history names what the record says it names; "agrees" exactly when that is the truth.
+            assert history_locations(history) == record["history_locations"]
+            agrees = record["history_locations"] == [[side, lobe] for side, lobe, _ in truth]
+            assert record["prior"] == ("agrees" if agrees else "conflicts")
+            if report:
+                assert record["findings"] == [f"{side} {lobe} lobe" for side, lobe, _ in truth]
+    assert len(ids) == (12 + 4 + 5 * 2) * 3, "ids must be unique across splits"
     manifest = json.loads(paths.manifest.read_text())
     assert manifest["fingerprint"]["seed"] == 11 and manifest["splits"]["train"]["records"] == 36
+    assert manifest["splits"]["test"]["prior"] == {"agrees": 15, "conflicts": 15}
+
+
+def test_test_halves_differ_only_in_the_history(tmp_path):
+    paths = build_phantom_dataset(tmp_path / "ds", num_train_images=0, num_val_images=0, num_test_images=30,
+                                  questions_per_image=4, seed=3)
+    records = json.loads(paths.test_json.read_text())
+    agreeing = [r for r in records if r["prior"] == "agrees"]
+    conflicting = [r for r in records if r["prior"] == "conflicts"]
+    assert len(agreeing) == len(conflicting) == 120
+    for agree, conflict in zip(agreeing, conflicting):
+        assert agree["id"].removesuffix("-agrees") == conflict["id"].removesuffix("-conflicts")
+        assert agree["image"] == conflict["image"] and agree["conversations"][1] == conflict["conversations"][1]
+        question = lambda r: r["conversations"][0]["value"].split(". ", 1)[1]  # noqa: E731
+        assert question(agree) == question(conflict)
+        assert agree["history_locations"] != conflict["history_locations"]
+    # Conflicting histories cover every kind of disagreement, the headline one included: a normal scan with a
+    # history of a known lesion.
+    kinds = {(bool(r["lesions"]), bool(r["history_locations"])) for r in conflicting}
+    assert kinds == {(False, True), (True, False), (True, True)}
+
+
+def test_training_history_agrees_at_the_stated_rate():
+    rng = np.random.default_rng(0)
+    lesions_of = [render(8, index)[2] for index in range(60)]
+    # draw_history itself: agreeing names the truth, conflicting never does.
+    for lesions in lesions_of:
+        truth = [[lesion.side, lesion.lobe] for lesion in lesions]
+        findings = [(lesion.side, lesion.lobe, lesion.size) for lesion in lesions]
+        assert draw_history(rng, findings, True)[1] == truth
+        assert draw_history(rng, findings, False)[1] != truth
+    # The split's rate, over the draws the dataset makes (one Bernoulli per image from its history generator).
+    draws = [phantom.history_rng(0, "train", index).random() < HISTORY_AGREEMENT["train"] for index in range(4000)]
+    assert abs(np.mean(draws) - 0.8) < 0.02
 
 
 def test_dataset_is_deterministic_idempotent_and_atomic(tmp_path, monkeypatch):
-    args = dict(num_train_images=6, num_test_images=3, questions_per_image=2, seed=5)
+    args = dict(num_train_images=6, num_val_images=2, num_test_images=3, questions_per_image=2, seed=5)
     first = build_phantom_dataset(tmp_path / "a", **args)
     second = build_phantom_dataset(tmp_path / "b", **args)
     assert _tree_bytes(first.root) == _tree_bytes(second.root)
@@ -262,7 +322,7 @@ def test_dataset_is_deterministic_idempotent_and_atomic(tmp_path, monkeypatch):
     # Other arguments replace the old phantom dataset.
     build_phantom_dataset(tmp_path / "a", **{**args, "num_train_images": 4})
     assert len(json.loads(first.train_json.read_text())) == 4 * 2
-    assert len(list(first.image_folder.iterdir())) == 4 + 3
+    assert len(list(first.image_folder.iterdir())) == 4 + 2 + 3
 
     # A crash midway leaves the previous dataset intact and no staging directory behind.
     def crash(*_args, **_kwargs):

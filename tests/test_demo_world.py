@@ -15,7 +15,7 @@ from hscr_fast.demo import ensure_demo_world
 from hscr_fast.demo.sft import (PATCH_CLASSES, SFTConfig, learning_rate_at, patch_lesion_classes, prepare_sft_data,
                                 sft_train)
 from hscr_fast.demo.world import (CHECKPOINT_FILES, MANIFEST_NAME, PRESETS, build_demo_model, demo_accuracy,
-                                  load_complete_world, preset_fingerprint)
+                                  load_complete_world, preset_fingerprint, split_records)
 
 SMOKE_BUILD_BUDGET_S = 40
 
@@ -31,7 +31,7 @@ def smoke_world(tmp_path_factory):
 def test_smoke_world_is_built_from_nothing_within_budget(smoke_world):
     world, seconds = smoke_world
     assert seconds < SMOKE_BUILD_BUDGET_S
-    for path in (world.train_json, world.test_json):
+    for path in (world.train_json, world.val_json, world.test_json):
         assert path.is_file()
     assert len(os.listdir(world.image_folder)) == len(os.listdir(world.mask_folder)) > 0
     for name in CHECKPOINT_FILES:
@@ -43,10 +43,14 @@ def test_smoke_world_is_built_from_nothing_within_budget(smoke_world):
 
     report = world.sft_report
     assert report["eval_questions"] == PRESETS["smoke"].eval_questions
-    for condition in ("with_visual_tokens", "without_visual_tokens", "question_only_baseline"):
-        scores = report[condition]
-        assert scores["num_closed"] + scores["num_open"] == report["eval_questions"]
-        assert 0 <= scores["closed_accuracy"] <= 100 and 0 <= scores["open_recall"] <= 100
+    assert list(report["splits"]) == ["prior-agreeing", "prior-conflicting"]
+    for split, conditions in report["splits"].items():
+        for condition in ("with_visual_tokens", "without_visual_tokens", "question_only_baseline"):
+            scores = conditions[condition]
+            assert scores["num_closed"] + scores["num_open"] == report["eval_questions"]
+            assert 0 <= scores["closed_accuracy"] <= 100 and 0 <= scores["open_recall"] <= 100
+            # Reports are among the evaluated questions and scored for hallucinated findings.
+            assert scores["num_reports"] > 0 and 0 <= scores["report_hallucination_rate"] <= 100
 
 
 def test_sft_loss_decreases(smoke_world):
@@ -75,14 +79,16 @@ def test_checkpoint_is_a_standard_transformers_directory_holding_the_trained_mod
     # Scoring the reloaded model gives exactly the numbers recorded at build time: the saved weights, tokenizer and
     # processor are the ones that were trained and evaluated. Same thread count as the build, so the same arithmetic.
     test, _ = load_llava_med_json(world.test_json, world.image_folder)
+    conflicting = split_records(test, world.sft_report["eval_questions"])["prior-conflicting"]
+    assert {record.metadata["prior"] for record in conflicting} == {"conflicts"}
     threads = torch.get_num_threads()
     torch.set_num_threads(PRESETS["smoke"].num_threads)
     try:
-        scores = demo_accuracy(vlm, test[:world.sft_report["eval_questions"]], world.image_folder)
+        scores = demo_accuracy(vlm, conflicting, world.image_folder)
     finally:
         torch.set_num_threads(threads)
     for condition in ("with_visual_tokens", "without_visual_tokens"):
-        assert scores[condition] == world.sft_report[condition]
+        assert scores[condition] == world.sft_report["splits"]["prior-conflicting"][condition]
 
 
 def test_second_call_is_a_fast_no_op(smoke_world):
@@ -133,9 +139,11 @@ def test_command_prints_accuracy_with_and_without_visual_tokens(smoke_world, cap
     assert main(["--root", str(world.root), "--preset", "smoke", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert str(world.model_dir) in out
-    for label in ("with visual tokens", "without visual tokens", "question-only baseline"):
-        line = next(line for line in out.splitlines() if line.strip().startswith(label))
-        assert line.count("%") == 2
+    for split in ("prior-agreeing", "prior-conflicting"):
+        for label in ("with visual tokens", "without visual tokens", "question-only baseline"):
+            line = next(line for line in out.splitlines() if line.strip().startswith(f"{split} ")
+                        and label in line)
+            assert line.count("%") == 3
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
@@ -182,3 +190,37 @@ def test_sft_is_deterministic_and_trains_every_used_parameter(smoke_world):
     assert any("vision_tower.embeddings" in name for name in changed)
     assert any("multi_modal_projector" in name for name in changed)
     assert any("language_model.layers" in name for name in changed)
+
+
+def test_quick_ablations_run_every_selected_row_and_record_the_rest(smoke_world, tmp_path):
+    from hscr_fast.demo.ablations import ROWS, main
+
+    world, _ = smoke_world
+    chosen = ["SFT", "HSCR: MLPO explicit + implicit", "pixel-level mask"]
+    assert main(["--quick", "--rows", *chosen, "--world", str(world.root), "--work", str(tmp_path / "work"),
+                 "--out", str(tmp_path / "results")]) == 0
+    (json_path,) = (tmp_path / "results").glob("ablations-quick-*.json")
+    assert json_path.with_suffix(".md").is_file() and json_path.with_suffix(".png").is_file()
+    result = json.loads(json_path.read_text())
+    assert result["mode"] == "quick" and result["settings"]["seeds"] == [0] and result["commit"]
+    assert [row["name"] for row in result["rows"]] == [row.name for row in ROWS]
+    by_name = {row["name"]: row for row in result["rows"]}
+    for name, row in by_name.items():
+        if name not in chosen:
+            assert row["status"] == "not run" and "--rows" in row["reason"]
+    assert by_name["SFT"]["status"] == by_name["HSCR: MLPO explicit + implicit"]["status"] == "run"
+    hscr = by_name["HSCR: MLPO explicit + implicit"]
+    assert hscr["learning_rate"] == 5e-5 and set(hscr["validation"]) == {"5e-05"}
+    for split in ("prior-agreeing", "prior-conflicting"):
+        primary = hscr["test"][split]["primary"]
+        assert primary["n"] == 1 and primary["std"] is None and 0 <= primary["mean"] <= 100
+        seed = hscr["seeds"]["0"][split]
+        assert primary["mean"] == pytest.approx((seed["closed_accuracy"] + seed["open_recall"]) / 2)
+    pixel = by_name["pixel-level mask"]
+    assert pixel["status"] in ("run", "not available")
+    if pixel["status"] == "not available":
+        assert "perturbation" in pixel["reason"]
+    # A finished result is never overwritten silently.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        main(["--quick", "--rows", "SFT", "--world", str(world.root), "--work", str(tmp_path / "work"),
+              "--out", str(tmp_path / "results")])

@@ -1,8 +1,9 @@
 """`python -m hscr_fast.demo [--root DIR] [--preset full|smoke] [--force] [--threads N]`
 
 Prepares the demo world from nothing (phantom data, a tiny LLaVA SFT-trained on it; see `hscr_fast.demo.world`), or
-finds it already prepared, then prints where everything is and the model's Med-VQA scores on the first phantom test
-questions with and without its visual tokens, beside what the question text alone scores.
+finds it already prepared, then prints where everything is and the model's Med-VQA scores and report hallucination
+on both test splits (clinical history agreeing / conflicting with the image), with and without its visual tokens,
+beside what the question text alone scores.
 """
 from __future__ import annotations
 
@@ -20,26 +21,28 @@ def _percent(value) -> str:
 
 def summary(world, seconds: float) -> str:
     report = world.sft_report
-    rows = [("with visual tokens", report["with_visual_tokens"]),
-            ("without visual tokens", report["without_visual_tokens"]),
-            ("question-only baseline", report["question_only_baseline"])]
-    closed, open_ = rows[0][1]["num_closed"], rows[0][1]["num_open"]
     lines = [
         f"demo world ({seconds:.1f} s this run; built in {report['seconds']['total']:.0f} s)",
         f"  root          {world.root}",
         f"  model         {world.model_dir}",
-        f"  train / test  {world.train_json}  {world.test_json}",
+        f"  train / val / test  {world.train_json}  {world.val_json}  {world.test_json}",
         f"  images        {world.image_folder}",
         f"  masks         {world.mask_folder}",
         f"  SFT           {report['sft']['steps']} steps of {report['sft']['batch_size']}, "
         f"loss {report['sft']['first_loss']:.3f} → {report['sft']['final_loss']:.3f}",
         "",
-        f"Med-VQA on the first {report['eval_questions']} phantom test questions ({closed} closed, {open_} open), "
-        "greedy answers:",
-        f"  {'':24s} {'closed accuracy':>16s} {'open recall':>12s}",
+        f"Med-VQA on the first {report['eval_questions']} phantom test questions of each split, greedy answers. The "
+        "two splits ask the same questions about the same scans; only the clinical history differs (agreeing with "
+        "the image, or conflicting with it).",
+        f"  {'split':18s} {'':24s} {'closed accuracy':>16s} {'open recall':>12s} {'hallucinating reports':>22s}",
     ]
-    lines += [f"  {label:24s} {_percent(m['closed_accuracy']):>16s} {_percent(m['open_recall']):>12s}"
-              for label, m in rows]
+    for split, scores in report["splits"].items():
+        for label, key in (("with visual tokens", "with_visual_tokens"),
+                           ("without visual tokens", "without_visual_tokens"),
+                           ("question-only baseline", "question_only_baseline")):
+            m = scores[key]
+            lines.append(f"  {split:18s} {label:24s} {_percent(m['closed_accuracy']):>16s} "
+                         f"{_percent(m['open_recall']):>12s} {_percent(m.get('report_hallucination_rate')):>22s}")
     return "\n".join(lines)
 
 

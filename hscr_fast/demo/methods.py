@@ -35,7 +35,7 @@ NUM_SAMPLES = 800
 LEARNING_RATES = {"mmedpo": 5e-5, "token-level": 5e-5}
 
 
-def image_dispreference_records(world, out: Path, *, mode: str) -> Path:
+def image_dispreference_records(world, out: Path, *, mode: str, num_samples: int = NUM_SAMPLES) -> Path:
     from hscr_fast import image_preferences
 
     path = out / f"image-{mode}.jsonl"
@@ -44,7 +44,7 @@ def image_dispreference_records(world, out: Path, *, mode: str) -> Path:
                             # outside the world's own folders, which the world's completeness check owns; the records
                             # then hold absolute paths for the corrupted images
                             str((out / f"corrupted-{mode}").absolute()), "--mode", mode,
-                            "--num-samples", str(NUM_SAMPLES)])
+                            "--num-samples", str(num_samples)])
     return path
 
 
@@ -59,17 +59,19 @@ def with_lesion_weights(source: Path, target: Path) -> Path:
     return target
 
 
-def token_level_records(world, out: Path) -> Path:
-    """(c) minimal-edit pairs from HSCR's own lists + (b) grounding pairs, in one preference file."""
+def token_level_records(world, out: Path, *, num_samples: int = NUM_SAMPLES, hscr_lists: Path | None = None) -> Path:
+    """(c) minimal-edit pairs from HSCR's own lists (generated here unless `hscr_lists` is given) + (b) grounding
+    pairs, in one preference file."""
     from hscr_fast import generate, minimal_edits
 
-    hscr_lists = out / "hscr-preferences.jsonl"
-    generate.main(["--model", str(world.model_dir), "--data", str(world.train_json), "--image-folder",
-                   str(world.image_folder), "--out", str(hscr_lists), "--num-samples", str(NUM_SAMPLES),
-                   "--batch-size", "16"])
+    if hscr_lists is None:
+        hscr_lists = out / "hscr-preferences.jsonl"
+        generate.main(["--model", str(world.model_dir), "--data", str(world.train_json), "--image-folder",
+                       str(world.image_folder), "--out", str(hscr_lists), "--num-samples", str(num_samples),
+                       "--batch-size", "16"])
     edits = out / "minimal-edits.jsonl"
     minimal_edits.main(["--preferences", str(hscr_lists), "--out", str(edits)])
-    grounding = image_dispreference_records(world, out, mode="add")
+    grounding = image_dispreference_records(world, out, mode="add", num_samples=num_samples)
     combined = out / "token-level.jsonl"
     combined.write_text(edits.read_text() + grounding.read_text())
     return combined

@@ -1,8 +1,20 @@
-"""Procedural "phantom" Med-VQA data: synthetic chest scans with 0–2 lesions and questions that need the image.
+"""Procedural "phantom" Med-VQA data: synthetic chest scans with 0–2 lesions, a clinical history that usually (not
+always) gives the findings away, and questions whose true answer always follows from the image.
 
-Why it exists: the demo world needs a dataset whose answers a tiny VLM can only get right by looking, so that dropping
-the visual tokens (HSCR stage 1) visibly changes its answers — and it must be generated from nothing, offline, in
-seconds, with exact lesion masks for later lesion-region corruption experiments.
+Why it exists: HSCR is meant for a vision-language model that leans on text priors over the image. The demo world must
+contain that failure, generated from nothing, offline, in seconds, with every answer checkable against the pixels.
+
+**The text prior (the world's misalignment mechanism).** Every question comes with a one-line clinical history
+("History: follow-up of a known nodule in the right upper lobe."), which names a *suspected* set of lesion locations
+(or none: "History: routine screening, no chest complaints."). The history never names sizes. How often it is right
+depends on the split (`HISTORY_AGREEMENT`):
+- `train`: it names the true locations 80% of the time and another location set otherwise, so a model can score well
+  by reading the history and skipping the image — the shortcut an SFT model takes first;
+- `val` (learning-rate selection): half and half;
+- `test`: every test image is asked the same questions twice, once under a history that agrees with it (record field
+  `prior: "agrees"`) and once under one that conflicts (`prior: "conflicts"`), so the two halves differ in nothing but
+  the history. A model that reads the image scores the same on both; one that follows the history fails the second.
+Ground truth always comes from the image. Sizes, which no history names, need the image in every split.
 
 Conventions (every answer and every mask follows them):
 - **Left/right are the patient's sides, shown in the radiological convention**: the patient's RIGHT lung appears on the
@@ -20,12 +32,16 @@ Conventions (every answer and every mask follows them):
   detection.json convention); `center` is `[x, y]` with pixel centres at integer coordinates.
 - **Answers**: closed questions are answered "yes"/"no"; counts as digits ("0", "1", "2"); locations as
   "right upper lobe" (two lesions: "right upper lobe and left lower lobe"); sides as "right lung"/"left lung"/"both
-  lungs"; sizes as "small"/"large"; descriptions as one sentence of at most 8 words. Each question type has a few
-  paraphrased question templates but exactly one canonical answer.
+  lungs"; sizes as "small"/"large"; descriptions as a short report, one sentence per finding ("A small lesion in the
+  right upper lobe. A large lesion in the left lower lobe."; "No lesion is seen." for a normal scan). Each question
+  type has a few paraphrased question templates but exactly one canonical answer. Report questions carry the image's
+  structured findings (field `findings`: the lesion locations, "right upper lobe", ...), against which a generated
+  report's hallucinated and missed findings are counted.
 
 Determinism: image `index` of split `split` is rendered from `numpy.random.SeedSequence([seed, split_id, index])`,
-which spawns one generator for the pixels and one for the questions (so changing `questions_per_image` never changes
-an image). PNG bytes and JSON bytes are identical across runs for the same arguments.
+which spawns one generator for the pixels, one for the questions and one for the history (so changing
+`questions_per_image` never changes an image, and the history never changes the questions). PNG bytes and JSON bytes
+are identical across runs for the same arguments.
 """
 from __future__ import annotations
 
@@ -63,8 +79,12 @@ _LUNG_CENTER_Y = 0.47
 _LUNG_SEMI_AXES = (0.165, 0.33)  # (x, y): 13.9 × 27.7 px
 _LUNG_BASE_WIDENING = 0.3
 
-PHANTOM_VERSION = 1  # bump whenever rendering or questions change: it is part of the dataset fingerprint
-SPLIT_IDS = {"train": 0, "test": 1}
+PHANTOM_VERSION = 2  # bump whenever rendering or questions change: it is part of the dataset fingerprint
+SPLIT_IDS = {"train": 0, "test": 1, "val": 2}
+# P(history names the true lesion locations) per split; "test" asks every question under both (see the docstring).
+# Chosen before any model was trained, as "most of the time" for training, and never tuned afterwards.
+HISTORY_AGREEMENT = {"train": 0.8, "val": 0.5}
+PRIOR_RELATIONS = ("agrees", "conflicts")
 
 
 @dataclass(frozen=True)
@@ -318,10 +338,12 @@ _WHAT_SIZE_AT = ("What size is the lesion in the {side} {lobe} lobe?",
 _DESCRIBE = ("Describe the image.", "What does this scan show?", "Summarize the findings.",
              "Describe the findings in the lungs.")
 
-# How often each (question_type, answer_type) slot is drawn: about half the questions are closed, as in VQA-RAD.
+# How often each (question_type, answer_type) slot is drawn: about half the questions are closed, as in VQA-RAD, and
+# reports (the description slot) are the most frequent open kind, so every split has enough of them to count
+# hallucinated findings.
 _SLOT_WEIGHTS = {("presence", "CLOSED"): 1.0, ("location", "CLOSED"): 1.0, ("count", "CLOSED"): 0.5,
                  ("size", "CLOSED"): 0.75, ("location", "OPEN"): 1.0, ("count", "OPEN"): 0.75,
-                 ("size", "OPEN"): 0.75, ("description", "OPEN"): 0.75}
+                 ("size", "OPEN"): 0.75, ("description", "OPEN"): 1.5}
 
 Finding = tuple[str, str, str]  # (side, lobe, size)
 
@@ -331,14 +353,55 @@ def _yes_no(flag: bool) -> str:
 
 
 def describe(findings: Sequence[Finding]) -> str:
-    """The canonical one-sentence description (≤ 8 words)."""
+    """The canonical report: one sentence per finding in canonical order, or "No lesion is seen." """
     if not findings:
         return "No lesion is seen."
-    if len(findings) == 1:
-        side, lobe, size = findings[0]
-        return f"A {size} lesion in the {side} {lobe} lobe."
-    parts = ", ".join(f"{size} {side} {lobe}" for side, lobe, size in findings)
-    return f"Two lesions: {parts}."
+    return " ".join(f"A {size} lesion in the {side} {lobe} lobe." for side, lobe, size in findings)
+
+
+def finding_names(findings: Sequence[Finding]) -> list[str]:
+    """The structured findings of a report question: each lesion's location ("right upper lobe"), canonical order.
+
+    Findings are named by location only: a report that puts a lesion in a lobe where there is none hallucinates a
+    finding; a wrong size on a real lesion is an attribute error, which the open-recall score already counts."""
+    return [f"{side} {lobe} lobe" for side, lobe, _ in findings]
+
+
+# -- clinical history: the text prior ----------------------------------------------------------------------------------
+
+Location = tuple[str, str]  # (side, lobe)
+_HISTORY_NONE = ("History: routine screening, no chest complaints.", "History: pre-operative check, no symptoms.")
+_HISTORY_ONE = ("History: follow-up of a known nodule in the {0} {1} lobe.",
+                "History: earlier scan showed a lesion in the {0} {1} lobe.")
+_HISTORY_TWO = ("History: follow-up of known nodules in the {0} {1} lobe and the {2} {3} lobe.",
+                "History: earlier scan showed lesions in the {0} {1} lobe and the {2} {3} lobe.")
+
+
+def history_text(locations: Sequence[Location], variant: int) -> str:
+    """The history line naming `locations` (canonical order), in paraphrase `variant` (0 or 1)."""
+    templates = (_HISTORY_NONE, _HISTORY_ONE, _HISTORY_TWO)[len(locations)]
+    return templates[variant % len(templates)].format(*(word for location in locations for word in location))
+
+
+def _all_location_sets() -> list[tuple[Location, ...]]:
+    lobes = [(side, lobe) for side in SIDES for lobe in LOBES]
+    return [()] + [(lobe,) for lobe in lobes] + [(lobes[i], lobes[j]) for i in range(4) for j in range(i + 1, 4)]
+
+
+def draw_history(rng: np.random.Generator, findings: Sequence[Finding], agrees: bool) -> tuple[str, list[Location]]:
+    """(history line, the locations it names). Agreeing: the true locations. Conflicting: another location set, drawn
+    like the findings themselves (count uniform over 0–2, then distinct lobes uniformly), so a conflicting history
+    looks exactly like an agreeing one of another scan."""
+    true_locations = tuple((side, lobe) for side, lobe, _ in findings)
+    if agrees:
+        named = true_locations
+    else:
+        by_count = [[s for s in _all_location_sets() if len(s) == count and s != true_locations] for count in range(3)]
+        count = int(rng.choice(3, p=LESION_COUNT_PROBABILITIES))
+        while not by_count[count]:  # only the normal scan has no other 0-lesion set
+            count = int(rng.choice(3, p=LESION_COUNT_PROBABILITIES))
+        named = by_count[count][int(rng.integers(len(by_count[count])))]
+    return history_text(named, int(rng.integers(2))), [list(location) for location in named]
 
 
 def _closed_candidates(findings: Sequence[Finding]) -> list[PhantomQA]:
@@ -458,9 +521,11 @@ def _all_finding_sets() -> list[list[Finding]]:
 
 
 def phantom_corpus() -> list[str]:
-    """Every question and answer string the generator can produce (sorted, distinct): the demo tokenizer's corpus."""
+    """Every question, answer and history string the generator can produce (sorted, distinct): the demo tokenizer's
+    corpus."""
     texts = {text for findings in _all_finding_sets() for qa in candidate_questions(findings)
              for text in (qa.question, qa.answer)}
+    texts |= {history_text(locations, variant) for locations in _all_location_sets() for variant in range(2)}
     return sorted(texts)
 
 
@@ -478,10 +543,17 @@ def image_rngs(seed: int, split: str, index: int) -> tuple[np.random.Generator, 
     return np.random.default_rng(pixels), np.random.default_rng(questions)
 
 
+def history_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The history generator of image `index` of `split`: the seed sequence's third child, independent of the other
+    two (a SeedSequence's children depend only on their index, not on how many are spawned)."""
+    return np.random.default_rng(np.random.SeedSequence([seed, SPLIT_IDS[split], index]).spawn(3)[2])
+
+
 @dataclass(frozen=True)
 class PhantomPaths:
     root: Path
     train_json: Path
+    val_json: Path
     test_json: Path
     image_folder: Path  # records' "image" is relative to this (LLaVA-Med's --image-folder)
     mask_folder: Path  # records' "mask" is relative to this; same file name as the image
@@ -489,7 +561,8 @@ class PhantomPaths:
 
 
 def _paths(root: Path) -> PhantomPaths:
-    return PhantomPaths(root=root, train_json=root / "train.json", test_json=root / "test.json",
+    return PhantomPaths(root=root, train_json=root / "train.json", val_json=root / "val.json",
+                        test_json=root / "test.json",
                         image_folder=root / "images", mask_folder=root / "masks", manifest=root / "manifest.json")
 
 
@@ -498,27 +571,42 @@ def _write_split(root: Path, split: str, num_images: int, questions_per_image: i
     records = []
     for index in range(num_images):
         pixel_rng, question_rng = image_rngs(seed, split, index)
+        histories = history_rng(seed, split, index)
         image, mask, lesions = render_phantom(pixel_rng, image_size)
         name = f"{split}_{index:06d}.png"
         # Level 1: a noisy scan barely compresses further, and it is twice as fast as the default level 6.
         Image.fromarray(image).save(root / "images" / name, compress_level=1)
         Image.fromarray(mask).save(root / "masks" / name, compress_level=1)
         lesion_dicts = [lesion.to_dict() for lesion in lesions]
-        for number, qa in enumerate(questions_for(lesions, question_rng, questions_per_image)):
-            records.append({
-                "id": f"phantom-{split}-{index:06d}-q{number}", "image": name, "mask": name,
-                "conversations": [{"from": "human", "value": f"<image>\n{qa.question}"},
-                                  {"from": "gpt", "value": qa.answer}],
-                "answer_type": qa.answer_type, "question_type": qa.question_type,
-                "organ": "chest", "modality": "phantom-xray", "lesions": lesion_dicts})
+        findings = _findings_of(lesions)
+        if split == "test":  # the same questions under an agreeing and a conflicting history
+            relations = PRIOR_RELATIONS
+        else:
+            relations = ("agrees" if histories.random() < HISTORY_AGREEMENT[split] else "conflicts",)
+        questions = questions_for(lesions, question_rng, questions_per_image)
+        for relation in relations:
+            history, named = draw_history(histories, findings, relation == "agrees")
+            suffix = "" if split != "test" else f"-{relation}"
+            for number, qa in enumerate(questions):
+                record = {
+                    "id": f"phantom-{split}-{index:06d}-q{number}{suffix}", "image": name, "mask": name,
+                    "conversations": [{"from": "human", "value": f"<image>\n{history} {qa.question}"},
+                                      {"from": "gpt", "value": qa.answer}],
+                    "answer_type": qa.answer_type, "question_type": qa.question_type,
+                    "organ": "chest", "modality": "phantom-xray", "lesions": lesion_dicts,
+                    "history_locations": named, "prior": relation}
+                if qa.question_type == "description":  # a report: scored for hallucinated and missed findings too
+                    record["findings"] = finding_names(findings)
+                records.append(record)
     return records
 
 
 def _summary(records: list[dict]) -> dict:
     slots = Counter(f"{r['question_type']}/{r['answer_type']}" for r in records)
     closed = Counter(r["conversations"][1]["value"] for r in records if r["answer_type"] == "CLOSED")
+    prior = Counter(r["prior"] for r in records)
     return {"records": len(records), "slots": dict(sorted(slots.items())),
-            "closed_answers": dict(sorted(closed.items()))}
+            "closed_answers": dict(sorted(closed.items())), "prior": dict(sorted(prior.items()))}
 
 
 def _is_complete(paths: PhantomPaths, fingerprint: dict) -> bool:
@@ -526,24 +614,26 @@ def _is_complete(paths: PhantomPaths, fingerprint: dict) -> bool:
         manifest = json.loads(paths.manifest.read_text())
     except (OSError, ValueError):
         return False
-    expected_images = fingerprint["num_train_images"] + fingerprint["num_test_images"]
+    expected_images = fingerprint["num_train_images"] + fingerprint["num_val_images"] + fingerprint["num_test_images"]
     return (manifest.get("fingerprint") == fingerprint and paths.train_json.is_file() and paths.test_json.is_file()
             and all(folder.is_dir() and len(os.listdir(folder)) == expected_images
                     for folder in (paths.image_folder, paths.mask_folder)))
 
 
-def build_phantom_dataset(out_dir: str | os.PathLike, *, num_train_images: int = 1200, num_test_images: int = 200,
-                          questions_per_image: int = 4, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
-                          ) -> PhantomPaths:
-    """Write `train.json`, `test.json` (LLaVA-Med format, one question per record), `images/`, `masks/` and
-    `manifest.json` under `out_dir`, and return their paths.
+def build_phantom_dataset(out_dir: str | os.PathLike, *, num_train_images: int = 1200, num_val_images: int = 100,
+                          num_test_images: int = 200, questions_per_image: int = 4, seed: int = 0,
+                          image_size: int = DEFAULT_IMAGE_SIZE) -> PhantomPaths:
+    """Write `train.json`, `val.json`, `test.json` (LLaVA-Med format, one question per record; the test set asks each
+    question twice, under an agreeing and a conflicting history), `images/`, `masks/` and `manifest.json` under
+    `out_dir`, and return their paths.
 
     Idempotent: a complete directory whose manifest fingerprint matches the arguments is left untouched. Atomic: the
     dataset is built in a sibling temporary directory and moved into place, so `out_dir` is never half-written. An
     existing `out_dir` is replaced only if it is empty or an earlier phantom dataset (it has a manifest); anything else
     is refused rather than deleted.
     """
-    for name, value, low in (("num_train_images", num_train_images, 0), ("num_test_images", num_test_images, 0),
+    for name, value, low in (("num_train_images", num_train_images, 0), ("num_val_images", num_val_images, 0),
+                             ("num_test_images", num_test_images, 0),
                              ("questions_per_image", questions_per_image, 1)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer ≥ {low}, got {value!r}")
@@ -551,7 +641,8 @@ def build_phantom_dataset(out_dir: str | os.PathLike, *, num_train_images: int =
         raise ValueError(f"questions_per_image must be ≤ {MAX_QUESTIONS_PER_IMAGE}, got {questions_per_image}")
     _check_image_size(image_size)
     fingerprint = {"version": PHANTOM_VERSION, "num_train_images": int(num_train_images),
-                   "num_test_images": int(num_test_images), "questions_per_image": int(questions_per_image),
+                   "num_val_images": int(num_val_images), "num_test_images": int(num_test_images),
+                   "questions_per_image": int(questions_per_image),
                    "seed": int(seed), "image_size": int(image_size)}
     root = Path(out_dir).absolute()
     paths = _paths(root)
@@ -567,6 +658,7 @@ def build_phantom_dataset(out_dir: str | os.PathLike, *, num_train_images: int =
         staged.mask_folder.mkdir()
         summaries = {}
         for split, count, json_path in (("train", num_train_images, staged.train_json),
+                                        ("val", num_val_images, staged.val_json),
                                         ("test", num_test_images, staged.test_json)):
             records = _write_split(staging, split, count, questions_per_image, seed, image_size)
             json_path.write_text(json.dumps(records, indent=1))
@@ -591,6 +683,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write the procedural phantom Med-VQA dataset (LLaVA-Med format).")
     parser.add_argument("out_dir")
     parser.add_argument("--num-train-images", type=int, default=1200)
+    parser.add_argument("--num-val-images", type=int, default=100)
     parser.add_argument("--num-test-images", type=int, default=200)
     parser.add_argument("--questions-per-image", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -598,7 +691,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--preview", metavar="PNG", help="also save a grid of sample images here")
     args = parser.parse_args(None if argv is None else list(argv))
     paths = build_phantom_dataset(args.out_dir, num_train_images=args.num_train_images,
-                                  num_test_images=args.num_test_images, questions_per_image=args.questions_per_image,
+                                  num_val_images=args.num_val_images, num_test_images=args.num_test_images,
+                                  questions_per_image=args.questions_per_image,
                                   seed=args.seed, image_size=args.image_size)
     if args.preview:
         Image.fromarray(preview_grid(args.seed, image_size=args.image_size)).save(args.preview)

@@ -8,7 +8,8 @@ Every hscr_fast command falls back to it when given no model or data (`from hscr
    tokenizer is trained on the phantom questions and answers;
 3. a ~20-s warm-up of the vision tower on the phantom's lesion masks (the stand-in for CLIP pretraining; why it is
    needed: `hscr_fast.demo.sft`), then SFT of every parameter on the phantom training questions;
-4. greedy answers to the first test questions with and without the visual tokens, and a question-only baseline;
+4. greedy answers to the first test questions of each split (history agreeing with the image, history conflicting
+   with it) with and without the visual tokens, and a question-only baseline;
 5. the checkpoint under `ROOT/model` (transformers `save_pretrained` model + processor + the `hscr_fast.json` sidecar),
    written in a temporary sibling directory and moved into place with `os.replace`;
 6. `ROOT/world.json`, written last: the preset's fingerprint and the SFT report. Its presence with a matching
@@ -37,11 +38,15 @@ from hscr_fast.io import atomic_directory, atomic_write_json
 
 from .sft import SFTConfig, VisionWarmupConfig
 
-WORLD_VERSION = 1  # bump when the recipe changes in a way the preset fields do not capture
+WORLD_VERSION = 2  # bump when the recipe changes in a way the preset fields do not capture
 MANIFEST_NAME = "world.json"
 ENV_ROOT = "HSCR_DEMO_DIR"
-# The demo model's answers are at most ~16 tokens ("Two lesions: small right lower, large left lower.").
-MAX_NEW_TOKENS = 24
+# The demo model's longest answer, a two-finding report, is ~19 tokens with EOS; the limit leaves room for a model that
+# states a finding too many.
+MAX_NEW_TOKENS = 32
+# The test set's two halves (`hscr_fast.demo.phantom`): the record field `prior` → the split's name in reports.
+SPLITS = {"prior-agreeing": "agrees", "prior-conflicting": "conflicts"}
+PRIOR_CONFLICTING_SPLIT = "prior-conflicting"
 # Files `save_pretrained` + the sidecar must have produced for the checkpoint to count as complete.
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "hscr_fast.json")
 
@@ -55,35 +60,38 @@ class DemoPreset:
     model: dict[str, int]  # `TinyLlavaSpec` fields (the corpus is always `phantom_corpus()`)
     vision_warmup: VisionWarmupConfig
     sft: SFTConfig
-    eval_questions: int  # the first N test questions are answered with and without visual tokens
+    eval_questions: int  # the first N test questions of each split are answered with and without visual tokens
     # torch threads for the build: the demo's budget is 2 cores; the smoke model's ops are too small to gain from a
     # second thread, and on a busy machine every op of a 2-thread run waits for the slower thread.
     num_threads: int = 2
 
 
-# "full": sized by measurement on 2 shared CPU cores. SFT alone from random weights stays at the question-only loss
-# for > 2,000 steps; after the ~20-s vision warm-up, 500 steps of 32 questions reach ~87% closed accuracy and ~95%
-# open recall on the first 400 test questions (question-only baseline: ~60% / ~56%), and the whole build takes about
-# 3-4 minutes. "smoke": the same pipeline at toy size, for the test suite; its accuracy means nothing.
+# "full": sized on 2 CPU cores before the clinical-history prior existed (world version 1, images only: SFT from
+# random weights stayed at the question-only loss for > 2,000 steps; after the ~20-s vision warm-up, 500 steps of 32
+# questions reached ~87% closed accuracy / ~95% open recall) and kept unchanged when the prior was added, so that the
+# SFT budget was not chosen to make the model lean on the history. "smoke": the same pipeline at toy size, for the
+# test suite; its accuracy means nothing.
 PRESETS = {
     "full": DemoPreset(
         name="full",
-        dataset=dict(num_train_images=1200, num_test_images=200, questions_per_image=4, seed=0, image_size=84),
+        dataset=dict(num_train_images=1200, num_val_images=100, num_test_images=100, questions_per_image=4, seed=0,
+                     image_size=84),
         model=dict(image_size=84, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2, text_hidden=128,
                    text_layers=2, text_heads=4, text_kv_heads=2, text_intermediate=384, tokenizer_vocab=700, seed=0),
         vision_warmup=VisionWarmupConfig(steps=300, batch_size=32, learning_rate=2e-3),
         sft=SFTConfig(steps=500, batch_size=32, learning_rate=2e-3, min_learning_rate=1e-4, warmup_steps=60,
                       vision_learning_rate_scale=0.1),
-        eval_questions=400,
+        eval_questions=200,
     ),
     "smoke": DemoPreset(
         name="smoke",
-        dataset=dict(num_train_images=48, num_test_images=10, questions_per_image=4, seed=0, image_size=84),
+        dataset=dict(num_train_images=48, num_val_images=4, num_test_images=10, questions_per_image=4, seed=0,
+                     image_size=84),
         model=dict(image_size=84, patch_size=14, vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64,
                    text_layers=1, text_heads=2, text_kv_heads=1, text_intermediate=128, tokenizer_vocab=700, seed=0),
         vision_warmup=VisionWarmupConfig(steps=20, batch_size=16, learning_rate=2e-3),
         sft=SFTConfig(steps=120, batch_size=8, learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=10),
-        eval_questions=40,
+        eval_questions=20,
         num_threads=1,
     ),
 }
@@ -94,6 +102,7 @@ class DemoWorld:
     root: Path
     model_dir: Path
     train_json: Path
+    val_json: Path
     test_json: Path
     image_folder: Path
     mask_folder: Path
@@ -124,7 +133,8 @@ def preset_fingerprint(preset: DemoPreset) -> str:
 
 def _world_at(root: Path, report: dict, fingerprint: str) -> DemoWorld:
     data = root / "data"
-    return DemoWorld(root=root, model_dir=root / "model", train_json=data / "train.json", test_json=data / "test.json",
+    return DemoWorld(root=root, model_dir=root / "model", train_json=data / "train.json", val_json=data / "val.json",
+                     test_json=data / "test.json",
                      image_folder=data / "images", mask_folder=data / "masks", sft_report=report,
                      fingerprint=fingerprint)
 
@@ -145,7 +155,7 @@ def load_complete_world(root: str | os.PathLike, preset: str = "full") -> DemoWo
     if not all((root / "model" / name).is_file() for name in CHECKPOINT_FILES):
         return None
     world = _world_at(root, manifest.get("sft_report", {}), fingerprint)
-    if not (world.train_json.is_file() and world.test_json.is_file()):
+    if not (world.train_json.is_file() and world.val_json.is_file() and world.test_json.is_file()):
         return None
     return world
 
@@ -254,7 +264,8 @@ def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
     train, _ = load_llava_med_json(paths.train_json, paths.image_folder)
     test, _ = load_llava_med_json(paths.test_json, paths.image_folder)
     timings["data"] = time.perf_counter() - started
-    _say(progress, f"phantom data: {len(train)} training and {len(test)} test questions ({timings['data']:.1f} s)")
+    _say(progress, f"phantom data: {len(train)} training and {len(test)} test questions, the test set asked under an "
+                   f"agreeing and a conflicting history ({timings['data']:.1f} s)")
 
     mark = time.perf_counter()
     vlm = build_demo_model(spec)
@@ -277,9 +288,10 @@ def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
                    f"{result.steps_per_second:.1f} steps/s")
 
     mark = time.perf_counter()
-    evaluated = test[:spec.eval_questions]
-    accuracy = demo_accuracy(vlm, evaluated, paths.image_folder)
-    accuracy["question_only_baseline"] = question_only_baseline(train, evaluated)
+    accuracy = {}
+    for split, evaluated in split_records(test, spec.eval_questions).items():
+        accuracy[split] = demo_accuracy(vlm, evaluated, paths.image_folder)
+        accuracy[split]["question_only_baseline"] = question_only_baseline(train, evaluated)
     timings["evaluate"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -289,8 +301,8 @@ def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
     timings["total"] = time.perf_counter() - started
 
     report = {
-        **accuracy,
-        "eval_questions": len(evaluated),
+        "splits": accuracy,
+        "eval_questions": spec.eval_questions,
         "vision_warmup": {"steps": len(warmup_losses), "first_loss": warmup_losses[0],
                           "final_loss": warmup_losses[-1]},
         "sft": {"steps": len(result.losses), "batch_size": spec.sft.batch_size, "first_loss": result.losses[0],
@@ -325,11 +337,19 @@ def _save_checkpoint(vlm, model_dir: Path, progress: bool) -> None:
 
 # -- accuracy ------------------------------------------------------------------------------------------------------
 
-HEADLINE_METRICS = ("closed_accuracy", "open_recall", "closed_exact", "open_exact", "num_closed", "num_open")
+HEADLINE_METRICS = ("closed_accuracy", "open_recall", "closed_exact", "open_exact", "num_closed", "num_open",
+                    "report_hallucination_rate", "hallucinated_finding_share", "finding_coverage", "num_reports")
+
+
+def split_records(records, limit: int | None = None) -> dict[str, list]:
+    """The test records of each split (`SPLITS`), the first `limit` of each. Both halves ask the same questions about
+    the same images, in the same order, so the first N of each are the same N questions under the two histories."""
+    by_split = {split: [r for r in records if r.metadata.get("prior") == relation] for split, relation in SPLITS.items()}
+    return {split: chosen[:limit] for split, chosen in by_split.items()}
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {key: metrics[key] for key in HEADLINE_METRICS}
+    return {key: metrics.get(key) for key in HEADLINE_METRICS}
 
 
 @torch.no_grad()
@@ -356,7 +376,7 @@ def demo_accuracy(vlm, records, image_folder: str | os.PathLike, *, batch_size: 
                      for record, tokens in zip(batch, visual)]
             for record, tokens in zip(batch, greedy_generate(vlm, items, max_new_tokens=max_new_tokens)):
                 scored.append({"prediction": decode(vlm, tokens), "answer": record.answer,
-                               "answer_type": record.answer_type})
+                               "answer_type": record.answer_type, **_findings_field(record)})
         report[condition] = _headline(compute_metrics(scored))
     return report
 
@@ -376,5 +396,9 @@ def question_only_baseline(train_records, test_records) -> dict[str, Any]:
     for record in test_records:
         counts = by_question.get(record.question) or by_type.get(record.answer_type) or Counter({"": 1})
         scored.append({"prediction": counts.most_common(1)[0][0], "answer": record.answer,
-                       "answer_type": record.answer_type})
+                       "answer_type": record.answer_type, **_findings_field(record)})
     return _headline(compute_metrics(scored))
+
+
+def _findings_field(record) -> dict[str, Any]:
+    return {"findings": record.metadata["findings"]} if "findings" in record.metadata else {}
