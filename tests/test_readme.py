@@ -44,6 +44,8 @@ def test_the_text_only_example_runs_on_a_stock_causal_lm(tmp_path, decoder):
     # The policy is the reference at this step: every reward is 0, so each list costs Σ_i log(n − i) nats.
     assert namespace["loss"].item() == pytest.approx((math.log(3 * 2) + math.log(2)) / 2, rel=1e-5)
     assert all(p.grad is not None for p in namespace["model"].parameters())
+
+
 def test_the_demo_world_numbers_are_generated_from_the_committed_results():
     """The README's demo-world tables are `bench/demo_readme.py render` of bench/results/, never edited by hand."""
     import importlib.util

@@ -210,7 +210,8 @@ class Runner:
         overrides = {key: list(value) if isinstance(value, tuple) else value for key, value in row.overrides.items()}
         config = TrainConfig(model=str(self.world.model_dir), preferences=str(self.lists(row, seed)),
                              image_folder=str(self.world.image_folder), out=str(out), seed=seed,
-                             learning_rate=learning_rate, **{**TRAINING, "epochs": self.settings.epochs}, **overrides)
+                             learning_rate=learning_rate, overwrite=True,  # only an unfinished run of this row is there
+                             **{**TRAINING, "epochs": self.settings.epochs}, **overrides)
         return train(config).adapter_dir
 
     def score(self, adapter: Path | None, records, out: Path) -> dict[str, Any]:
