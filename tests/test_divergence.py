@@ -14,7 +14,7 @@ import pytest
 
 POISON = """
 import sys, torch
-import hscr_fast.objective as objective
+import hscr_fast.training.objective as objective
 
 
 class NanGradient(torch.autograd.Function):
@@ -118,11 +118,11 @@ def test_non_finite_gradient_stops_before_the_step_plain_engine(tiny_model_dir, 
 
     namespace = {}
     exec(POISON, namespace)  # the same poisoned batch_loss as the DeepSpeed run's
-    monkeypatch.setattr("hscr_fast.objective.batch_loss", namespace["poisoned_batch_loss"](3))
+    monkeypatch.setattr("hscr_fast.training.objective.batch_loss", namespace["poisoned_batch_loss"](3))
     data, out = preference_lists(tmp_path, {"prefs.jsonl": 8}, seed=3), tmp_path / "run"
     arguments = train_arguments(tiny_model_dir, data, out, "none")
     check_stopped_run(out, main([*arguments, "--stop-after-steps", "3"]), capsys.readouterr().err)
-    monkeypatch.setattr("hscr_fast.objective.batch_loss", namespace["poisoned_batch_loss"](0))
+    monkeypatch.setattr("hscr_fast.training.objective.batch_loss", namespace["poisoned_batch_loss"](0))
     check_resumed_run(out, main([*arguments, "--resume"]), capsys.readouterr().err)
 
 
@@ -138,7 +138,7 @@ def test_non_finite_gradient_stops_before_the_step_deepspeed(tiny_model_dir, pre
 
 
 def test_metrics_log_writes_null_for_nan_and_infinity(tmp_path):
-    from hscr_fast.training_log import MetricsLog
+    from hscr_fast.training.log import MetricsLog
 
     log = MetricsLog(tmp_path / "metrics.jsonl")
     log.append({"step": 1, "loss": 0.5, "grad_norm": float("inf"), "accuracy_implicit": float("nan")})

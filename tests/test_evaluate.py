@@ -6,11 +6,12 @@ import shutil
 import pytest
 import torch
 
-import hscr_fast.generation as generation
+import hscr_fast.evaluation.generation as generation
 from hscr_fast.data.records import VQARecord, write_llava_med_json
-from hscr_fast.evaluate import (AdapterMismatchError, VisualCondition, apply_adapter, evaluate_model,
-                                evaluate_with_and_without_visual, main, read_predictions, run_labels)
-from hscr_fast.generation import GenerationPrompt, decode, greedy_generate
+from hscr_fast.evaluate import main
+from hscr_fast.evaluation.run import (AdapterMismatchError, VisualCondition, apply_adapter, evaluate_model,
+                                      evaluate_with_and_without_visual, read_predictions, run_labels)
+from hscr_fast.evaluation.generation import GenerationPrompt, decode, greedy_generate
 from hscr_fast.models.dropout import visual_dropout
 from hscr_fast.models.vlm import load_vlm
 
@@ -179,7 +180,7 @@ def _llava_med_answers(tmp_path, rows=None):
 
 
 def test_score_a_hand_made_answer_file_without_loading_a_model(hand_data, tmp_path, monkeypatch):
-    import hscr_fast.evaluate as evaluate
+    import hscr_fast.evaluation.run as evaluate
 
     monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("--predictions must not load a model"))
     answers = _llava_med_answers(tmp_path)
@@ -320,7 +321,7 @@ def test_adapter_is_applied_like_merged_weights(tiny_model_dir, eval_set, fresh_
 def test_before_after_report_from_a_model_in_memory(tiny_model_dir, eval_set, fresh_run, tmp_path):
     """The trainer's path: one peft-wrapped model, the reference = adapter disabled, then the demo report."""
     from hscr_fast.data.records import load_llava_med_json
-    from hscr_fast.report import write_demo_report
+    from hscr_fast.evaluation.report import write_demo_report
 
     vlm, peft_model = _save_lora(tiny_model_dir, tmp_path / "adapter")
     vlm.model = peft_model

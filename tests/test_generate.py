@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hscr_fast import generate
-from hscr_fast.io import read_jsonl
+from hscr_fast.preferences import pipeline
+from hscr_fast.runtime.io import read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest
 
@@ -83,7 +84,7 @@ def dataset(tmp_path_factory, tiny_vlm):
 @pytest.fixture(scope="module")
 def cached_similarity():
     """One all-MiniLM-L6-v2 for every in-process run of this module (loading it costs seconds)."""
-    from hscr_fast import rerank
+    from hscr_fast.preferences import rerank
 
     model = rerank.SentenceSimilarity()
     original = rerank.SentenceSimilarity
@@ -106,7 +107,7 @@ def reference_run(tmp_path_factory, tiny_model_dir, dataset, cached_similarity):
 
 
 def test_records_ladders_and_skips_lose_nothing(reference_run, dataset):
-    paths = generate.OutputPaths(reference_run)
+    paths = pipeline.OutputPaths(reference_run)
     written, skipped = read_jsonl(paths.out), read_jsonl(paths.skipped)
     summary = json.loads(paths.summary.read_text())
     entries = {e["id"]: e for e in reversed(dataset["entries"])}  # the first of a duplicated id wins
@@ -155,7 +156,7 @@ def test_similarities_are_the_embedding_models(reference_run, cached_similarity)
 def test_rerun_of_finished_output_changes_nothing_and_other_args_are_refused(reference_run, tmp_path, tiny_model_dir,
                                                                             dataset):
     out = tmp_path / "prefs.jsonl"
-    paths, reference = generate.OutputPaths(out), generate.OutputPaths(reference_run)
+    paths, reference = pipeline.OutputPaths(out), pipeline.OutputPaths(reference_run)
     out.write_bytes(reference.out.read_bytes())
     paths.skipped.write_bytes(reference.skipped.read_bytes())
     assert generate.main(argv(tiny_model_dir, dataset, out)) == 0  # nothing to do: no model is even loaded
@@ -176,7 +177,7 @@ def test_sequential_mode_show_and_num_samples(tmp_path, tiny_model_dir, dataset,
     assert generate.main(argv(tiny_model_dir, dataset, out, "--mode", "sequential", "--num-samples", "7",
                               "--top-n", "3", "--num-variants", "3", "--show", "2")) == 0
     written = read_jsonl(out)
-    summary = json.loads(generate.OutputPaths(out).summary.read_text())
+    summary = json.loads(pipeline.OutputPaths(out).summary.read_text())
     # The first 7 records the reader accepts, minus those skipped later; input-stage skips are still all listed.
     valid = [e["id"] for e in dataset["entries"]
              if e["id"] != "empty" and not (e["id"] == "g1" and e["image"] == "g4.png")]
@@ -215,11 +216,11 @@ def test_resume_after_kill_gives_identical_files(reference_run, tmp_path, tiny_m
 
     # The resumed run is in-process (same code path, no second interpreter start-up).
     assert generate.main(argv(tiny_model_dir, dataset, out)) == 0
-    summary = json.loads(generate.OutputPaths(out).summary.read_text())
+    summary = json.loads(pipeline.OutputPaths(out).summary.read_text())
     assert summary["processed_this_run"] < NUM_GOOD + 3  # finished ids were not redone
-    reference = generate.OutputPaths(reference_run)
+    reference = pipeline.OutputPaths(reference_run)
     assert out.read_bytes() == reference.out.read_bytes()
-    assert generate.OutputPaths(out).skipped.read_bytes() == reference.skipped.read_bytes()
+    assert pipeline.OutputPaths(out).skipped.read_bytes() == reference.skipped.read_bytes()
 
 
 @pytest.mark.slow  # 15-40 s with the load: three interpreters (launcher + 2 ranks) import torch + transformers
@@ -229,7 +230,7 @@ def test_torchrun_two_cpu_processes_match_one(reference_run, tmp_path, tiny_mode
                "hscr_fast.generate", *argv(tiny_model_dir, dataset, out)]
     result = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    paths, reference = generate.OutputPaths(out), generate.OutputPaths(reference_run)
+    paths, reference = pipeline.OutputPaths(out), pipeline.OutputPaths(reference_run)
     assert out.read_bytes() == reference.out.read_bytes()
     assert paths.skipped.read_bytes() == reference.skipped.read_bytes()
     assert json.loads(paths.summary.read_text())["world_size"] == 2
@@ -247,7 +248,7 @@ def test_demo_world_is_the_default(tmp_path, tiny_model_dir, dataset, cached_sim
     monkeypatch.setattr(hscr_fast.demo, "ensure_demo_world", lambda: world, raising=False)
     out = tmp_path / "demo.jsonl"
     assert generate.main(["--out", str(out), "--num-samples", "4", "--batch-size", "4"]) == 0
-    summary = json.loads(generate.OutputPaths(out).summary.read_text())
+    summary = json.loads(pipeline.OutputPaths(out).summary.read_text())
     assert summary["written"] == 4 and summary["args"]["model"] == str(tiny_model_dir)
     assert summary["args"]["image_folder"] == str(dataset["images"])
 
@@ -270,7 +271,7 @@ def test_alpha_drop_flag_reaches_the_kernel(tiny_vlm, cached_similarity, dataset
     record = VQARecord(id="g0", image="g0.png", question=QA[1][0], answer=QA[1][1])
     for flags, expected in (([], None), (["--alpha-drop", "0"], 0.0), (["--alpha-drop", "0.3"], 0.3)):
         args = generate.build_parser().parse_args(flags)
-        builder = generate.PreferenceBuilder(args, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
+        builder = pipeline.PreferenceBuilder(args, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
         assert builder.contrast.config.alpha_drop == expected
         seen.clear()
         builder.build(builder.load([record]))
@@ -303,7 +304,7 @@ def test_sample_whose_variants_all_vanish_is_skipped_by_stage2(tiny_llava, tiny_
     model, processor = tiny_llava
     vlm = VisionLanguageModel(copy.deepcopy(model), processor)
     args = generate.build_parser().parse_args(["--top-n", "1", "--num-variants", "1"])
-    builder = generate.PreferenceBuilder(args, vlm, cached_similarity, dataset["images"], "fingerprint")
+    builder = pipeline.PreferenceBuilder(args, vlm, cached_similarity, dataset["images"], "fingerprint")
     record = VQARecord(id="closed", image="g0.png", question="Is there a lesion in the left lung?", answer="yes")
     loaded = builder.load([record])
     sample = builder.contrast.prepare(record.id, record.question, record.answer)

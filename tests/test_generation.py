@@ -1,7 +1,7 @@
 """Batched greedy generation: identical to one-at-a-time generation and to a cache-free reference loop."""
 import torch
 
-from hscr_fast.generation import GenerationPrompt, greedy_generate
+from hscr_fast.evaluation.generation import GenerationPrompt, greedy_generate
 from hscr_fast.models.dropout import visual_dropout
 
 

@@ -5,13 +5,13 @@ import json
 import pytest
 
 from hscr_fast.evaluate import main as evaluate_main
-from hscr_fast.hallucination import (
+from hscr_fast.evaluation.hallucination import (
     finding_vocabulary,
     report_metrics,
     score_report,
     stated_findings,
 )
-from hscr_fast.metrics import compute_metrics, metrics_to_markdown
+from hscr_fast.evaluation.metrics import compute_metrics, metrics_to_markdown
 
 VOCABULARY = ["right upper lobe", "right lower lobe", "left upper lobe", "left lower lobe"]
 

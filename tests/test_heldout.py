@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from hscr_fast.data.records import DataFormatError
-from hscr_fast.heldout import split_held_out
-from hscr_fast.train import main, train
+from hscr_fast.training.heldout import split_held_out
+from hscr_fast.train import main
+from hscr_fast.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +43,10 @@ def test_split_depends_only_on_the_ids():
 def held_out_mlpo(model_dir, adapter_dir, lists):
     """MLPO over the 5 held-out lists, all at once, computed independently with a saved adapter: (loss, metrics,
     explicit pairs)."""
-    from hscr_fast.evaluate import load_model
+    from hscr_fast.evaluation.run import load_model
     from hscr_fast.listwise import listwise_logprobs, pack_examples
     from hscr_fast.losses import mlpo_loss
-    from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
+    from hscr_fast.training.data import to_examples, tokenize_preferences, validate_preferences
 
     vlm = load_model(model_dir, adapter_dir)
     items = tokenize_preferences(vlm, validate_preferences(lists / "heldout.jsonl", lists / "images"),
@@ -99,7 +100,7 @@ def test_save_best_keeps_the_adapter_of_the_lowest_held_out_loss_across_a_resume
 
 
 def test_eval_fraction_holds_out_part_of_the_training_file(lists, tmp_path, train_config):
-    from hscr_fast.preferences import validate_preferences
+    from hscr_fast.training.data import validate_preferences
 
     records = validate_preferences(lists / "prefs.jsonl", lists / "images")
     kept, held = split_held_out(records, 0.35, "prefs.jsonl")

@@ -1,4 +1,4 @@
-"""`python -m hscr_fast.image_preferences` end to end: phantom and SLAKE records, the corrupted images they point at
+"""`python -m hscr_fast.preferences.image_preferences` end to end: phantom and SLAKE records, the corrupted images they point at
 (changed exactly inside the lesion mask, reproducible from the recorded seed), skips with reasons, byte-identical
 resume, and argument errors."""
 import json
@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hscr_fast.corruption import corrupt_region, slake_lesion_region
+from hscr_fast.preferences.corruption import corrupt_region, slake_lesion_region
 from hscr_fast.data.images import load_image
 from hscr_fast.data.records import load_preference_jsonl
 from hscr_fast.demo.phantom import build_phantom_dataset
-from hscr_fast.image_preferences import KIND, main
+from hscr_fast.preferences.image_preferences import KIND, main
 from hscr_fast.models.dropout import sample_seed
 
 

@@ -1,10 +1,10 @@
-"""hscr_fast.io: atomic whole-file writes, resumable JSONL appends with torn-line recovery, line-numbered reads."""
+"""hscr_fast.runtime.io: atomic whole-file writes, resumable JSONL appends with torn-line recovery, line-numbered reads."""
 import json
 import logging
 
 import pytest
 
-from hscr_fast.io import (JsonlAppender, JsonlError, atomic_output, atomic_write_json, atomic_write_text,
+from hscr_fast.runtime.io import (JsonlAppender, JsonlError, atomic_output, atomic_write_json, atomic_write_text,
                           read_jsonl)
 
 
@@ -111,7 +111,7 @@ def test_appender_truncates_torn_last_line(tmp_path, caplog, torn_tail):
     path = tmp_path / "progress.jsonl"
     good = b'{"id": "s0"}\n{"id": "s1"}\n'
     path.write_bytes(good + torn_tail)
-    with caplog.at_level(logging.WARNING, logger="hscr_fast.io"):
+    with caplog.at_level(logging.WARNING, logger="hscr_fast.runtime.io"):
         out = JsonlAppender(path)
     assert "torn last line" in caplog.text and "progress.jsonl:3" in caplog.text
     assert out.ids == {"s0", "s1"}
@@ -124,7 +124,7 @@ def test_appender_truncates_torn_last_line(tmp_path, caplog, torn_tail):
 def test_appender_keeps_complete_last_record_without_newline(tmp_path, caplog):
     path = tmp_path / "progress.jsonl"
     path.write_bytes(b'{"id": "s0"}\n{"id": "s1"}')
-    with caplog.at_level(logging.WARNING, logger="hscr_fast.io"):
+    with caplog.at_level(logging.WARNING, logger="hscr_fast.runtime.io"):
         with JsonlAppender(path) as out:
             assert out.ids == {"s0", "s1"}
             out.append({"id": "s2"})
@@ -153,7 +153,7 @@ def test_appender_without_ids(tmp_path):
 def test_atomic_files_get_ordinary_permissions(tmp_path):
     import os
 
-    from hscr_fast.io import atomic_write_text
+    from hscr_fast.runtime.io import atomic_write_text
 
     mask = os.umask(0o022)
     try:
@@ -164,7 +164,7 @@ def test_atomic_files_get_ordinary_permissions(tmp_path):
 
 
 def test_atomic_directory_swaps_in_whole_or_not_at_all(tmp_path):
-    from hscr_fast.io import atomic_directory
+    from hscr_fast.runtime.io import atomic_directory
 
     target = tmp_path / "model"
     with atomic_directory(target) as staging:
@@ -210,7 +210,7 @@ def test_appender_drops_a_torn_line_only_after_records_it_owns(tmp_path):
 
 
 def test_outputs_over_inputs_are_refused(tmp_path):
-    from hscr_fast.io import OutputOverInputError, refuse_outputs_over_inputs
+    from hscr_fast.runtime.io import OutputOverInputError, refuse_outputs_over_inputs
 
     (tmp_path / "model").mkdir()
     data = tmp_path / "train.json"
@@ -227,7 +227,7 @@ def test_outputs_over_inputs_are_refused(tmp_path):
 
 
 def test_json_error_message_reads_as_english(tmp_path):
-    from hscr_fast.io import parse_jsonl_line
+    from hscr_fast.runtime.io import parse_jsonl_line
 
     with pytest.raises(JsonlError) as caught:
         parse_jsonl_line('{"id": "a", "text": "cut', tmp_path / "p.jsonl", 3)

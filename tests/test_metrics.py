@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from hscr_fast.metrics import compute_metrics, metrics_to_markdown, normalize_answer, score_prediction
+from hscr_fast.evaluation.metrics import compute_metrics, metrics_to_markdown, normalize_answer, score_prediction
 
 
 @pytest.mark.parametrize(

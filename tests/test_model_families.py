@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hscr_fast import evaluate, generate
-from hscr_fast.io import read_jsonl
+from hscr_fast.runtime.io import read_jsonl
 from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
 from hscr_fast.models.vlm import load_vlm
 
@@ -46,7 +46,8 @@ def vqa_set(tmp_path_factory, make_images):
 
 
 def test_generate_train_evaluate_end_to_end(model_dir, vqa_set, tmp_path):
-    from hscr_fast.train import TrainConfig, train
+    from hscr_fast.training.config import TrainConfig
+    from hscr_fast.training.loop import train
 
     vlm = load_vlm(model_dir)
     assert vlm.family in ("llava_next", "qwen2_vl")

@@ -95,7 +95,8 @@ def test_listwise_equals_transformers_forwards_values_and_gradients(qwen, make_i
 
 @pytest.mark.parametrize("family, projector", [("llava", "multi_modal_projector"), ("qwen2-vl", "merger")])
 def test_lora_targets_the_decoder_and_train_projector_the_right_module(family, projector):
-    from hscr_fast.train import TrainConfig, attach_lora
+    from hscr_fast.training.config import TrainConfig
+    from hscr_fast.training.loop import attach_lora
 
     vlm = VisionLanguageModel(*build_tiny_llava(TinyLlavaSpec(family=family)))
     trainable = attach_lora(vlm, TrainConfig(train_projector=True), "tiny")

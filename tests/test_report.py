@@ -1,11 +1,11 @@
-"""hscr_fast.report: the demo's before/after report, the run comparison and metrics files — numbers in the tables,
+"""hscr_fast.evaluation.report: the demo's before/after report, the run comparison and metrics files — numbers in the tables,
 valid PNGs, no temporary files left behind, None shown as missing rather than 0."""
 import json
 
 import pytest
 from PIL import Image
 
-from hscr_fast.report import (WITH_VISUAL, WITHOUT_VISUAL, comparison_markdown, demo_report_markdown,
+from hscr_fast.evaluation.report import (WITH_VISUAL, WITHOUT_VISUAL, comparison_markdown, demo_report_markdown,
                               plot_grouped_bars, write_comparison, write_demo_report, write_metrics)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

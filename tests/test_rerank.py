@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from hscr_fast.rerank import (
+from hscr_fast.preferences.rerank import (
     BUNDLED_MODEL_NAME,
     RerankResult,
     SentenceSimilarity,

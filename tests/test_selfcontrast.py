@@ -1,4 +1,4 @@
-"""Stage 1 (`hscr_fast.selfcontrast`) on the tiny LLaVA against plain references.
+"""Stage 1 (`hscr_fast.preferences.selfcontrast`) on the tiny LLaVA against plain references.
 
 The references never use the packed forward: the full-image condition runs transformers' own Llava forward on
 input_ids with expanded image tokens; the dropped condition splices the kept visual tokens by hand and runs the Llava
@@ -12,7 +12,7 @@ import torch
 
 from hscr_fast.models.dropout import visual_dropout
 from hscr_fast.models.vlm import VisionLanguageModel
-from hscr_fast.selfcontrast import (ContentTokens, SelfContrast, SelfContrastConfig, graded_counts, num_distinct,
+from hscr_fast.preferences.selfcontrast import (ContentTokens, SelfContrast, SelfContrastConfig, graded_counts, num_distinct,
                                     render_marked)
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest

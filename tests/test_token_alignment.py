@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from hscr_fast.minimal_edits import main as minimal_edits_main
-from hscr_fast.minimal_edits import mark_differences
+from hscr_fast.preferences.minimal_edits import main as minimal_edits_main
+from hscr_fast.preferences.minimal_edits import mark_differences
 from hscr_fast.models.prompting import split_marked_spans
 
 
@@ -48,7 +48,8 @@ def test_minimal_edit_command(tmp_path):
 
 
 def test_token_kl_term_in_training(tiny_model_dir, tmp_path, make_images):
-    from hscr_fast.train import TrainConfig, train
+    from hscr_fast.training.config import TrainConfig
+    from hscr_fast.training.loop import train
 
     (tmp_path / "images").mkdir()
     lines = []

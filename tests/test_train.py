@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from hscr_fast.train import TrainConfig, TrainingDiverged, train
+from hscr_fast.training.config import TrainConfig
+from hscr_fast.training.loop import TrainingDiverged, train
 
 ANSWER_POOL = ["yes", "no", "left upper lobe", "right lower lobe", "two lesions", "one", "a small nodule",
                "the chest", "none seen", "a large mass in the right lung"]
@@ -29,7 +30,7 @@ def test_training_runs_and_writes_a_loadable_adapter(tiny_model_dir, preference_
 
     from hscr_fast.listwise import listwise_logprobs, pack_examples
     from hscr_fast.models.vlm import load_vlm
-    from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
+    from hscr_fast.training.data import to_examples, tokenize_preferences, validate_preferences
 
     result = train(train_config(preference_data, tmp_path / "run"))
     rows = read_metrics(tmp_path / "run")
@@ -132,10 +133,10 @@ def test_deepspeed_zero2_two_processes_match_one(tiny_model_dir, preference_data
 
 def test_gradient_checkpointing_matches_and_merged_model_equals_adapter(tiny_model_dir, preference_data, tmp_path,
                                                                        train_config):
-    from hscr_fast.evaluate import load_model
+    from hscr_fast.evaluation.run import load_model
     from hscr_fast.listwise import listwise_logprobs, pack_examples
     from hscr_fast.models.vlm import load_vlm
-    from hscr_fast.preferences import to_examples, tokenize_preferences, validate_preferences
+    from hscr_fast.training.data import to_examples, tokenize_preferences, validate_preferences
 
     short = dict(epochs=1, per_device_batch_size=4)
     plain = train(train_config(preference_data, tmp_path / "plain", **short))
@@ -179,7 +180,7 @@ def test_weighted_dpo_on_image_dispreference_lists(image_preference_data, prefer
     rows = read_metrics(tmp_path / "w")
     assert weighted.steps == len(rows) == 4
     # Step 1: policy = reference, so each sample's loss is log 2 × its weight × 0.1.
-    from hscr_fast.preferences import batch_indices
+    from hscr_fast.training.data import batch_indices
     first = batch_indices(8, epoch=0, step_in_epoch=0, per_device_batch=2, world_size=1, rank=0, seed=0)
     expected = sum(0.1 * (0.5 + i / 8) * math.log(2) for i in first) / 2
     assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
@@ -213,7 +214,7 @@ def test_deepspeed_without_torchrun(tiny_model_dir, preference_data, tmp_path):
 def test_a_finished_run_is_refused_unless_resume_or_overwrite(preference_data, tmp_path, train_config):
     import hashlib
 
-    from hscr_fast.train import PreviousRunError
+    from hscr_fast.training.loop import PreviousRunError
 
     def snapshot(folder):
         return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -238,7 +239,7 @@ def test_a_finished_run_is_refused_unless_resume_or_overwrite(preference_data, t
 def test_adapter_records_the_base_model_as_an_absolute_path(tiny_model_dir, monkeypatch):
     """A relative --model is resolved: the adapter's base check must not depend on the working directory."""
     from hscr_fast.models.vlm import load_vlm
-    from hscr_fast.train import attach_lora
+    from hscr_fast.training.loop import attach_lora
 
     monkeypatch.chdir(tiny_model_dir.parent)
     vlm = load_vlm(tiny_model_dir.name)

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterable
 from hscr_fast.data.images import ImageLoadError, validate_image
 from hscr_fast.data.records import (BadRecord, DataFormatError, SkipReason, VQARecord, count_skip_reasons,
                                     normalize_answer_type, read_json_list, write_llava_med_json)
-from hscr_fast.io import atomic_write_json
+from hscr_fast.runtime.io import atomic_write_json
 
 _YES_NO = ("yes", "no")
 _EXAMPLES_PER_REASON = 5

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from hscr_fast.data.records import IMAGE_TOKEN, DataFormatError, PreferenceRecord, load_preference_jsonl
-from hscr_fast.io import atomic_write_text
+from hscr_fast.runtime.io import atomic_write_text
 
 EXPORT_FORMATS = ("trl",)
 

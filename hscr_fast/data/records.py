@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hscr_fast.io import JsonlError, atomic_write_json, parse_jsonl_line
+from hscr_fast.runtime.io import JsonlError, atomic_write_json, parse_jsonl_line
 
 IMAGE_TOKEN = "<image>"
 ANSWER_TYPES = ("CLOSED", "OPEN")

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from .world import PRESETS, default_root, ensure_demo_world
+from hscr_fast.demo.world import PRESETS, default_root, ensure_demo_world
 
 
 def _percent(value) -> str:

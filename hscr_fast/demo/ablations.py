@@ -17,7 +17,7 @@ Protocol, the same for every row:
 3. Test: every seed trains at the chosen rate and is scored on both test splits (history agreeing / conflicting
    with the image), with its visual tokens. Mean ± sample standard deviation across seeds.
 Primary metric: the mean of closed accuracy and open recall (LLaVA-Med's two Med-VQA scores), in points. Reports are
-also scored for hallucinated findings (`hscr_fast.hallucination`).
+also scored for hallucinated findings (`hscr_fast.evaluation.hallucination`).
 
 Writes `OUT/ablations-<date>.json` (commit, versions, seeds, settings, every run's numbers, what was not run and why),
 `.md` and `.png`; `--quick` writes `ablations-quick-<date>.*`: one seed, one learning rate, a few samples, the smoke
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hscr_fast.io import atomic_output, atomic_write_json, atomic_write_text
+from hscr_fast.runtime.io import atomic_output, atomic_write_json, atomic_write_text
 
 # The demo's training recipe (`hscr_fast.demo.pipeline.DEMO_TRAINING`) without its held-out split: rows are compared
 # on the validation questions instead.
@@ -124,7 +124,7 @@ def _perturbation_value(name: str, choices: tuple[str, ...]) -> str | None:
 
 
 def _loss_choices() -> tuple[str, ...]:
-    from hscr_fast.train import TrainConfig
+    from hscr_fast.training.config import TrainConfig
 
     loss = next(item for item in dataclasses.fields(TrainConfig) if item.name == "loss")
     return tuple(loss.metadata.get("choices", ()))
@@ -163,9 +163,9 @@ class Runner:
     (lists per (row data, seed), adapters per (row, learning rate, seed))."""
 
     def __init__(self, world, work: Path, settings: Settings):
-        from hscr_fast.evaluate import load_eval_records
+        from hscr_fast.evaluation.run import load_eval_records
 
-        from .world import split_records
+        from hscr_fast.demo.world import split_records
 
         self.world, self.work, self.settings = world, work, settings
         self.val = load_eval_records(world.val_json, world.image_folder, limit=settings.val_questions)
@@ -174,7 +174,7 @@ class Runner:
     def lists(self, row: Row, seed: int) -> Path:
         from hscr_fast import generate
 
-        from . import methods
+        from hscr_fast.demo import methods
 
         folder = self.work / "lists" / f"{row.lists}-{row.perturbation}-{row.drop_ratio:g}-seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,8 @@ class Runner:
         return target
 
     def train(self, row: Row, learning_rate: float, seed: int) -> Path:
-        from hscr_fast.train import TrainConfig, train
+        from hscr_fast.training.config import TrainConfig
+        from hscr_fast.training.loop import train
 
         out = self.work / "runs" / _slug(row.name) / f"lr{learning_rate:g}-seed{seed}"
         adapter = out / "adapter"
@@ -215,9 +216,9 @@ class Runner:
         return train(config).adapter_dir
 
     def score(self, adapter: Path | None, records, out: Path) -> dict[str, Any]:
-        from hscr_fast.evaluate import evaluate_vlm, load_model
+        from hscr_fast.evaluation.run import evaluate_vlm, load_model
 
-        from .world import MAX_NEW_TOKENS
+        from hscr_fast.demo.world import MAX_NEW_TOKENS
 
         metrics_path = out / "metrics.json"
         if metrics_path.is_file():
@@ -305,7 +306,7 @@ def _mode(settings: Settings) -> str:
 
 def run_ablations(rows: list[Row], settings: Settings, *, work: Path, world_root: Path | None = None,
                   progress: bool = True) -> dict[str, Any]:
-    from .world import ensure_demo_world
+    from hscr_fast.demo.world import ensure_demo_world
 
     def say(message: str) -> None:
         if progress:

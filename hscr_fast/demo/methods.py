@@ -5,7 +5,7 @@
 
 - `mmedpo` (Zhu et al., ICML 2025): image-side dispreference. The preferred response is the phantom answer under the
   clean image; the dispreferred one is the same answer under the image with its lesion region replaced by Gaussian
-  noise (`hscr_fast.image_preferences`, mode `replace`). Loss: weighted DPO, β = 0.1, w · (−log σ(β·Δ)). MMedPO's
+  noise (`hscr_fast.preferences.image_preferences`, mode `replace`). Loss: weighted DPO, β = 0.1, w · (−log σ(β·Δ)). MMedPO's
   weights are clinical-relevance scores from a medical LLM, which the demo cannot run; the stand-in is the lesion's
   share of the image relative to the set's mean (a larger corrupted finding matters more), written into each
   record's `weight` and used as given.
@@ -13,7 +13,7 @@
   λ = 0.5, restricted to the marked clinical spans; (b) a visual-contrastive grounding term: DPO of each answer under
   the clean image over the same answer under the image with Gaussian noise added in the lesion region, weight 0.1;
   (c) minimally edited pairs: each HSCR list's y_w against its dispreferred responses, the differing words marked
-  (`hscr_fast.minimal_edits`). Loss: DPO on (c) and (b) together, plus (a).
+  (`hscr_fast.preferences.minimal_edits`). Loss: DPO on (c) and (b) together, plus (a).
 
 Each run writes OUT/<method>/ with the training outputs and `demo_report.md` / `.png` (before = the SFT model).
 """
@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from hscr_fast.io import read_jsonl
+from hscr_fast.runtime.io import read_jsonl
 
 METHODS = ("mmedpo", "token-level")
 TRAINING = {"per_device_batch_size": 8, "epochs": 2, "save_steps": 50,
@@ -36,7 +36,7 @@ LEARNING_RATES = {"mmedpo": 5e-5, "token-level": 5e-5}
 
 
 def image_dispreference_records(world, out: Path, *, mode: str, num_samples: int = NUM_SAMPLES) -> Path:
-    from hscr_fast import image_preferences
+    from hscr_fast.preferences import image_preferences
 
     path = out / f"image-{mode}.jsonl"
     image_preferences.main(["--source", "phantom", "--data", str(world.train_json), "--image-folder",
@@ -62,7 +62,8 @@ def with_lesion_weights(source: Path, target: Path) -> Path:
 def token_level_records(world, out: Path, *, num_samples: int = NUM_SAMPLES, hscr_lists: Path | None = None) -> Path:
     """(c) minimal-edit pairs from HSCR's own lists (generated here unless `hscr_lists` is given) + (b) grounding
     pairs, in one preference file."""
-    from hscr_fast import generate, minimal_edits
+    from hscr_fast import generate
+    from hscr_fast.preferences import minimal_edits
 
     if hscr_lists is None:
         hscr_lists = out / "hscr-preferences.jsonl"
@@ -80,7 +81,8 @@ def token_level_records(world, out: Path, *, num_samples: int = NUM_SAMPLES, hsc
 def run_method(method: str, out_root: Path, *, learning_rate: float) -> Path:
     from hscr_fast.demo import ensure_demo_world
     from hscr_fast.demo.pipeline import evaluate_before_after
-    from hscr_fast.train import TrainConfig, train
+    from hscr_fast.training.config import TrainConfig
+    from hscr_fast.training.loop import train
 
     world = ensure_demo_world()
     out = out_root / method

@@ -57,7 +57,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 from PIL import Image
 
-from hscr_fast.io import atomic_directory
+from hscr_fast.runtime.io import atomic_directory
 
 DEFAULT_IMAGE_SIZE = 84  # 6×6 patches at the CLIP patch size 14
 MIN_IMAGE_SIZE = 56  # below this a small lesion is ~2 px across

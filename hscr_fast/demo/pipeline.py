@@ -2,7 +2,7 @@
 
 1. prepare the demo world if absent (phantom Med-VQA data + a tiny SFT-trained LLaVA; cached);
 2. stage 1-2: build preference lists from the demo model (`hscr_fast.generate`);
-3. stage 3: MLPO training (`hscr_fast.train.train`);
+3. stage 3: MLPO training (`hscr_fast.training.loop.train`);
 4. score both halves of the phantom test set (clinical history agreeing with the image, and conflicting with it)
    before (adapter disabled) and after HSCR, with and without visual tokens, and write the report: Markdown, PNG and
    `demo_report.json` (`demo_report_json`).
@@ -18,9 +18,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from hscr_fast.io import atomic_write_json
+from hscr_fast.runtime.io import atomic_write_json
 
-from .world import MAX_NEW_TOKENS, PRIOR_CONFLICTING_SPLIT
+from hscr_fast.demo.world import MAX_NEW_TOKENS, PRIOR_CONFLICTING_SPLIT
 
 DEMO_OUT = "runs/hscr-demo"
 DEMO_GENERATION = {"num_samples": 800, "batch_size": 16}
@@ -35,7 +35,8 @@ DEMO_EVAL_QUESTIONS = 200  # per test split
 def run_demo(config) -> int:
     from hscr_fast import generate
     from hscr_fast.demo import ensure_demo_world
-    from hscr_fast.train import TrainConfig, train
+    from hscr_fast.training.config import TrainConfig
+    from hscr_fast.training.loop import train
 
     rank = int(os.environ.get("RANK", "0"))
     defaults = TrainConfig()
@@ -73,14 +74,14 @@ def evaluate_before_after(world, adapter_dir: Path, out: Path, method: str = "HS
     """Closed accuracy, open recall and report hallucination of the SFT model (adapter disabled) and the aligned model,
     each with and without visual tokens, on the first DEMO_EVAL_QUESTIONS questions of each test split (history
     agreeing with the image / conflicting with it). Writes OUT/demo_report.md, .png and .json (`demo_report_json`)."""
-    from hscr_fast.evaluate import (
+    from hscr_fast.evaluation.run import (
         evaluate_with_and_without_visual,
         load_eval_records,
         load_model,
     )
-    from hscr_fast.report import write_demo_report
+    from hscr_fast.evaluation.report import write_demo_report
 
-    from .world import split_records
+    from hscr_fast.demo.world import split_records
 
     splits = split_records(load_eval_records(world.test_json, world.image_folder), DEMO_EVAL_QUESTIONS)
     for stale in ("eval-before", "eval-after"):  # a rerun's adapter has the same path: never resume its answers
@@ -111,7 +112,7 @@ def demo_report_json(measured: dict[str, dict[str, dict[str, dict]]], *, prefere
     `measured[model][split][condition]` holds metrics dicts (model "before"/"after", condition `WITH_VISUAL` /
     `WITHOUT_VISUAL`). `preference_lists` counts the lists of `preferences` (None without one): how many, how many
     have k dispreferred responses, and how many ask about a normal scan (no lesion in the training record)."""
-    from hscr_fast.report import WITH_VISUAL, WITHOUT_VISUAL
+    from hscr_fast.evaluation.report import WITH_VISUAL, WITHOUT_VISUAL
 
     results = []
     for model, splits in measured.items():
@@ -131,7 +132,7 @@ def preference_list_counts(preferences: Path, train_json: Path) -> dict:
     import json
     from collections import Counter
 
-    from hscr_fast.io import read_jsonl
+    from hscr_fast.runtime.io import read_jsonl
 
     lesions_of = {record["id"]: record.get("lesions", []) for record in json.loads(Path(train_json).read_text())}
     lists = read_jsonl(preferences)
@@ -141,6 +142,6 @@ def preference_list_counts(preferences: Path, train_json: Path) -> dict:
 
 
 if __name__ == "__main__":
-    from hscr_fast.train import TrainConfig
+    from hscr_fast.training.config import TrainConfig
 
     sys.exit(run_demo(TrainConfig.from_args(sys.argv[1:])))

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from hscr_fast.io import atomic_directory, atomic_write_json
+from hscr_fast.runtime.io import atomic_directory, atomic_write_json
 
-from .sft import SFTConfig, VisionWarmupConfig
+from hscr_fast.demo.sft import SFTConfig, VisionWarmupConfig
 
 WORLD_VERSION = 2  # bump when the recipe changes in a way the preset fields do not capture
 MANIFEST_NAME = "world.json"
@@ -119,7 +119,7 @@ def default_root(preset: str = "full") -> Path:
 
 def preset_fingerprint(preset: DemoPreset) -> str:
     """A short hash of everything that decides the world's contents (the thread count changes only the speed)."""
-    from .phantom import PHANTOM_VERSION, phantom_corpus
+    from hscr_fast.demo.phantom import PHANTOM_VERSION, phantom_corpus
 
     def recipe(config) -> dict:  # everything but the thread count
         return {k: v for k, v in dataclasses.asdict(config).items() if k != "num_threads"}
@@ -239,7 +239,7 @@ def build_demo_model(spec: DemoPreset):
     from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
     from hscr_fast.models.vlm import ModelOptions, VisionLanguageModel
 
-    from .phantom import phantom_corpus
+    from hscr_fast.demo.phantom import phantom_corpus
 
     model, processor = build_tiny_llava(TinyLlavaSpec(**spec.model, corpus=phantom_corpus()))
     # LLaVA reads the second-to-last CLIP layer because CLIP's last one is specialised to its contrastive objective; a
@@ -251,8 +251,8 @@ def build_demo_model(spec: DemoPreset):
 def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
     from hscr_fast.data.records import load_llava_med_json
 
-    from .phantom import build_phantom_dataset
-    from .sft import prepare_patch_targets, prepare_sft_data, sft_train, vision_warmup
+    from hscr_fast.demo.phantom import build_phantom_dataset
+    from hscr_fast.demo.sft import prepare_patch_targets, prepare_sft_data, sft_train, vision_warmup
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -355,11 +355,11 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def demo_accuracy(vlm, records, image_folder: str | os.PathLike, *, batch_size: int = 64,
                   max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, dict[str, Any]]:
-    """Greedy answers scored as Med-VQA (`hscr_fast.metrics`): with all visual tokens, and with none (the prompt
+    """Greedy answers scored as Med-VQA (`hscr_fast.evaluation.metrics`): with all visual tokens, and with none (the prompt
     without its image, the model's question-only behaviour)."""
     from hscr_fast.data.images import load_image
-    from hscr_fast.generation import GenerationPrompt, decode, greedy_generate
-    from hscr_fast.metrics import compute_metrics
+    from hscr_fast.evaluation.generation import GenerationPrompt, decode, greedy_generate
+    from hscr_fast.evaluation.metrics import compute_metrics
 
     no_image = torch.empty(0, vlm.hidden_size, dtype=vlm.dtype, device=vlm.device)
     report = {}
@@ -385,7 +385,7 @@ def question_only_baseline(train_records, test_records) -> dict[str, Any]:
     """What the question text alone can score: each test question answered with the answer most often given to the
     same question text in training (else the most common answer of its answer type). The bar the demo model's
     with-image accuracy must clear for it to be using the image."""
-    from hscr_fast.metrics import compute_metrics
+    from hscr_fast.evaluation.metrics import compute_metrics
 
     by_question: dict[str, Counter] = defaultdict(Counter)
     by_type: dict[str, Counter] = defaultdict(Counter)

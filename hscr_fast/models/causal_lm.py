@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import read_json_file
-from .prompting import (TEXT_PROMPT_FORMATS, PromptTokens, answer_separator, format_text_prompt, tokenize_answer,
+from hscr_fast.runtime.io import read_json_file
+from hscr_fast.models.prompting import (TEXT_PROMPT_FORMATS, PromptTokens, answer_separator, format_text_prompt, tokenize_answer,
                         tokenize_marked_answer, tokenize_text_prompt)
 
 SIDECAR_NAME = "hscr_fast.json"
@@ -154,7 +154,7 @@ def as_listwise_model(model):
 def text_example(tokenizer, prompt: str, responses: list[str], *, prompt_format: str | None = None):
     """One ranked list (responses best first) as a text-only `ListwiseExample`: the prompt in the tokenizer's chat
     template when it has one (or `prompt_format`: "chat-template" / "plain"), each response with EOS."""
-    from ..listwise import ListwiseExample
+    from hscr_fast.listwise import ListwiseExample
 
     wrapper = CausalLanguageModel(None, tokenizer, TextModelOptions(prompt_format))
     prompt_tokens = wrapper.prompt_tokens(prompt)

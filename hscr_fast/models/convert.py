@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .prompting import IMAGE_PLACEHOLDER
-from .vlm import ModelOptions
+from hscr_fast.models.prompting import IMAGE_PLACEHOLDER
+from hscr_fast.models.vlm import ModelOptions
 
 SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 # Original architecture -> the transformers config class of its language model.

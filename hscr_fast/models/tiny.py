@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from .prompting import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM
+from hscr_fast.models.prompting import IMAGE_PLACEHOLDER, VICUNA_V1_SYSTEM
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_PLACEHOLDER]
 
@@ -145,7 +145,7 @@ def build_tiny_qwen2_vl(spec: TinyLlavaSpec, attn_implementation: str = "sdpa"):
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
                               Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
 
-    from .vlm import TextAndImageProcessor
+    from hscr_fast.models.vlm import TextAndImageProcessor
 
     tokenizer = train_tokenizer(BASE_CORPUS + list(spec.corpus), spec.tokenizer_vocab)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER] + QWEN_SPECIAL_TOKENS})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import BASE_CORPUS, QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, train_tokenizer
+from hscr_fast.models.tiny import BASE_CORPUS, QWEN_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, train_tokenizer
 
 TEXT_DECODERS = ("llama", "mistral", "qwen2")
 

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from ..io import read_json_file
-from .positions import VisualLayout
-from .prompting import (IMAGE_PLACEHOLDER, PROMPT_FORMATS, PromptTokens, answer_separator, format_prompt,
+from hscr_fast.runtime.io import read_json_file
+from hscr_fast.models.positions import VisualLayout
+from hscr_fast.models.prompting import (IMAGE_PLACEHOLDER, PROMPT_FORMATS, PromptTokens, answer_separator, format_prompt,
                         tokenize_answer, tokenize_marked_answer, tokenize_prompt)
 
 SUPPORTED_ARCHITECTURES = {

@@ -17,8 +17,8 @@ import hashlib
 
 import torch
 
-from .data.records import DataFormatError
-from .objective import batch_loss, concat_scored, score_batch
+from hscr_fast.data.records import DataFormatError
+from hscr_fast.training.objective import batch_loss, concat_scored, score_batch
 
 
 def _unit_hash(text: str) -> float:

@@ -49,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from hscr_fast.data.images import to_rgb
-from hscr_fast.io import read_json_file
+from hscr_fast.runtime.io import read_json_file
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Markdown tables and PNG bar charts of Med-VQA metrics: one run, several runs compared, the demo's before/after.
 
-The inputs are the metric dicts of `hscr_fast.metrics.compute_metrics` (what `metrics.json` holds): percentages, and
+The inputs are the metric dicts of `hscr_fast.evaluation.metrics.compute_metrics` (what `metrics.json` holds): percentages, and
 None for a metric over zero questions. None is shown as "–" in tables and as a missing bar marked "n/a" in plots,
 never as 0, which would read as a real score.
 
@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from hscr_fast.io import atomic_output, atomic_write_json, atomic_write_text
-from hscr_fast.metrics import metrics_to_markdown
+from hscr_fast.runtime.io import atomic_output, atomic_write_json, atomic_write_text
+from hscr_fast.evaluation.metrics import metrics_to_markdown
 
 # (key in the metrics dict, label in tables and plots), headline metrics first.
 HEADLINE_METRICS = (

@@ -1,13 +1,13 @@
-"""`python -m hscr_fast.image_preferences`: image-side preference records — the data's own answer under the clean
+"""`python -m hscr_fast.preferences.image_preferences`: image-side preference records — the data's own answer under the clean
 image (preferred) against the same answer under a copy of the image whose lesion region is corrupted (dispreferred),
 as in MMedPO's lesion-region dispreference and the fine-grained method's visual-contrastive pairs (issue 7, item 2).
 
-    python -m hscr_fast.image_preferences --source phantom --data demo/train.json --image-folder demo/images \\
+    python -m hscr_fast.preferences.image_preferences --source phantom --data demo/train.json --image-folder demo/images \\
         --out image_prefs.jsonl --out-images image_prefs.images --mode replace --seed 0
-    python -m hscr_fast.image_preferences --source slake --data slake_llava/train.json \\
+    python -m hscr_fast.preferences.image_preferences --source slake --data slake_llava/train.json \\
         --image-folder slake_llava/images --annotation-folder ../shared/data/slake/imgs --out slake_image_prefs.jsonl
 
-Lesion regions (`hscr_fast.corruption`):
+Lesion regions (`hscr_fast.preferences.corruption`):
 - `--source phantom`: each record's `"mask"` (a file under --mask-folder, default the `masks/` folder beside the image
   folder; every nonzero pixel is lesion) or, without a mask, the `bbox` of each entry of its `"lesions"`.
 - `--source slake`: the image's SLAKE folder `--annotation-folder/xmlabN/` (the record's image is `xmlabN/source.jpg`;
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hscr_fast.io import (JsonlAppender, JsonlError, OutputFiles, atomic_output, atomic_write_json,
+from hscr_fast.runtime.io import (JsonlAppender, JsonlError, OutputFiles, atomic_output, atomic_write_json,
                           check_same_arguments, fingerprint_of, read_jsonl)
 
 KIND = "image-dispreference"
@@ -62,7 +62,7 @@ FINGERPRINT_ARGS = ("source", "mode", "sigma", "fill_mean", "seed", "labels", "m
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hscr_fast.image_preferences",
+        prog="python -m hscr_fast.preferences.image_preferences",
         description="Write image-side preference records: the same answer under the clean image (preferred) and under "
                     "a lesion-corrupted copy (dispreferred).")
     io = parser.add_argument_group("inputs and outputs")
@@ -137,7 +137,7 @@ class CorruptedImage:
 
 def phantom_region(record, mask_folder: Path, size: tuple[int, int], margin: int):
     """The record's lesion region (`corruption.LesionRegion`) from its 'mask', else its lesions' boxes."""
-    from hscr_fast.corruption import LesionRegion, phantom_lesion_region, region_mask_from_boxes
+    from hscr_fast.preferences.corruption import LesionRegion, phantom_lesion_region, region_mask_from_boxes
 
     lesions, mask_name = record.metadata.get("lesions"), record.metadata.get("mask")
     if lesions is None and mask_name is None:
@@ -163,7 +163,7 @@ def phantom_region(record, mask_folder: Path, size: tuple[int, int], margin: int
 
 def slake_region(record, annotation_folder: Path, size: tuple[int, int], labels, margin: int):
     """The lesion region (`corruption.LesionRegion`) of the record's SLAKE folder ANNOTATION_FOLDER/xmlabN/."""
-    from hscr_fast.corruption import EmptyRegionError, slake_lesion_region
+    from hscr_fast.preferences.corruption import EmptyRegionError, slake_lesion_region
 
     image_dir = annotation_folder / Path(record.image).parent
     try:
@@ -211,7 +211,7 @@ class ImageCorrupter:
         return absolute.relative_to(folder).as_posix() if absolute.is_relative_to(folder) else str(absolute)
 
     def _corrupt(self, record) -> CorruptedImage:
-        from hscr_fast.corruption import apply_region_noise
+        from hscr_fast.preferences.corruption import apply_region_noise
         from hscr_fast.data.images import ImageLoadError, load_image
         from hscr_fast.models.dropout import sample_seed
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.positions import VisualLayout, prefix_positions
-from .models.prompting import PromptTokens
+from hscr_fast.models.positions import VisualLayout, prefix_positions
+from hscr_fast.models.prompting import PromptTokens
 
 
 @dataclass

@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .listwise import ListwiseExample, answer_hidden_states, pack_examples
-from .models.dropout import DROPOUT_MODES, VisualDropout, visual_dropout
-from .models.prompting import PromptTokens
+from hscr_fast.listwise import ListwiseExample, answer_hidden_states, pack_examples
+from hscr_fast.models.dropout import DROPOUT_MODES, VisualDropout, visual_dropout
+from hscr_fast.models.prompting import PromptTokens
 
 CONTRAST_MODES = ("parallel", "sequential")
 SENSITIVITY_KINDS = ("logprob", "logit")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .io import atomic_output, atomic_write_text
+from hscr_fast.runtime.io import atomic_output, atomic_write_text
 
 LATEST = "latest"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .io import atomic_output
-from .listwise import listwise_logprobs, pack_examples
-from .preferences import TokenizedPreference, to_examples
+from hscr_fast.runtime.io import atomic_output
+from hscr_fast.listwise import listwise_logprobs, pack_examples
+from hscr_fast.training.data import TokenizedPreference, to_examples
 
 
 def reference_fingerprint(model_dir: str | Path, preferences_path: str | Path, *, prompt_format: str,

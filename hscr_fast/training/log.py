@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from .io import atomic_output, read_jsonl
+from hscr_fast.runtime.io import atomic_output, read_jsonl
 
 PLOTTED = [("loss", "loss (L_E + L_I)"), ("loss_explicit", "L_E"), ("loss_implicit", "L_I"),
            ("margin_explicit", "explicit reward margin"), ("margin_implicit", "implicit reward margin"),
@@ -63,7 +63,7 @@ def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path
     import matplotlib.pyplot as plt
 
     rows = read_jsonl(metrics_path)
-    # Held-out rows (eval_<key>, see hscr_fast.heldout) share the panel of their training metric.
+    # Held-out rows (eval_<key>, see hscr_fast.training.heldout) share the panel of their training metric.
     present = [(key, label) for key, label in PLOTTED
                if any(_finite(row.get(key)) or _finite(row.get(f"eval_{key}")) for row in rows)]
     columns = 3

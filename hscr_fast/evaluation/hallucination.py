@@ -6,7 +6,7 @@ image's true findings as short names, e.g. `["right upper lobe", "left lower lob
 records with the field are scored as reports.
 
 Which findings a report states: every finding name of the *vocabulary* — all names in the `findings` fields of the
-scored set — whose normalised words (`hscr_fast.metrics.normalize_answer`) occur as a contiguous run of the
+scored set — whose normalised words (`hscr_fast.evaluation.metrics.normalize_answer`) occur as a contiguous run of the
 normalised report's words. A name therefore counts as stated wherever it occurs; reports that mention findings only
 to deny them ("no lesion in the right upper lobe") would be over-counted, which is why a vocabulary of names that a
 report uses only for present findings is assumed (the phantom's reports name only what they see). A finding never
@@ -29,7 +29,7 @@ REPORT_METRICS = ("report_hallucination_rate", "hallucinated_finding_share", "fi
 
 
 def _words(text: Any) -> list[str]:
-    from hscr_fast.metrics import normalize_answer
+    from hscr_fast.evaluation.metrics import normalize_answer
 
     return normalize_answer(text).split()
 

@@ -5,7 +5,7 @@
   each sample's token KL to the reference. Everything the loss needs, nothing vocabulary-sized.
 - `batch_loss`: the preference loss (MLPO, DPO or weighted DPO) plus the weighted token KL, from those tensors alone.
 
-Because `batch_loss` needs only per-sample tensors, held-out evaluation (`hscr_fast.heldout`) scores its batches with
+Because `batch_loss` needs only per-sample tensors, held-out evaluation (`hscr_fast.training.heldout`) scores its batches with
 `score_batch`, concatenates them (`concat_scored`) and calls `batch_loss` once on the whole set: the held-out metrics
 are exact set-wide values, not averages of batch averages.
 """
@@ -49,10 +49,10 @@ def score_batch(vlm, items, reference: dict[str, list[float]], config, kind_weig
                 device) -> ScoredBatch:
     """One listwise forward over `items` (a micro-batch of tokenised preference lists); differentiable in the policy
     log-probs and the token KL."""
-    from .kernels import fused_linear_logprobs, fused_token_kl
-    from .listwise import answer_hidden_states, pack_examples, sum_by_slot
-    from .preferences import to_examples
-    from .reference import reference_tensor
+    from hscr_fast.kernels import fused_linear_logprobs, fused_token_kl
+    from hscr_fast.listwise import answer_hidden_states, pack_examples, sum_by_slot
+    from hscr_fast.training.data import to_examples
+    from hscr_fast.training.reference import reference_tensor
 
     packed = pack_examples(vlm.embed_tokens, to_examples(vlm, items))
     hidden = answer_hidden_states(vlm, packed)
@@ -77,7 +77,7 @@ def score_batch(vlm, items, reference: dict[str, list[float]], config, kind_weig
 def batch_loss(scored: ScoredBatch, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The preference loss of `config.loss` plus `token_kl_weight` × the (weighted) mean token KL; metrics as
     `mlpo_loss` returns them, with `token_kl` added when it is on."""
-    from .losses import mlpo_loss
+    from hscr_fast.losses import mlpo_loss
 
     if config.loss == "mlpo":
         loss, metrics = mlpo_loss(scored.policy_logps, scored.ref_logps, gamma=config.gamma, valid=scored.valid,

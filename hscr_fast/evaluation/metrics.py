@@ -31,7 +31,7 @@ Scores per question (`score_prediction`), on the normalised strings:
 An empty prediction scores 0 everywhere. Aggregates are percentages (as the papers print them); a metric over zero
 questions is None.
 
-Reports: records that carry a `findings` list (the image's true findings, see `hscr_fast.hallucination`) are also
+Reports: records that carry a `findings` list (the image's true findings, see `hscr_fast.evaluation.hallucination`) are also
 scored as generated reports — report hallucination rate (CHAIR_s-like), hallucinated share of stated findings and
 coverage of true findings — over the records that have the field, in the totals and in every breakdown group.
 """
@@ -134,7 +134,7 @@ def compute_metrics(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     "by_<key>" dict mapping each value to the same metrics over its questions (records without the key go under
     "(missing)"). An error names the record (position and id) that caused it.
     """
-    from hscr_fast.hallucination import check_findings, finding_vocabulary, score_report
+    from hscr_fast.evaluation.hallucination import check_findings, finding_vocabulary, score_report
 
     records = list(records)
     vocabulary = finding_vocabulary(check_findings(record["findings"], f"record {position}{_record_id(record)}")
@@ -213,7 +213,7 @@ def metrics_to_markdown(metrics: dict[str, Any], title: str | None = None) -> st
 
 
 def _aggregate(scores: list[dict[str, Any]]) -> dict[str, Any]:
-    from hscr_fast.hallucination import report_metrics
+    from hscr_fast.evaluation.hallucination import report_metrics
 
     closed = [s for s in scores if s["answer_type"] == "CLOSED"]
     open_ = [s for s in scores if s["answer_type"] == "OPEN"]

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .data.images import ImageLoadError, load_image, validate_image
-from .data.records import DataFormatError, PreferenceRecord, load_preference_jsonl
-from .listwise import ListwiseExample
-from .models.prompting import MARK_OPEN, PromptTokens
+from hscr_fast.data.images import ImageLoadError, load_image, validate_image
+from hscr_fast.data.records import DataFormatError, PreferenceRecord, load_preference_jsonl
+from hscr_fast.listwise import ListwiseExample
+from hscr_fast.models.prompting import MARK_OPEN, PromptTokens
 
 
 @dataclass

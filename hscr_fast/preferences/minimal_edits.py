@@ -1,6 +1,6 @@
 """Minimally edited preference pairs for token-level alignment.
 
-    python -m hscr_fast.minimal_edits --preferences prefs.jsonl --out pairs.jsonl [--max-edited-words 3]
+    python -m hscr_fast.preferences.minimal_edits --preferences prefs.jsonl --out pairs.jsonl [--max-edited-words 3]
 
 HSCR's dispreferred responses are already minimal edits of y_w: a few image-sensitive tokens replaced. Each pair
 (y_w, y_lj) of a preference list becomes a record whose two responses differ only inside `<mask>…</mask>` spans,
@@ -15,8 +15,8 @@ import difflib
 import sys
 from collections import Counter
 
-from .io import JsonlAppender, read_jsonl
-from .models.prompting import MARK_CLOSE, MARK_OPEN
+from hscr_fast.runtime.io import JsonlAppender, read_jsonl
+from hscr_fast.models.prompting import MARK_CLOSE, MARK_OPEN
 
 
 def mark_differences(preferred: str, dispreferred: str) -> tuple[str, str, int]:
@@ -55,7 +55,7 @@ def minimal_edit_pairs(record: dict, *, max_edited_words: int) -> tuple[list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hscr_fast.minimal_edits", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hscr_fast.preferences.minimal_edits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preferences", required=True, help="preference lists JSONL (hscr_fast.generate output)")
     parser.add_argument("--out", required=True, help="output JSONL of marked pairs (resumable)")
     parser.add_argument("--max-edited-words", type=int, default=3, help="longest edit kept, in words")

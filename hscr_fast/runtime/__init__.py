@@ -1,0 +1,1 @@
+"""What every command shares: atomic and resumable outputs (`io`), process-group start-up (`distributed`)."""

@@ -1,0 +1,101 @@
+"""The settings of a Stage 3 run: every flag of `torchrun -m hscr_fast.train`, with the paper's defaults (Table 7)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+DESCRIPTION = "Stage 3 — multi-level preference optimisation (MLPO) on the prefix-shared listwise forward."
+
+
+def _arg(default, help_text, **extra):
+    return field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = _arg(None, "SFT model directory (transformers Llava layout); omit for the demo")
+    preferences: str | None = _arg(None, "preference lists JSONL from hscr_fast.generate")
+    image_folder: str | None = _arg(None, "folder the preference records' image paths are relative to")
+    eval_preferences: str | None = _arg(None, "held-out preference lists JSONL, scored with the training objective "
+                                              "every --eval-steps (eval_* metrics)")
+    eval_image_folder: str | None = _arg(None, "image folder of --eval-preferences (default: --image-folder)")
+    eval_fraction: float = _arg(0.0, "instead of --eval-preferences, hold out this fraction of --preferences (chosen "
+                                     "by a hash of each id: the same lists on every run and rank)")
+    eval_steps: int = _arg(50, "optimizer steps between held-out evaluations (and one at the end); 0 = at the end only")
+    save_best: bool = _arg(False, "also keep the adapter of the evaluation with the lowest held-out loss in "
+                                  "OUT/adapter-best (needs --eval-preferences or --eval-fraction)")
+    out: str = _arg("runs/hscr-mlpo", "output directory: adapter/, checkpoints/, metrics.jsonl, curves.png")
+    epochs: int = _arg(2, "epochs over the preference lists (paper: 2)")
+    learning_rate: float = _arg(5e-7, "peak learning rate (paper: 5e-7)")
+    warmup_ratio: float = _arg(0.03, "fraction of optimizer steps spent warming up linearly")
+    weight_decay: float = _arg(0.0, "AdamW weight decay (paper: none)")
+    per_device_batch_size: int = _arg(2, "prompts per device per micro-batch (paper: 2)")
+    gradient_accumulation_steps: int = _arg(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)")
+    gamma: float = _arg(0.1, "reward scale γ in r(y) = γ·(log π − log π_ref)")
+    loss: str = _arg("mlpo", "mlpo (HSCR, Eq. 7); dpo (y_w vs y_l1 only, weights ignored); weighted-dpo (MMedPO: "
+                             "each sample's DPO loss times its 'weight' field, used as given)",
+                     choices=("mlpo", "dpo", "weighted-dpo"))
+    kind_weight: list[str] = _arg(None, "KIND=W multiplies the loss of records whose 'kind' is KIND by W, e.g. "
+                                        "image-dispreference=0.1 for a visual grounding term (repeatable)",
+                                  action="append")
+    token_kl_weight: float = _arg(0.0, "α of a token-wise bidirectional KL to the reference on the preferred response "
+                                       "(token-level alignment uses 0.01; 0 = off)")
+    token_kl_lambda: float = _arg(0.5, "λ in λ·KL(ref‖π) + (1−λ)·KL(π‖ref)")
+    token_kl_scope: str = _arg("preferred", "tokens the KL covers: the whole preferred response, or only its "
+                                            "<mask>…</mask> spans", choices=("preferred", "marked"))
+    explicit: bool = _arg(True, "include the explicit loss L_E (y_w vs each y_l)")
+    implicit: bool = _arg(True, "include the implicit loss L_I (y_lj vs each worse y_lm)")
+    lora_r: int = _arg(16, "LoRA rank (paper: 16)")
+    lora_alpha: int = _arg(32, "LoRA alpha")
+    lora_dropout: float = _arg(0.0, "LoRA dropout (0 keeps the policy deterministic: at step 0 it equals the "
+                                    "reference)")
+    train_projector: bool = _arg(False, "also train the multimodal projector (fully)")
+    deepspeed: str = _arg("zero2", "'zero2' (built from these flags), 'none' (plain PyTorch), or a DeepSpeed JSON file")
+    gradient_checkpointing: bool = _arg(False, "recompute decoder activations in backward (less memory)")
+    dtype: str = _arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16")
+    attn_implementation: str = _arg("sdpa", "attention kernel for the decoder. The listwise forward gives every row "
+                                            "a 4D prefix-sharing mask, which flash-attention's kernels cannot take",
+                                    choices=("sdpa", "eager"))
+    max_answer_tokens: int = _arg(512, "longest response accepted, in tokens")
+    save_steps: int = _arg(50, "checkpoint every N optimizer steps (and at the end)")
+    save_total_limit: int = _arg(2, "checkpoints kept")
+    resume: bool = _arg(False, "continue from the latest checkpoint in OUT/checkpoints")
+    overwrite: bool = _arg(False, "replace the run already in OUT (its adapter, checkpoints and metrics are deleted); "
+                                  "without it (or --resume) an OUT holding a run is refused")
+    stop_after_steps: int | None = _arg(None, "stop (after checkpointing) once this many optimizer steps are done; "
+                                              "the schedule still spans the full run — for time-limited jobs")
+    merge: bool = _arg(False, "also write the merged model (base + adapter) to OUT/merged")
+    seed: int = _arg(0, "seed for data order and initialisation")
+    log_every: int = _arg(1, "optimizer steps between metric lines")
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> "TrainConfig":
+        parser = argparse.ArgumentParser(prog="torchrun -m hscr_fast.train", description=DESCRIPTION)
+        for item in dataclasses.fields(cls):
+            flag = "--" + item.name.replace("_", "-")
+            if item.type in ("bool", bool):
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default,
+                                    help=item.metadata["help"])
+            else:
+                kind = {"int": int, "float": float, "int | None": int}.get(str(item.type), str)
+                extra = {k: v for k, v in item.metadata.items() if k != "help"}
+                if extra.get("action") != "append":
+                    extra["type"] = kind
+                parser.add_argument(flag, default=item.default, help=item.metadata["help"], **extra)
+        return cls(**vars(parser.parse_args(argv)))
+
+
+def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
+    weights = {}
+    for entry in entries or []:
+        kind, sep, value = entry.partition("=")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not kind:
+            raise SystemExit(f"error: --kind-weight expects KIND=WEIGHT (e.g. image-dispreference=0.1), got {entry!r}")
+    return weights
+
