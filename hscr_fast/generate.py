@@ -13,6 +13,11 @@ from pathlib import Path
 
 from hscr_fast.preferences.pipeline import OutputPaths, run, validate_args
 
+# The names of hscr_fast.models.perturbation.PERTURBATIONS and hscr_fast.preferences.selfcontrast.REPLACEMENT_RULES (a
+# test holds them equal), spelled out so that `--help` answers without importing torch.
+PERTURBATIONS = ("visual-token", "pixel", "patch", "latent")
+REPLACEMENT_RULES = ("pdiff-ascending", "pdiff-ascending-cut", "deprived-contrast")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -30,20 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--num-samples", type=int, default=2000, help="use the first N valid records (0 = all)")
     stage1 = parser.add_argument_group("stage 1: token-level self-contrastive rewarding")
     stage1.add_argument("--seed", type=int, default=0, help="global seed of the per-sample visual token dropout")
-    stage1.add_argument("--drop-ratio", type=float, default=0.7, help="fraction of visual tokens dropped")
-    stage1.add_argument("--dropout-mode", choices=("remove", "mask"), default="remove")
+    stage1.add_argument("--perturbation", choices=PERTURBATIONS, default="visual-token",
+                        help="how the image is taken away (paper Table 5): visual-token dropout after the projector, "
+                             "or pixel-, patch- or latent-level masking in the CLIP encoder (LLaVA only)")
+    stage1.add_argument("--drop-ratio", type=float, default=0.7,
+                        help="fraction of the perturbation's units hidden (visual tokens, pixels, patches or "
+                             "attention-mask entries)")
+    stage1.add_argument("--dropout-mode", choices=("remove", "mask"), default="remove",
+                        help="visual-token perturbation: dropped tokens leave the sequence or are masked out")
     stage1.add_argument("--sensitivity", choices=("logprob", "logit"), default="logprob",
                         help="s_t from log-probability (default) or raw logit differences")
     stage1.add_argument("--beta", type=float, default=0.9, help="contrast strength of Eq. 3")
     stage1.add_argument("--top-n", type=int, default=10, help="sensitive positions per answer (fewer if shorter)")
+    stage1.add_argument("--min-sensitivity", type=float, default=0.0,
+                        help="only tokens with s_t above this are sensitive (0: tokens the image supports)")
+    stage1.add_argument("--literal-top-n", action="store_true",
+                        help="take the top-n tokens by s_t whatever its sign (the paper's wording, read literally)")
     stage1.add_argument("--alpha", type=float, default=0.1, help="plausibility cut p_full >= alpha * max p_full")
-    stage1.add_argument("--alpha-drop", type=float, default=None,
-                        help="deprived-side cut: of the top --num-candidates tokens of the image-deprived "
-                             "distribution keep those with p_drop >= alpha_drop * max p_drop (default = --alpha; "
-                             "0 = DESIGN.md's literal candidate rule)")
+    stage1.add_argument("--replacement", choices=REPLACEMENT_RULES, default="pdiff-ascending-cut",
+                        help="replacement rule: pdiff-ascending = lowest P_diff among the image-deprived top "
+                             "--num-candidates and the tokens plausible with the image; pdiff-ascending-cut = the same "
+                             "with deprived-side tokens also plausible without the image; deprived-contrast = highest "
+                             "(1+beta)L' - beta L among tokens plausible without the image")
     stage1.add_argument("--num-candidates", type=int, default=8,
                         help="top tokens of the image-deprived distribution added to the candidates")
     stage1.add_argument("--num-variants", type=int, default=5, help="graded variants per answer (M)")
+    stage1.add_argument("--num-alternatives", type=int, default=2,
+                        help="next-best replacements per sensitive position, used as single swaps when an answer has "
+                             "fewer sensitive positions than --num-variants")
     stage1.add_argument("--mode", choices=("parallel", "sequential"), default="parallel",
                         help="parallel: one scoring pass; sequential: re-score after each replacement (Eq. 4)")
     stage1.add_argument("--include-punctuation", action="store_true",
@@ -85,10 +104,13 @@ def resolve_inputs(args) -> tuple[Path, Path, Path]:
 
 
 def format_summary(summary: dict) -> str:
+    from hscr_fast.preferences.list_summary import format_list_statistics
+
     skipped = ", ".join(f"{reason} {count}" for reason, count in summary["skipped"].items()) or "none"
     return (f"read {summary['read']}, selected {summary['selected']}, written {summary['written']}, "
             f"skipped {summary['skipped_total']} ({skipped}), mean k {summary['mean_k']:.2f}, "
             f"{summary['samples_per_s']:.2f} samples/s ({summary['processed_this_run']} this run)\n"
+            f"{format_list_statistics(summary)}\n"
             f"  → {summary['output']}\n  → {summary['skipped_file']}")
 
 

@@ -113,16 +113,31 @@ def test_records_ladders_and_skips_lose_nothing(reference_run, dataset):
     entries = {e["id"]: e for e in reversed(dataset["entries"])}  # the first of a duplicated id wins
 
     # Nothing lost: every input entry is written once or skipped once, with the expected reason.
+    # Good samples whose answer has no token the random tiny model's image supports (s_t > 0) are skipped too.
     assert len(written) + len(skipped) == len(dataset["entries"])
-    assert {line["id"]: (line["stage"], line["reason"]) for line in skipped} == EXPECTED_SKIPS
-    good_ids = [f"g{i}" for i in range(NUM_GOOD)]
-    assert [line["id"] for line in written] == good_ids  # input order
-    assert summary["read"] == len(dataset["entries"]) and summary["written"] == NUM_GOOD
-    assert summary["skipped_total"] == len(EXPECTED_SKIPS) and summary["not_selected"] == 0
-    assert summary["skipped"] == {reason: 1 for _, reason in EXPECTED_SKIPS.values()}
+    reasons = {line["id"]: (line["stage"], line["reason"]) for line in skipped}
+    unsupported = {sample_id for sample_id in reasons if sample_id not in EXPECTED_SKIPS}
+    assert {sample_id: reasons[sample_id] for sample_id in EXPECTED_SKIPS} == EXPECTED_SKIPS
+    assert all(reasons[sample_id] == ("generate", "no_sensitive_positions") for sample_id in unsupported)
+    good_ids = [f"g{i}" for i in range(NUM_GOOD) if f"g{i}" not in unsupported]
+    assert [line["id"] for line in written] == good_ids and len(good_ids) >= NUM_GOOD // 2  # input order
+    assert summary["read"] == len(dataset["entries"]) and summary["written"] == len(good_ids)
+    assert summary["skipped_total"] == len(EXPECTED_SKIPS) + len(unsupported) and summary["not_selected"] == 0
+    expected_counts = {reason: 1 for _, reason in EXPECTED_SKIPS.values()}
+    expected_counts["no_sensitive_positions"] += len(unsupported)
+    assert summary["skipped"] == expected_counts
     assert summary["mean_k"] == pytest.approx(np.mean([line["k"] for line in written]))
     assert summary["samples_per_s"] > 0
-    assert summary["args"]["alpha_drop"] == summary["args"]["alpha"] == 0.1  # the default, resolved
+    assert summary["args"]["replacement"] == "pdiff-ascending-cut" and summary["args"]["min_sensitivity"] == 0.0
+    # what the lists are: pairs for each MLPO term, and who was skipped, by answer kind
+    ks = [line["k"] for line in written]
+    assert summary["explicit_pairs"] == sum(ks) and summary["implicit_pairs"] == sum(k * (k - 1) // 2 for k in ks)
+    assert summary["k_counts"] == {str(k): ks.count(k) for k in sorted(set(ks))}
+    kinds = summary["by_answer_kind"]
+    assert sum(kind["written"] for kind in kinds.values()) == len(good_ids)
+    assert kinds["yes/no"]["samples"] == sum(QA[i % len(QA)][1] in ("yes", "no") for i in range(NUM_GOOD))
+    assert summary["scans"] is None  # this data does not say which images are normal
+    assert {line["answer_kind"] for line in written} <= {"yes/no", "single-token", "multi-token"}
 
     for line in written:
         question, answer = (entries[line["id"]]["conversations"][i]["value"] for i in (0, 1))
@@ -165,17 +180,20 @@ def test_rerun_of_finished_output_changes_nothing_and_other_args_are_refused(ref
     assert json.loads(paths.summary.read_text())["processed_this_run"] == 0
     with pytest.raises(SystemExit, match="different arguments"):
         generate.main(argv(tiny_model_dir, dataset, out, "--beta", "0.5"))
-    # --alpha-drop is part of the fingerprint by its effective value: the default is --alpha (0.1); 0 is another rule
-    assert generate.main(argv(tiny_model_dir, dataset, out, "--alpha-drop", "0.1")) == 0
+    # the rule, the threshold and the perturbation are part of the fingerprint; naming the defaults changes nothing
+    assert generate.main(argv(tiny_model_dir, dataset, out, "--replacement", "pdiff-ascending-cut",
+                              "--perturbation", "visual-token", "--min-sensitivity", "0")) == 0
     assert out.read_bytes() == reference.out.read_bytes()
-    with pytest.raises(SystemExit, match="different arguments"):
-        generate.main(argv(tiny_model_dir, dataset, out, "--alpha-drop", "0"))
+    for flags in (["--replacement", "deprived-contrast"], ["--literal-top-n"], ["--perturbation", "patch"]):
+        with pytest.raises(SystemExit, match="different arguments"):
+            generate.main(argv(tiny_model_dir, dataset, out, *flags))
 
 
 def test_sequential_mode_show_and_num_samples(tmp_path, tiny_model_dir, dataset, cached_similarity, capsys):
     out = tmp_path / "seq.jsonl"
     assert generate.main(argv(tiny_model_dir, dataset, out, "--mode", "sequential", "--num-samples", "7",
-                              "--top-n", "3", "--num-variants", "3", "--show", "2")) == 0
+                              "--top-n", "3", "--num-variants", "3", "--show", "2",
+                              "--literal-top-n")) == 0  # every sample of the random model has a sensitive position
     written = read_jsonl(out)
     summary = json.loads(pipeline.OutputPaths(out).summary.read_text())
     # The first 7 records the reader accepts, minus those skipped later; input-stage skips are still all listed.
@@ -249,11 +267,11 @@ def test_demo_world_is_the_default(tmp_path, tiny_model_dir, dataset, cached_sim
     out = tmp_path / "demo.jsonl"
     assert generate.main(["--out", str(out), "--num-samples", "4", "--batch-size", "4"]) == 0
     summary = json.loads(pipeline.OutputPaths(out).summary.read_text())
-    assert summary["written"] == 4 and summary["args"]["model"] == str(tiny_model_dir)
-    assert summary["args"]["image_folder"] == str(dataset["images"])
+    assert summary["selected"] == 4 and summary["written"] >= 2
+    assert summary["args"]["model"] == str(tiny_model_dir) and summary["args"]["image_folder"] == str(dataset["images"])
 
 
-def test_alpha_drop_flag_reaches_the_kernel(tiny_vlm, cached_similarity, dataset, monkeypatch):
+def test_stage1_flags_reach_the_config_and_the_kernel(tiny_vlm, cached_similarity, dataset, monkeypatch):
     import importlib
 
     from hscr_fast.data.records import VQARecord
@@ -264,18 +282,43 @@ def test_alpha_drop_flag_reaches_the_kernel(tiny_vlm, cached_similarity, dataset
     kernel = kernel_module.contrastive_select_from_hidden
 
     def recording_kernel(*args, **kwargs):
-        seen.append(kwargs["alpha_drop"])
+        seen.append((kwargs["rule"], kwargs["alpha_drop"], kwargs["min_sensitivity"]))
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(kernel_module, "contrastive_select_from_hidden", recording_kernel)
     record = VQARecord(id="g0", image="g0.png", question=QA[1][0], answer=QA[1][1])
-    for flags, expected in (([], None), (["--alpha-drop", "0"], 0.0), (["--alpha-drop", "0.3"], 0.3)):
+    for flags, expected in (([], ("pdiff", None, 0.0)),
+                            (["--replacement", "pdiff-ascending", "--min-sensitivity", "0.3"], ("pdiff", 0.0, 0.3)),
+                            (["--replacement", "deprived-contrast", "--literal-top-n"], ("deprived", None, None))):
         args = generate.build_parser().parse_args(flags)
+        if args.literal_top_n:  # as _run resolves it
+            args.min_sensitivity = None
         builder = pipeline.PreferenceBuilder(args, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
-        assert builder.contrast.config.alpha_drop == expected
         seen.clear()
         builder.build(builder.load([record]))
         assert seen and set(seen) == {expected}
+    args = generate.build_parser().parse_args(["--perturbation", "latent", "--drop-ratio", "0.5"])
+    builder = pipeline.PreferenceBuilder(args, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
+    assert builder.contrast.perturb.perturbation == "latent" and builder.contrast.perturb.drop_ratio == 0.5
+    assert builder.build(builder.load([record])).records  # the latent-masked condition scores and lists
+
+
+def test_command_names_are_the_librarys():
+    from hscr_fast.models.perturbation import PERTURBATIONS
+    from hscr_fast.preferences.selfcontrast import REPLACEMENT_RULES
+
+    assert generate.PERTURBATIONS == PERTURBATIONS and generate.REPLACEMENT_RULES == tuple(REPLACEMENT_RULES)
+
+
+def test_perturbation_a_family_cannot_express_is_refused_before_the_model_loads(tmp_path, capsys):
+    model = tmp_path / "llava-next"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["LlavaNextForConditionalGeneration"]}')
+    (tmp_path / "sft.json").write_text("[]")
+    code = generate.main(["--model", str(model), "--data", str(tmp_path / "sft.json"), "--perturbation", "patch",
+                          "--out", str(tmp_path / "out" / "x.jsonl")])
+    assert code == 2 and "several tiles" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
@@ -283,8 +326,10 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
         generate.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="--batch-size"):
         generate.main(["--batch-size", "0", "--out", str(tmp_path / "x.jsonl")])
-    with pytest.raises(SystemExit, match="--alpha-drop must be in"):
-        generate.main(["--alpha-drop", "2", "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit, match="--drop-ratio must be in"):
+        generate.main(["--drop-ratio", "1", "--out", str(tmp_path / "x.jsonl")])
+    with pytest.raises(SystemExit, match="--num-alternatives must be"):
+        generate.main(["--num-alternatives", "-1", "--out", str(tmp_path / "x.jsonl")])
     with pytest.raises(SystemExit, match="no such directory"):
         generate.main(["--model", str(tmp_path / "missing"), "--data", "sft.json", "--out", str(tmp_path / "x.jsonl")])
     (tmp_path / "sft.json").write_text('{"id": 1}')
@@ -293,9 +338,10 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert "sft.json: expected a JSON list" in capsys.readouterr().err
 
 
-def test_sample_whose_variants_all_vanish_is_skipped_by_stage2(tiny_llava, tiny_model_dir, dataset, cached_similarity):
-    """Edit the lm_head so that EOS is what the model says at "yes" without the image: the only variant is then
-    "yes" → EOS, which decodes to nothing, and Stage 2 skips the sample with its reason."""
+def test_special_tokens_are_never_replacements(tiny_llava, tiny_model_dir, dataset, cached_similarity):
+    """Edit the lm_head so that EOS is what the model says at "yes" without the image and is plausible with it: the
+    replacement rule would pick EOS ("yes" → nothing), but special tokens are never replacements, so the variant is a
+    real token and the list is written."""
     import copy
 
     from hscr_fast.data.records import VQARecord
@@ -303,19 +349,28 @@ def test_sample_whose_variants_all_vanish_is_skipped_by_stage2(tiny_llava, tiny_
 
     model, processor = tiny_llava
     vlm = VisionLanguageModel(copy.deepcopy(model), processor)
-    args = generate.build_parser().parse_args(["--top-n", "1", "--num-variants", "1"])
+    args = generate.build_parser().parse_args(["--top-n", "1", "--num-variants", "1", "--literal-top-n"])
+    args.min_sensitivity = None
     builder = pipeline.PreferenceBuilder(args, vlm, cached_similarity, dataset["images"], "fingerprint")
     record = VQARecord(id="closed", image="g0.png", question="Is there a lesion in the left lung?", answer="yes")
     loaded = builder.load([record])
     sample = builder.contrast.prepare(record.id, record.question, record.answer)
     visual = vlm.encode_images(loaded.pixel_values)
     (h_full, h_drop), = builder.contrast.answer_hidden_pairs([sample], [sample.answer_ids], visual)
+    eos = processor.tokenizer.eos_token_id
     with torch.no_grad():
         weight = vlm.lm_head_weight
         hidden = torch.stack([h_full[0], h_drop[0]]).double()
         targets = torch.stack([(weight @ h_full[0]).max() - 0.5, (weight @ h_drop[0]).max() + 8.0]).double()
-        weight[processor.tokenizer.eos_token_id] = torch.linalg.lstsq(hidden, targets[:, None]).solution[:, 0].float()
+        weight[eos] = torch.linalg.lstsq(hidden, targets[:, None]).solution[:, 0].float()
+        (h_full, h_drop), = builder.contrast.answer_hidden_pairs([sample], [sample.answer_ids], visual)
+        # without the exclusion, EOS is the rule's choice at "yes"
+        from hscr_fast.kernels import contrastive_select_from_hidden
+
+        plain = contrastive_select_from_hidden(h_full, h_drop, weight, torch.tensor(sample.answer_ids), top_n=1)
+        assert plain.replacement[0].item() == eos
     output = builder.build(loaded)
-    assert output.records == []
-    assert [(line["id"], line["stage"], line["reason"]) for line in output.skips] == \
-        [("closed", "generate", "no_variant_differs_from_preferred")]
+    special = set(processor.tokenizer.all_special_ids)
+    assert [line["id"] for line in output.records] == ["closed"] and output.skips == []
+    assert all(token["replacement_id"] not in special for token in output.records[0]["sensitive"])
+    assert output.records[0]["responses"][1].strip()

@@ -27,13 +27,19 @@ SAMPLES = [
 
 
 # -- plain references -------------------------------------------------------------------------------------------------
-def reference_logits(vlm, question, answer_ids, image, dropout=None):
-    """[T, V] float64 logits predicting each answer token, from transformers' own forward."""
+def reference_logits(vlm, question, answer_ids, image, dropout=None, deprived_visual=None):
+    """[T, V] float64 logits predicting each answer token, from transformers' own forward. `deprived_visual`: visual
+    tokens of an encoder-level perturbation, spliced in by hand."""
     llava, tokenizer = vlm.llava, vlm.tokenizer
     prompt = vlm.prompt_tokens(question)
     pixels = vlm.preprocess_images([image])
     with torch.no_grad():
-        if dropout is None:
+        if deprived_visual is not None:
+            embed = llava.get_input_embeddings()
+            before = embed(torch.tensor(prompt.before_image))
+            rest = embed(torch.tensor(list(prompt.after_image) + list(answer_ids[:-1])))
+            logits = llava(inputs_embeds=torch.cat([before, deprived_visual, rest])[None]).logits[0]
+        elif dropout is None:
             image_ids = [llava.config.image_token_id] * vlm.num_visual_tokens
             ids = list(prompt.before_image) + image_ids + list(prompt.after_image) + list(answer_ids[:-1])
             logits = llava(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0]
@@ -71,18 +77,25 @@ def reference_top_n(sensitivity, eligible, top_n):
     return sorted(positions, key=lambda t: (-float(sensitivity[t]), t))[:top_n]
 
 
-def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alpha, num_candidates, alpha_drop=None):
-    """Candidates: {top-k of the image-deprived distribution with p_drop ≥ α'·max p_drop} ∪ {p_full ≥ α·max p_full}
-    − {y_t} (α' = alpha_drop, None: = α; 0: DESIGN.md's literal rule); the one with the lowest
-    P_diff = softmax((1+β)L − βL') wins."""
-    alpha_drop = alpha if alpha_drop is None else alpha_drop
+def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alpha, num_candidates,
+                          replacement="pdiff-ascending-cut", excluded=()):
+    """pdiff-ascending(-cut): candidates {top-k of the image-deprived distribution (with p_drop ≥ α·max p_drop for
+    -cut)} ∪ {p_full ≥ α·max p_full}; the lowest P_diff = softmax((1+β)L − βL') wins. deprived-contrast: candidates
+    {p_drop ≥ α·max p_drop}; the highest (1+β)L' − βL wins. Never y_t nor an `excluded` id (special tokens)."""
     p_full, p_drop = logits_full_row.softmax(-1), logits_drop_row.softmax(-1)
-    top = torch.topk(logits_drop_row, num_candidates).indices.tolist() if num_candidates else []
-    candidates = {v for v in top if p_drop[v] >= alpha_drop * p_drop.max()}
-    candidates |= set(torch.nonzero(p_full >= alpha * p_full.max()).flatten().tolist())
-    candidates.discard(int(label))
+    deprived_plausible = set(torch.nonzero(p_drop >= alpha * p_drop.max()).flatten().tolist())
+    if replacement == "deprived-contrast":
+        candidates = deprived_plausible
+    else:
+        top = set(torch.topk(logits_drop_row, num_candidates).indices.tolist() if num_candidates else [])
+        candidates = top & deprived_plausible if replacement == "pdiff-ascending-cut" else top
+        candidates |= set(torch.nonzero(p_full >= alpha * p_full.max()).flatten().tolist())
+    candidates -= {int(label), *excluded}
     if not candidates:
         return -1
+    if replacement == "deprived-contrast":
+        score = ((1 + beta) * logits_drop_row - beta * logits_full_row).softmax(-1)
+        return min(candidates, key=lambda v: (-float(score[v]), v))
     p_diff = ((1 + beta) * logits_full_row - beta * logits_drop_row).softmax(-1)
     return min(candidates, key=lambda v: (float(p_diff[v]), v))
 
@@ -99,35 +112,51 @@ def run_stage1(vlm, config, samples=SAMPLES, images=None):
 
 
 # -- tests ------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dropout_mode,sensitivity,alpha_drop", [("remove", "logprob", None), ("mask", "logprob", None),
-                                                                 ("remove", "logit", None), ("remove", "logprob", 0.0)])
+CASES = {
+    "remove-logprob-cut": ("remove", "logprob", "pdiff-ascending-cut", None),
+    "mask-logprob-cut": ("mask", "logprob", "pdiff-ascending-cut", None),
+    "remove-logit-cut": ("remove", "logit", "pdiff-ascending-cut", None),
+    "remove-logprob-uncut": ("remove", "logprob", "pdiff-ascending", None),
+    "deprived-contrast": ("remove", "logprob", "deprived-contrast", None),
+    "image-supported": ("remove", "logprob", "pdiff-ascending-cut", 0.0),
+    "image-supported-deprived": ("mask", "logprob", "deprived-contrast", 0.0),
+}
+
+
+@pytest.mark.parametrize("dropout_mode,sensitivity,replacement,min_sensitivity", CASES.values(), ids=CASES.keys())
 def test_sensitive_positions_and_replacements_match_reference(tiny_vlm, images, dropout_mode, sensitivity,
-                                                              alpha_drop):
+                                                              replacement, min_sensitivity):
     config = SelfContrastConfig(seed=5, top_n=4, dropout_mode=dropout_mode, sensitivity=sensitivity,
-                                alpha_drop=alpha_drop)
+                                replacement=replacement, min_sensitivity=min_sensitivity, num_alternatives=0)
     contrast, prepared, results = run_stage1(tiny_vlm, config, images=images)
+    special = tiny_vlm.tokenizer.all_special_ids
     for (sid, question, _), sample, result, image in zip(SAMPLES, prepared, results, images):
         dropout = visual_dropout(tiny_vlm.num_visual_tokens, 0.7, global_seed=5, sample_id=sid, mode=dropout_mode)
         assert dropout.num_kept == tiny_vlm.num_visual_tokens - round(0.7 * tiny_vlm.num_visual_tokens)
         logits_full = reference_logits(tiny_vlm, question, sample.answer_ids, image)
         logits_drop = reference_logits(tiny_vlm, question, sample.answer_ids, image, dropout)
         s = reference_sensitivity(logits_full, logits_drop, sample.answer_ids, sensitivity)
-        eligible = reference_content(tiny_vlm.tokenizer, sample.answer_ids)
+        reference = [reference_replacement(logits_full[t], logits_drop[t], label, beta=config.beta,
+                                           alpha=config.alpha, num_candidates=config.num_candidates,
+                                           replacement=replacement, excluded=special)
+                     for t, label in enumerate(sample.answer_ids)]
+        # content tokens with a candidate, and (image-supported) s_t > 0
+        eligible = [ok and reference[t] >= 0 and (min_sensitivity is None or s[t] > min_sensitivity)
+                    for t, ok in enumerate(reference_content(tiny_vlm.tokenizer, sample.answer_ids))]
         expected = reference_top_n(s, eligible, config.top_n)
         assert [token.position for token in result.sensitive] == expected, sid
-        assert len(expected) == min(config.top_n, sum(eligible))
         for token in result.sensitive:
             assert token.token_id == sample.answer_ids[token.position]
             assert token.sensitivity == pytest.approx(float(s[token.position]), abs=2e-4)
-            assert token.replacement_id == reference_replacement(
-                logits_full[token.position], logits_drop[token.position], token.token_id, beta=config.beta,
-                alpha=config.alpha, num_candidates=config.num_candidates, alpha_drop=alpha_drop), (sid, token)
-            assert token.replacement_id != token.token_id
+            assert token.replacement_id == reference[token.position], (sid, token)
+            assert token.replacement_id != token.token_id and token.replacement_id not in special
+    if min_sensitivity is not None:
+        assert all(token.sensitivity > 0 for result in results for token in result.sensitive)
 
 
 def test_variant_m_replaces_ceil_m_n_over_M_positions(tiny_vlm, images):
     for top_n, num_variants in [(3, 5), (10, 4), (2, 2)]:
-        config = SelfContrastConfig(top_n=top_n, num_variants=num_variants)
+        config = SelfContrastConfig(top_n=top_n, num_variants=num_variants, min_sensitivity=None, num_alternatives=0)
         _, prepared, results = run_stage1(tiny_vlm, config, images=images)
         for sample, result in zip(prepared, results):
             n = len(result.sensitive)
@@ -150,7 +179,8 @@ def test_graded_counts_is_ceiling():
 
 
 def test_sequential_mode_rescores_after_each_replacement(tiny_vlm, images):
-    config = SelfContrastConfig(seed=1, top_n=3, num_variants=3, mode="sequential")
+    config = SelfContrastConfig(seed=1, top_n=3, num_variants=3, mode="sequential", min_sensitivity=None,
+                                num_alternatives=0)
     _, prepared, results = run_stage1(tiny_vlm, config, images=images)
     for (sid, question, _), sample, result, image in zip(SAMPLES, prepared, results, images):
         dropout = visual_dropout(tiny_vlm.num_visual_tokens, 0.7, global_seed=1, sample_id=sid)
@@ -164,13 +194,16 @@ def test_sequential_mode_rescores_after_each_replacement(tiny_vlm, images):
             position = reference_top_n(s, [ok and t not in replaced for t, ok in enumerate(eligible)], 1)[0]
             replacement = reference_replacement(logits_full[position], logits_drop[position], current[position],
                                                 beta=config.beta, alpha=config.alpha,
-                                                num_candidates=config.num_candidates)
+                                                num_candidates=config.num_candidates,
+                                                excluded=tiny_vlm.tokenizer.all_special_ids)
             expected.append((position, replacement))
             current[position] = replacement
         assert [(t.position, t.replacement_id) for t in result.sensitive] == expected, sid
         assert result.variants[-1].token_ids == current
     # The first replacement of a sequential run is the parallel run's first one.
-    _, _, parallel = run_stage1(tiny_vlm, SelfContrastConfig(seed=1, top_n=3, num_variants=3), images=images)
+    _, _, parallel = run_stage1(tiny_vlm, SelfContrastConfig(seed=1, top_n=3, num_variants=3, min_sensitivity=None,
+                                                                num_alternatives=0),
+                                images=images)
     assert [r.sensitive[0] for r in results] == [r.sensitive[0] for r in parallel]
 
 
@@ -244,7 +277,7 @@ def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
     condition (e^-4 < 0.1), so no position has a candidate and the answer gets no variants."""
     model, processor = tiny_llava
     vlm = VisionLanguageModel(copy.deepcopy(model), processor)
-    config = SelfContrastConfig(seed=2, top_n=10, alpha_drop=0.0)
+    config = SelfContrastConfig(seed=2, top_n=10, replacement="pdiff-ascending", min_sensitivity=None)
     contrast = SelfContrast(vlm, config)
     samples, images = SAMPLES[:3], images[:3]  # 17 answer positions × 2 conditions ≤ 64 unknowns per row
     prepared = [contrast.prepare(sid, question, answer) for sid, question, answer in samples]
@@ -274,11 +307,12 @@ def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
         for token in result.sensitive:
             assert token.replacement_id == reference_replacement(
                 logits_full[token.position], logits_drop[token.position], token.token_id, beta=config.beta,
-                alpha=config.alpha, num_candidates=config.num_candidates, alpha_drop=0.0), (sid, token)
+                alpha=config.alpha, num_candidates=config.num_candidates, replacement="pdiff-ascending"), (sid, token)
         assert all(reference_replacement(logits_full[t], logits_drop[t], label, beta=config.beta, alpha=config.alpha,
                                          num_candidates=config.num_candidates) == -1
                    for t, label in enumerate(sample.answer_ids))
-    default_cut = SelfContrast(vlm, SelfContrastConfig(seed=2, top_n=10)).run(prepared, images)
+    default_cut = SelfContrast(vlm, SelfContrastConfig(seed=2, top_n=10, replacement="pdiff-ascending-cut",
+                                                       min_sensitivity=None)).run(prepared, images)
     assert all(result.sensitive == [] and result.variants == [] for result in default_cut)
 
 
@@ -290,8 +324,8 @@ def test_render_marked(tiny_vlm):
     assert render_marked(tokenizer, ids, []) == "two lesions, left lung"
 
 
-def test_alpha_drop_reaches_the_kernel(tiny_vlm, images, monkeypatch):
-    """The config's alpha_drop (None = alpha, 0 = literal rule, a value of its own) is what the kernel gets."""
+def test_replacement_rule_and_threshold_reach_the_kernel(tiny_vlm, images, monkeypatch):
+    """Each named rule is the kernel's (rule, alpha_drop); min_sensitivity and the special tokens go with it."""
     import importlib
 
     # the module, not the function hscr_fast.kernels re-exports under the same name
@@ -300,20 +334,77 @@ def test_alpha_drop_reaches_the_kernel(tiny_vlm, images, monkeypatch):
     kernel = kernel_module.contrastive_select_from_hidden
 
     def recording_kernel(*args, **kwargs):
-        seen.append((kwargs["alpha"], kwargs["alpha_drop"]))
+        seen.append((kwargs["rule"], kwargs["alpha_drop"], kwargs["min_sensitivity"],
+                     set(kwargs["exclude"].flatten().tolist())))
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(kernel_module, "contrastive_select_from_hidden", recording_kernel)
-    for alpha_drop in (None, 0.0, 0.25):
+    special = set(tiny_vlm.tokenizer.all_special_ids)
+    for replacement, rule, alpha_drop in (("pdiff-ascending", "pdiff", 0.0), ("pdiff-ascending-cut", "pdiff", None),
+                                          ("deprived-contrast", "deprived", None)):
         seen.clear()
-        run_stage1(tiny_vlm, SelfContrastConfig(alpha=0.2, alpha_drop=alpha_drop), samples=SAMPLES[:2],
-                   images=images[:2])
-        assert seen and set(seen) == {(0.2, alpha_drop)}
+        run_stage1(tiny_vlm, SelfContrastConfig(replacement=replacement, min_sensitivity=0.5, num_alternatives=0),
+                   samples=SAMPLES[:2], images=images[:2])
+        assert seen and {(r, a, m) for r, a, m, _ in seen} == {(rule, alpha_drop, 0.5)}
+        assert all(special <= excluded for *_, excluded in seen)
+
+
+def test_short_answers_get_next_best_single_swaps(tiny_vlm, images):
+    """n < M: after the cumulative variants, single swaps by the 2nd-, then 3rd-best replacement at each sensitive
+    position, each the plain rule's choice once the better ones are excluded."""
+    config = SelfContrastConfig(seed=4, top_n=2, num_variants=5, num_alternatives=2, min_sensitivity=None)
+    contrast, prepared, results = run_stage1(tiny_vlm, config, images=images)
+    special = tiny_vlm.tokenizer.all_special_ids
+    checked = 0
+    for (sid, question, _), sample, result, image in zip(SAMPLES, prepared, results, images):
+        logits_full = reference_logits(tiny_vlm, question, sample.answer_ids, image)
+        logits_drop = reference_logits(tiny_vlm, question, sample.answer_ids, image,
+                                       contrast.dropout_for(sid, tiny_vlm.num_visual_tokens))
+        cumulative = [variant for variant in result.variants if variant.alternative == 0]
+        assert len(cumulative) == config.num_variants
+        for token in result.sensitive:
+            taken = [token.replacement_id]
+            for alternative in token.alternative_ids:
+                expected = reference_replacement(logits_full[token.position], logits_drop[token.position],
+                                                 token.token_id, beta=config.beta, alpha=config.alpha,
+                                                 num_candidates=config.num_candidates, excluded=[*special, *taken])
+                assert alternative == expected, (sid, token)
+                taken.append(alternative)
+                checked += 1
+        singles = [variant for variant in result.variants if variant.alternative]
+        expected_singles = []
+        for rank in (1, 2):
+            for token in result.sensitive:
+                if len(token.alternative_ids) >= rank:
+                    ids = list(sample.answer_ids)
+                    ids[token.position] = token.alternative_ids[rank - 1]
+                    expected_singles.append(ids)
+        distinct_cumulative = num_distinct(cumulative)
+        assert [variant.token_ids for variant in singles] == \
+            expected_singles[:config.num_variants - distinct_cumulative]
+        assert num_distinct(result.variants) == len(result.variants) - (len(cumulative) - distinct_cumulative)
+    assert checked >= 6
+
+
+def test_patch_perturbation_scores_the_deprived_condition_with_the_kept_patches(tiny_vlm, images):
+    from hscr_fast.models.perturbation import ImagePerturbation
+
+    config = SelfContrastConfig(seed=6, top_n=3, perturbation="patch", min_sensitivity=None, num_alternatives=0)
+    contrast, prepared, results = run_stage1(tiny_vlm, config, samples=SAMPLES[:3], images=images[:3])
+    pixels = tiny_vlm.preprocess_images(images[:3])
+    deprived = ImagePerturbation(tiny_vlm, "patch", drop_ratio=0.7, global_seed=6)(pixels, ["a", "b", "c"])
+    for (sid, question, _), sample, result, image, visual in zip(SAMPLES, prepared, results, images, deprived):
+        assert visual.shape[0] == tiny_vlm.num_visual_tokens - round(0.7 * tiny_vlm.num_visual_tokens)
+        logits_full = reference_logits(tiny_vlm, question, sample.answer_ids, image)
+        logits_drop = reference_logits(tiny_vlm, question, sample.answer_ids, image, deprived_visual=visual)
+        s = reference_sensitivity(logits_full, logits_drop, sample.answer_ids)
+        for token in result.sensitive:
+            assert token.sensitivity == pytest.approx(float(s[token.position]), abs=2e-4)
 
 
 def test_config_rejects_bad_values():
     for bad in [dict(mode="both"), dict(dropout_mode="zero"), dict(sensitivity="prob"), dict(drop_ratio=1.0),
                 dict(top_n=0), dict(num_variants=0), dict(alpha=2.0), dict(num_candidates=-1),
-                dict(alpha_drop=-0.5), dict(alpha_drop=1.5)]:
+                dict(replacement="lowest"), dict(perturbation="noise"), dict(num_alternatives=-1)]:
         with pytest.raises(ValueError):
             SelfContrastConfig(**bad)

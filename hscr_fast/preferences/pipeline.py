@@ -44,7 +44,8 @@ from hscr_fast.runtime.distributed import ProcessGroup
 from hscr_fast.runtime.io import (JsonlAppender, JsonlError, OutputFiles, atomic_write_json, atomic_write_text,
                           check_same_arguments, fingerprint_of, refuse_outputs_over_inputs)
 
-FINGERPRINT_ARGS = ("seed", "drop_ratio", "dropout_mode", "sensitivity", "beta", "top_n", "alpha", "alpha_drop",
+FINGERPRINT_ARGS = ("seed", "perturbation", "drop_ratio", "dropout_mode", "sensitivity", "min_sensitivity", "beta",
+                    "top_n", "alpha", "replacement", "num_alternatives",
                     "num_candidates", "num_variants", "num_dispreferred", "min_gap", "similarity_model", "mode",
                     "max_length", "include_punctuation", "dtype")
 STAGE_INPUT, STAGE_GENERATE = "input", "generate"
@@ -110,8 +111,9 @@ def finished_ids(paths: OutputPaths, fingerprint: str) -> set[str]:
     return done
 
 
-def skip_line(sample_id, image, stage: str, reason: str, message: str, fingerprint: str) -> dict:
-    return {"id": sample_id, "image": image, "stage": stage, "reason": reason, "message": message,
+def skip_line(sample_id, image, stage: str, reason: str, message: str, fingerprint: str, **facts) -> dict:
+    """A skip file line; `facts` (answer_kind, normal_scan) describe the sample for the summary."""
+    return {"id": sample_id, "image": image, "stage": stage, "reason": reason, "message": message, **facts,
             "args_fingerprint": fingerprint}
 
 
@@ -143,15 +145,26 @@ class PreferenceBuilder:
         self.image_folder = image_folder
         self.fingerprint = fingerprint
         self.contrast = SelfContrast(vlm, SelfContrastConfig(
-            seed=args.seed, drop_ratio=args.drop_ratio, dropout_mode=args.dropout_mode, sensitivity=args.sensitivity,
-            beta=args.beta, top_n=args.top_n, alpha=args.alpha, alpha_drop=args.alpha_drop,
-            num_candidates=args.num_candidates,
-            num_variants=args.num_variants, mode=args.mode, include_punctuation=args.include_punctuation,
+            seed=args.seed, perturbation=args.perturbation, drop_ratio=args.drop_ratio,
+            dropout_mode=args.dropout_mode, sensitivity=args.sensitivity, min_sensitivity=args.min_sensitivity,
+            beta=args.beta, top_n=args.top_n, alpha=args.alpha, replacement=args.replacement,
+            num_candidates=args.num_candidates, num_variants=args.num_variants,
+            num_alternatives=args.num_alternatives, mode=args.mode, include_punctuation=args.include_punctuation,
             backend=args.kernel_backend))
         self.max_length = args.max_length or vlm.config.text_config.max_position_embeddings
 
-    def skip(self, record, reason: str, message: str) -> dict:
-        return skip_line(record.id, record.image, STAGE_GENERATE, reason, message, self.fingerprint)
+    def facts(self, record, num_content: int | None = None) -> dict:
+        """The answer's kind and whether the image is a normal scan (None where the data does not say)."""
+        from hscr_fast.preferences.list_summary import answer_kind, is_normal_scan
+
+        if num_content is None:
+            num_content = sum(self.contrast.content.mask(
+                self.contrast.prepare(record.id, record.question, record.answer).answer_ids))
+        return {"answer_kind": answer_kind(record.answer, num_content), "normal_scan": is_normal_scan(record.metadata)}
+
+    def skip(self, record, reason: str, message: str, num_content: int | None = None) -> dict:
+        return skip_line(record.id, record.image, STAGE_GENERATE, reason, message, self.fingerprint,
+                         **self.facts(record, num_content))
 
     def load(self, batch) -> LoadedBatch:
         """Images of a batch, read and preprocessed (runs in the loader thread while the model works on the batch
@@ -197,7 +210,7 @@ class PreferenceBuilder:
         for record, result in zip(ready, results):
             if not result.sensitive:
                 skips.append(self.skip(record, "no_sensitive_positions",
-                                       "no content token in the answer could be replaced"))
+                                       "no content token the image supports could be replaced", result.num_content))
         reranked = rerank_batch([record.answer for record, _ in scored],
                                 [[variant.text for variant in result.variants] for _, result in scored],
                                 self.similarity, num_dispreferred=self.args.num_dispreferred,
@@ -205,7 +218,8 @@ class PreferenceBuilder:
         records, shown = [], []
         for (record, result), ranking in zip(scored, reranked):
             if ranking.skip_reason is not None:
-                skips.append(self.skip(record, ranking.skip_reason, "Stage 2 kept no dispreferred response"))
+                skips.append(self.skip(record, ranking.skip_reason, "Stage 2 kept no dispreferred response",
+                                       result.num_content))
                 continue
             records.append(self.output_record(record, result, ranking))
             if len(shown) < show:
@@ -229,9 +243,11 @@ class PreferenceBuilder:
             "num_replaced": [len(variant.replaced_positions) for variant in kept],
             "sensitive": [{"position": token.position, "token": tokenizer.decode([token.token_id]),
                            "token_id": token.token_id, "replacement": tokenizer.decode([token.replacement_id]),
-                           "replacement_id": token.replacement_id, "sensitivity": token.sensitivity}
+                           "replacement_id": token.replacement_id, "sensitivity": token.sensitivity,
+                           "alternatives": [tokenizer.decode([alternative]) for alternative in token.alternative_ids]}
                           for token in result.sensitive],
             "variants_considered": num_distinct(result.variants),
+            **self.facts(record, result.num_content),
         }
         if record.answer_type is not None:
             line["answer_type"] = record.answer_type
@@ -275,11 +291,23 @@ def validate_args(args) -> None:
         problems.append(f"--show must be >= 0, got {args.show}")
     if args.max_length is not None and args.max_length < 1:
         problems.append(f"--max-length must be >= 1, got {args.max_length}")
-    if args.alpha_drop is not None and not 0.0 <= args.alpha_drop <= 1.0:
-        problems.append(f"--alpha-drop must be in [0, 1] (0: DESIGN.md's literal candidate rule), got "
-                        f"{args.alpha_drop}")
+    if args.num_alternatives < 0:
+        problems.append(f"--num-alternatives must be >= 0, got {args.num_alternatives}")
+    if not 0.0 <= args.drop_ratio < 1.0:
+        problems.append(f"--drop-ratio must be in [0, 1), got {args.drop_ratio}")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
+
+
+def refuse_unexpressible_perturbation(perturbation: str, model_dir: Path) -> None:
+    """Before the model loads: a perturbation the checkpoint's family cannot express is refused with the reason."""
+    if perturbation == "visual-token":
+        return
+    from hscr_fast.models.perturbation import check_perturbation
+    from hscr_fast.models.vlm import SUPPORTED_ARCHITECTURES, read_architecture
+
+    family = SUPPORTED_ARCHITECTURES[read_architecture(model_dir)].replace("-", "_").replace(".", "_")
+    check_perturbation(perturbation, family)
 
 
 def batches_of(records: list, size: int) -> list[list]:
@@ -304,10 +332,11 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
     from hscr_fast.models.vlm import load_vlm
     from hscr_fast.preferences.rerank import SentenceSimilarity
 
+    refuse_unexpressible_perturbation(args.perturbation, model_dir)
     if args.dtype == "auto":
         args.dtype = "bfloat16" if group.device.type == "cuda" else "float32"
-    if args.alpha_drop is None:  # the effective value, so that the fingerprint and the summary's args name it
-        args.alpha_drop = args.alpha
+    if args.literal_top_n:  # one name for the rule in the fingerprint and the summary's args
+        args.min_sensitivity = None
     records, input_skips = load_llava_med_json(data_path, on_error="skip")
     selected = records[:args.num_samples] if args.num_samples else records
     paths = OutputPaths(Path(args.out))
@@ -362,7 +391,9 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
     written, skipped = merge_outputs(paths, records, input_lines)
     processed_total = sum(count for count, _ in per_rank)
     wall = max(seconds for _, seconds in per_rank)
-    ks = [line["k"] for line in written]
+    from hscr_fast.preferences.list_summary import list_statistics
+
+    statistics = list_statistics(written, skipped)
     summary = {
         "read": len(records) + len(input_skips),
         "selected": len(selected),
@@ -370,8 +401,7 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
         "written": len(written),
         "skipped": dict(Counter(line["reason"] for line in skipped).most_common()),
         "skipped_total": len(skipped),
-        "mean_k": sum(ks) / len(ks) if ks else 0.0,
-        "k_counts": {str(k): count for k, count in sorted(Counter(ks).items())},
+        **statistics,
         "processed_this_run": processed_total,
         "elapsed_s": round(wall, 3),
         "samples_per_s": round(processed_total / wall, 3) if wall > 0 and processed_total else 0.0,

@@ -1,41 +1,49 @@
-"""Stage 1 of HSCR: token-level self-contrastive rewarding (paper §3.1, DESIGN.md Stage 1).
+"""Stage 1 of HSCR: token-level self-contrastive rewarding (paper §3.1; docs/method.md has the readings below and
+the measurements behind their defaults).
 
 For a batch of samples (image, question, ground-truth answer y_w):
 
-1. the vision tower runs once; each sample's visual tokens are also dropped (`drop_ratio`, seeded per (seed, sample
-   id) by `hscr_fast.models.dropout.visual_dropout`, mode `remove` or `mask`);
-2. two teacher-forced forwards score y_w, one per condition (full image, dropped image), each ONE packed forward for
+1. the vision tower runs once; each sample's image is also deprived by `perturbation` at `drop_ratio`, seeded per
+   (seed, sample id): visual-token dropout after the projector (default; `hscr_fast.models.dropout`, mode `remove`
+   or `mask`), or pixel-, patch- or latent-level masking in the vision encoder (`hscr_fast.models.perturbation`);
+2. two teacher-forced forwards score y_w, one per condition (full image, deprived image), each ONE packed forward for
    the whole batch (`hscr_fast.listwise`, one response per prompt): only the answer positions' final hidden states are
    kept, never [T, V] logits;
 3. per sample, `hscr_fast.kernels.contrastive_select_from_hidden` computes s_t, the contrast, the sensitive
    positions and each position's replacement straight from the hidden states and the lm_head weight;
 4. graded variants: variant m of M replaces the ⌈m·n/M⌉ most sensitive positions (n = sensitive positions found).
+   When that gives fewer than M distinct variants (short answers: n < M), the next-best replacements at the sensitive
+   positions (`num_alternatives` each, asked of the kernel with the better ones excluded) supply single-swap
+   variants, 2nd-best at every position first, then 3rd-best, until there are M.
 
-Content tokens. Special tokens (BOS, EOS, pad, ...) are never sensitive. Tokens whose text has no letter or digit
-(whitespace, punctuation, partial UTF-8 bytes) are excluded too unless `include_punctuation=True`.
+Content tokens. Special tokens (BOS, EOS, pad, ...) are never sensitive and never replacements. Tokens whose text has
+no letter or digit (whitespace, punctuation, partial UTF-8 bytes) are not sensitive unless `include_punctuation=True`.
 
 Choices made here that the paper leaves open:
-- Candidates (the kernel's rule): the image-deprived top-`num_candidates` tokens that are also plausible without the
-  image (p_drop(v) ≥ `alpha_drop`·max p_drop; `alpha_drop=None` means the same as `alpha`), together with the tokens
-  plausible with it (p_full(v) ≥ `alpha`·max p_full), minus y_t. DESIGN.md takes the deprived top-k uncut
-  (`alpha_drop=0`); on a peaked answer that lets in junk the full model rejects hardest ("yes" → "left",
-  "small" → "and"), so the default cuts it (`hscr_fast.kernels.contrastive_select` explains).
-- The sensitive positions are the top-n by s_t among content positions *that have a replacement candidate*. Under
-  DESIGN.md's literal rule (`alpha_drop=0`, `num_candidates ≥ 1`) every position has one; with the default cut a
-  position where y_t dominates both distributions has none (nothing plausible argues against the image there) and
-  is passed over, as is any position when `num_candidates=0` and nothing but y_t is plausible.
+- Sensitive positions are image-supported: only content tokens with s_t > `min_sensitivity` (default 0: the image
+  makes y_t more likely) compete, top-n among them. `min_sensitivity=None` is the literal top-n, which on answers
+  shorter than n takes every content token, including ones the image argues against. Positions without a
+  replacement candidate under the rule are passed over.
+- Replacement (`replacement`; the kernel's `rule` and `alpha_drop`):
+  * `pdiff-ascending`: the lowest P_diff among the image-deprived top-`num_candidates` tokens and the tokens
+    plausible with the image (p_full ≥ `alpha`·max p_full), minus y_t: the paper's "ascending P_diff" as written;
+    on peaked rows the lowest contrast is a token the full model rejects hardest, often junk ("yes" → "left");
+  * `pdiff-ascending-cut`: the same, keeping on the deprived side only tokens also plausible without the image
+    (p_drop ≥ `alpha`·max p_drop);
+  * `deprived-contrast`: the highest (1+β)·L' − β·L among tokens plausible without the image (p_drop ≥
+    `alpha`·max p_drop): what the image-deprived model prefers most over the full one (contrastive decoding with the
+    roles of the two conditions swapped).
 - Modes of Eq. 4:
-  * `parallel` (default): one pass. The replacements are all chosen from the scores of y_w itself, and variant m
+  * `parallel`: one pass. The replacements are all chosen from the scores of y_w itself, and variant m
     applies the first ⌈m·n/M⌉ of them.
   * `sequential` (Eq. 4 read literally): the first pass on y_w fixes n (as in parallel) and makes the first
     replacement (its most sensitive position). Each later step re-scores the *current* modified answer under both
     conditions (two batched forwards) and replaces the most sensitive position not yet replaced, with the replacement
     chosen in that pass; the recorded s_t is the one from the pass that chose the position. After n steps, variant m
-    is the answer after ⌈m·n/M⌉ replacements. Cost: n + 1 pairs of forwards instead of one.
-- A replacement may be a special token (EOS, when the image-deprived model would stop there). Variant text is decoded
-  with special tokens skipped, so such a replacement deletes the word; a variant that becomes empty or equal to y_w
-  is dropped by Stage 2.
-- When n < M several variants are equal (⌈m·n/M⌉ repeats); Stage 2 collapses duplicates.
+    is the answer after ⌈m·n/M⌉ replacements. Cost: n + 1 pairs of forwards instead of one. Next-best alternatives
+    come from the pass on y_w in both modes.
+- Repeated variants (⌈m·n/M⌉ repeats when n < M, or an alternative that equals another variant) are collapsed by
+  Stage 2.
 """
 from __future__ import annotations
 
@@ -45,31 +53,45 @@ import torch
 
 from hscr_fast.listwise import ListwiseExample, answer_hidden_states, pack_examples
 from hscr_fast.models.dropout import DROPOUT_MODES, VisualDropout, visual_dropout
+from hscr_fast.models.perturbation import PERTURBATIONS, ImagePerturbation, check_perturbation
 from hscr_fast.models.prompting import PromptTokens
 
 CONTRAST_MODES = ("parallel", "sequential")
 SENSITIVITY_KINDS = ("logprob", "logit")
+# replacement rule -> the kernel's (rule, alpha_drop); alpha_drop None: the same as alpha
+REPLACEMENT_RULES = {
+    "pdiff-ascending": ("pdiff", 0.0),
+    "pdiff-ascending-cut": ("pdiff", None),
+    "deprived-contrast": ("deprived", None),
+}
 
 
 @dataclass(frozen=True)
 class SelfContrastConfig:
-    """Stage 1 settings; defaults are the paper's (DESIGN.md Stage 1)."""
+    """Stage 1 settings; defaults are the paper's where it gives them, else chosen by measurement (docs/method.md)."""
 
     seed: int = 0
+    perturbation: str = "visual-token"
     drop_ratio: float = 0.7
-    dropout_mode: str = "remove"
+    dropout_mode: str = "remove"  # of the visual-token perturbation
     sensitivity: str = "logprob"
+    min_sensitivity: float | None = 0.0  # positions need s_t above it; None: the literal top-n
     beta: float = 0.9
     top_n: int = 10
     alpha: float = 0.1
-    alpha_drop: float | None = None  # deprived-side cut; None: = alpha; 0: DESIGN.md's literal candidate rule
+    replacement: str = "pdiff-ascending-cut"
     num_candidates: int = 8
     num_variants: int = 5
+    num_alternatives: int = 2  # next-best replacements per sensitive position when cumulative variants run short
     mode: str = "parallel"
     include_punctuation: bool = False
     backend: str = "auto"  # of the contrastive_select kernel
 
     def __post_init__(self):
+        if self.perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}")
+        if self.replacement not in REPLACEMENT_RULES:
+            raise ValueError(f"replacement must be one of {tuple(REPLACEMENT_RULES)}, got {self.replacement!r}")
         if self.dropout_mode not in DROPOUT_MODES:
             raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {self.dropout_mode!r}")
         if self.mode not in CONTRAST_MODES:
@@ -82,9 +104,8 @@ class SelfContrastConfig:
             raise ValueError(f"top_n and num_variants must be >= 1, got {self.top_n} and {self.num_variants}")
         if self.num_candidates < 0 or not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"need num_candidates >= 0 and alpha in [0, 1], got {self.num_candidates}, {self.alpha}")
-        if self.alpha_drop is not None and not 0.0 <= self.alpha_drop <= 1.0:
-            raise ValueError(f"alpha_drop must be None (= alpha) or in [0, 1] (0: DESIGN.md's literal candidate "
-                             f"rule), got {self.alpha_drop}")
+        if self.num_alternatives < 0:
+            raise ValueError(f"num_alternatives must be >= 0, got {self.num_alternatives}")
 
 
 @dataclass
@@ -98,32 +119,38 @@ class PreparedSample:
 
 @dataclass(frozen=True)
 class SensitiveToken:
-    """A replaced position of y_w: its index in `answer_ids`, the original and replacement token, and s_t."""
+    """A replaced position of y_w: its index in `answer_ids`, the original and replacement token, s_t, and the
+    next-best replacements there (best first; empty unless the answer needed them)."""
 
     position: int
     token_id: int
     replacement_id: int
     sensitivity: float
+    alternative_ids: tuple[int, ...] = ()
 
 
 @dataclass
 class Variant:
-    """One dispreferred candidate: y_w with `replaced_positions` (in replacement order) swapped."""
+    """One dispreferred candidate: y_w with `replaced_positions` (in replacement order) swapped. `alternative` is 0
+    for a cumulative variant and r >= 1 for a single swap by the (r+1)-th best replacement."""
 
     token_ids: list[int]
     replaced_positions: list[int]
     text: str
+    alternative: int = 0
 
 
 @dataclass
 class SelfContrastResult:
     """Stage 1 output for one sample. `sensitive` is in replacement order (descending s_t in parallel mode);
-    `variants[m-1]` replaces the first ⌈m·n/M⌉ of them. Both are empty when no position is sensitive."""
+    `variants[m-1]` (m <= M) replaces the first ⌈m·n/M⌉ of them; next-best single swaps follow when those are fewer
+    than M distinct. Both are empty when no position is sensitive. `num_content`: y_w's content tokens."""
 
     sample_id: str
     answer_ids: list[int]
     sensitive: list[SensitiveToken] = field(default_factory=list)
     variants: list[Variant] = field(default_factory=list)
+    num_content: int = 0
 
 
 def graded_counts(num_sensitive: int, num_variants: int) -> list[int]:
@@ -199,6 +226,13 @@ class SelfContrast:
         self.vlm = vlm
         self.config = config or SelfContrastConfig()
         self.content = ContentTokens(vlm.tokenizer, include_punctuation=self.config.include_punctuation)
+        self.special_ids = sorted(set(vlm.tokenizer.all_special_ids))
+        self.perturb = None
+        if self.config.perturbation != "visual-token":
+            check_perturbation(self.config.perturbation, vlm.family,
+                               type(vlm.llava.model.vision_tower).__name__)
+            self.perturb = ImagePerturbation(vlm, self.config.perturbation, drop_ratio=self.config.drop_ratio,
+                                             global_seed=self.config.seed)
 
     # -- inputs -------------------------------------------------------------------------------------------------------
     def prepare(self, sample_id: str, question: str, answer: str) -> PreparedSample:
@@ -219,13 +253,17 @@ class SelfContrast:
     # -- scoring ------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def answer_hidden_pairs(self, samples: list[PreparedSample], answers: list[list[int]], visual_tokens,
-                            layouts=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                            layouts=None, deprived_tokens=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(hidden_full [T, D], hidden_drop [T, D]) per sample: the final hidden states predicting each token of
-        `answers[i]`, from one packed forward per condition for the whole batch."""
+        `answers[i]`, from one packed forward per condition for the whole batch. `deprived_tokens[i]`: the visual
+        tokens of an encoder-level perturbation; None: visual-token dropout of `visual_tokens`."""
         full, dropped = [], []
         for index, (sample, answer, visual) in enumerate(zip(samples, answers, visual_tokens)):
             layout = None if layouts is None else layouts[index]
             full.append(ListwiseExample(sample.prompt, [answer], visual, visual_layout=layout))
+            if deprived_tokens is not None:
+                dropped.append(ListwiseExample(sample.prompt, [answer], deprived_tokens[index]))
+                continue
             dropout = self.dropout_for(sample.sample_id, visual.shape[0])
             kept_tokens, attendable = dropout.apply(visual)
             dropped.append(ListwiseExample(sample.prompt, [answer], kept_tokens,
@@ -236,20 +274,32 @@ class SelfContrast:
         hidden_drop = answer_hidden_states(self.vlm, pack_examples(self.vlm.embed_tokens, dropped)).split(lengths)
         return list(zip(hidden_full, hidden_drop))
 
+    def _exclusions(self, rows: int, taken: list[list[int]] | None = None) -> torch.Tensor:
+        """[rows, E]: the special tokens at every row, then the row's `taken` ids, padded with -1."""
+        taken = taken or [[] for _ in range(rows)]
+        width = len(self.special_ids) + max((len(ids) for ids in taken), default=0)
+        table = torch.full((rows, max(width, 1)), -1, dtype=torch.long)
+        for row, ids in enumerate(taken):
+            values = self.special_ids + list(ids)
+            table[row, :len(values)] = torch.tensor(values, dtype=torch.long)
+        return table.to(self.vlm.device)
+
     @torch.inference_mode()
     def select(self, hidden_full: torch.Tensor, hidden_drop: torch.Tensor, labels: list[int],
-               eligible: list[bool]):
-        """The kernel's selection for one answer, ranking every eligible position (top_n = T) so callers can skip
-        positions without a replacement."""
+               eligible: list[bool], taken: list[list[int]] | None = None):
+        """The kernel's selection for one answer, ranking every eligible position above `min_sensitivity` (top_n = T)
+        so callers can skip positions without a replacement. `taken[t]`: ids not to choose at row t."""
         from hscr_fast.kernels.contrastive_select import contrastive_select_from_hidden
 
         config = self.config
         device = hidden_full.device
+        rule, alpha_drop = REPLACEMENT_RULES[config.replacement]
         return contrastive_select_from_hidden(
             hidden_full, hidden_drop, self.vlm.lm_head_weight, torch.tensor(labels, dtype=torch.long, device=device),
-            beta=config.beta, top_n=len(labels), alpha=config.alpha, alpha_drop=config.alpha_drop,
-            num_candidates=config.num_candidates,
-            sensitivity=config.sensitivity, content_mask=torch.tensor(eligible, dtype=torch.bool, device=device),
+            beta=config.beta, top_n=len(labels), alpha=config.alpha, alpha_drop=alpha_drop,
+            num_candidates=config.num_candidates, sensitivity=config.sensitivity,
+            content_mask=torch.tensor(eligible, dtype=torch.bool, device=device), rule=rule,
+            exclude=self._exclusions(len(labels), taken), min_sensitivity=config.min_sensitivity,
             backend=config.backend)
 
     @staticmethod
@@ -260,6 +310,24 @@ class SelfContrast:
         sensitivities = selection.sensitivity[selection.sensitive_positions].tolist() if positions else []
         ranked = [(p, r, s) for p, r, s in zip(positions, replacements, sensitivities) if r >= 0]
         return ranked[:limit]
+
+    def _alternatives(self, hidden_full, hidden_drop, answer: list[int], picks) -> list[tuple[int, ...]]:
+        """Per pick, up to `num_alternatives` next-best replacements at its position (best first): the kernel asked
+        again on those rows with the better choices excluded."""
+        if not picks:
+            return []
+        positions = [position for position, _, _ in picks]
+        taken = [[replacement] for _, replacement, _ in picks]
+        rows = torch.tensor(positions, device=hidden_full.device)
+        found: list[list[int]] = [[] for _ in picks]
+        for _ in range(self.config.num_alternatives):
+            selection = self.select(hidden_full[rows], hidden_drop[rows], [answer[p] for p in positions],
+                                    [True] * len(positions), taken)
+            for index, replacement in enumerate(selection.replacement.tolist()):
+                if replacement >= 0:  # -1: this position has no further candidate
+                    found[index].append(replacement)
+                    taken[index].append(replacement)
+        return [tuple(ids) for ids in found]
 
     # -- the stage ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -272,18 +340,26 @@ class SelfContrast:
             return []
         pixel_values = self.vlm.preprocess_images(list(images)) if isinstance(images, (list, tuple)) else images
         visual_tokens, layouts = self.vlm.encode_images(pixel_values), self.vlm.visual_layouts(pixel_values)
+        deprived = None
+        if self.perturb is not None:
+            deprived = self.perturb(pixel_values, [sample.sample_id for sample in samples])
         answers = [list(sample.answer_ids) for sample in samples]
         content = [self.content.mask(answer) for answer in answers]
+        pairs = self.answer_hidden_pairs(samples, answers, visual_tokens, layouts, deprived)
         first_pass = [self._ranked(self.select(h_full, h_drop, answer, mask), self.config.top_n)
-                      for (h_full, h_drop), answer, mask
-                      in zip(self.answer_hidden_pairs(samples, answers, visual_tokens, layouts), answers, content)]
+                      for (h_full, h_drop), answer, mask in zip(pairs, answers, content)]
+        alternatives = [[()] * len(picks) for picks in first_pass]
+        for index, ((h_full, h_drop), answer, picks) in enumerate(zip(pairs, answers, first_pass)):
+            if len(set(graded_counts(len(picks), self.config.num_variants))) < self.config.num_variants:
+                alternatives[index] = self._alternatives(h_full, h_drop, answer, picks)
         if self.config.mode == "parallel":
             chosen = first_pass
         else:
-            chosen = self._sequential(samples, answers, content, visual_tokens, layouts, first_pass)
-        return [self._result(sample, picks) for sample, picks in zip(samples, chosen)]
+            chosen = self._sequential(samples, answers, content, visual_tokens, layouts, deprived, first_pass)
+        return [self._result(sample, picks, dict(zip([p for p, _, _ in first], alternative)), sum(mask))
+                for sample, picks, first, alternative, mask in zip(samples, chosen, first_pass, alternatives, content)]
 
-    def _sequential(self, samples, answers, content, visual_tokens, layouts, first_pass):
+    def _sequential(self, samples, answers, content, visual_tokens, layouts, deprived, first_pass):
         """Eq. 4 literally: one replacement per pass, each pass re-scoring the answer as modified so far."""
         targets = [len(ranked) for ranked in first_pass]  # n per sample, fixed by the pass on y_w
         chosen = [ranked[:1] for ranked in first_pass]
@@ -297,7 +373,8 @@ class SelfContrast:
                 return chosen
             pairs = self.answer_hidden_pairs([samples[i] for i in active], [current[i] for i in active],
                                              [visual_tokens[i] for i in active],
-                                             None if layouts is None else [layouts[i] for i in active])
+                                             None if layouts is None else [layouts[i] for i in active],
+                                             None if deprived is None else [deprived[i] for i in active])
             for i, (h_full, h_drop) in zip(active, pairs):
                 replaced = {position for position, _, _ in chosen[i]}
                 eligible = [ok and position not in replaced for position, ok in enumerate(content[i])]
@@ -309,10 +386,12 @@ class SelfContrast:
                 chosen[i].append((position, replacement, sensitivity))
                 current[i][position] = replacement
 
-    def _result(self, sample: PreparedSample, picks: list[tuple[int, int, float]]) -> SelfContrastResult:
+    def _result(self, sample: PreparedSample, picks: list[tuple[int, int, float]],
+                alternatives: dict[int, tuple[int, ...]], num_content: int) -> SelfContrastResult:
         tokenizer = self.vlm.tokenizer
         answer = list(sample.answer_ids)
-        sensitive = [SensitiveToken(position, answer[position], replacement, float(sensitivity))
+        sensitive = [SensitiveToken(position, answer[position], replacement, float(sensitivity),
+                                    alternatives.get(position, ()))
                      for position, replacement, sensitivity in picks]
         variants = []
         for count in (graded_counts(len(picks), self.config.num_variants) if picks else []):
@@ -321,7 +400,20 @@ class SelfContrast:
                 token_ids[token.position] = token.replacement_id
             variants.append(Variant(token_ids, [token.position for token in sensitive[:count]],
                                     decode_answer(tokenizer, token_ids)))
-        return SelfContrastResult(sample.sample_id, answer, sensitive, variants)
+        # short answers: next-best single swaps, 2nd-best at every position first, until M distinct variants
+        distinct = {tuple(variant.token_ids) for variant in variants}
+        rank = 1
+        while len(distinct) < self.config.num_variants and any(len(t.alternative_ids) >= rank for t in sensitive):
+            for token in sensitive:
+                if len(token.alternative_ids) < rank or len(distinct) >= self.config.num_variants:
+                    continue
+                token_ids = list(answer)
+                token_ids[token.position] = token.alternative_ids[rank - 1]
+                if tuple(token_ids) not in distinct:
+                    distinct.add(tuple(token_ids))
+                    variants.append(Variant(token_ids, [token.position], decode_answer(tokenizer, token_ids), rank))
+            rank += 1
+        return SelfContrastResult(sample.sample_id, answer, sensitive, variants, num_content)
 
 
 def num_distinct(variants: list[Variant]) -> int:
@@ -330,6 +422,7 @@ def num_distinct(variants: list[Variant]) -> int:
 
 
 __all__ = [
-    "CONTRAST_MODES", "ContentTokens", "PreparedSample", "SelfContrast", "SelfContrastConfig", "SelfContrastResult",
-    "SensitiveToken", "Variant", "decode_answer", "graded_counts", "num_distinct", "render_marked",
+    "CONTRAST_MODES", "REPLACEMENT_RULES", "ContentTokens", "PreparedSample", "SelfContrast", "SelfContrastConfig",
+    "SelfContrastResult", "SensitiveToken", "Variant", "decode_answer", "graded_counts", "num_distinct",
+    "render_marked",
 ]
