@@ -79,6 +79,7 @@ class PhantomJudge:
 
 def measure(name: str, flags: list[str], world, num_samples: int, work: Path, judge: PhantomJudge) -> dict:
     from hscr_fast import generate
+    from hscr_fast.preferences import pipeline
 
     out = work / f"{re.sub(r'[^a-z0-9]+', '-', name.casefold()).strip('-')}.jsonl"
     started = time.perf_counter()
@@ -88,7 +89,7 @@ def measure(name: str, flags: list[str], world, num_samples: int, work: Path, ju
     seconds = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"{name}: generate exited {code}")
-    summary = json.loads(generate.OutputPaths(out).summary.read_text())
+    summary = json.loads(pipeline.OutputPaths(out).summary.read_text())
     records = {record["id"]: record for record in json.loads(Path(world.train_json).read_text())}
     judged = well_formed = wrong = both = 0
     examples = []
