@@ -85,6 +85,17 @@ def record_bench_result():
 
 
 @pytest.fixture
+def step_measure():
+    """measure(fn, device) -> (seconds, peak bytes above the start or None), as `measure`; `.device_label(device)`
+    names the device as every result does."""
+    def run(fn, device):
+        return measure(fn, device)
+
+    run.device_label = device_name
+    return run
+
+
+@pytest.fixture
 def side_by_side(benchmark, record_bench_result):
     """compare(forms, subject=..., baseline=..., case=..., rounds=..., device=...) -> summary dict.
 

@@ -18,8 +18,9 @@ shared prefix once (summed over responses), exactly as in k+1 separate forwards.
 The last token of a response is never fed in (nothing is predicted from it): the hidden state that predicts a
 response's first token is the prefix's last one, shared by all responses.
 
-Mask choice: a dense bool mask, which transformers hands to SDPA unchanged (`attn_implementation="sdpa"`; eager gets
-it converted to additive form). It costs B·L² bytes (one per bool: 18 MB for two rows of LLaVA-NeXT's ~3,000 tokens)
+Mask choice: on decoders that run flex attention, a FlexAttention BlockMask of the same visibility
+(listwise_attention.py), which skips the masked blocks. Otherwise a dense bool mask, which transformers hands to SDPA
+unchanged (`attn_implementation="sdpa"`; eager gets it converted to additive form). It costs B·L² bytes (one per bool: 18 MB for two rows of LLaVA-NeXT's ~3,000 tokens)
 and lets SDPA use its memory-efficient kernel. It is exact and backend-independent, and it works with gradient
 checkpointing (no KV cache is carried between layers).
 
@@ -103,6 +104,8 @@ class PackedBatch:
     num_real_tokens: int = 0  # tokens fed through the decoder, padding excluded
     score_flags: torch.Tensor | None = None  # bool [M]: the examples' token_flags (None when no example has any)
     segment_ids: torch.Tensor = field(default=None, repr=False)  # [B, L]: -1 pad, 0 prefix, j+1 response j
+    attendable: torch.Tensor = field(default=None, repr=False)  # bool [B, L]: False = no query may see this key
+    block_mask: object = field(default=None, repr=False)  # FlexAttention form of attention_mask, made on first use
 
     @property
     def num_slots(self) -> int:
@@ -196,6 +199,7 @@ def pack_examples(embed_tokens, examples: list[ListwiseExample], *, device=None)
         score_flags=(torch.tensor(score_flags, dtype=torch.bool, device=device)
                      if any(ex.token_flags is not None for ex in examples) else None),
         segment_ids=segment_ids,
+        attendable=attendable_t,
     )
 
 
@@ -216,10 +220,11 @@ def listwise_attention_mask(segment_ids: torch.Tensor, attendable: torch.Tensor)
 def answer_hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     """[M, D] final hidden states that predict each answer token of the batch (in `score_rows` order). `model` has
     `decoder_hidden_states` (our wrappers) or is a stock transformers causal language model."""
+    from hscr_fast.listwise_attention import attention_mask_for
     from hscr_fast.models.causal_lm import as_listwise_model
 
-    hidden = as_listwise_model(model).decoder_hidden_states(batch.inputs_embeds, batch.attention_mask,
-                                                            batch.position_ids)
+    model = as_listwise_model(model)
+    hidden = model.decoder_hidden_states(batch.inputs_embeds, attention_mask_for(model, batch), batch.position_ids)
     return select_answer_states(hidden, batch)
 
 

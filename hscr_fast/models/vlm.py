@@ -334,8 +334,10 @@ class VisionLanguageModel:
         return outputs.last_hidden_state
 
     def _adapt_mask(self, attention_mask, dtype):
-        # sdpa and flex take a boolean 4D mask as is; eager attention adds the mask to the scores.
-        if attention_mask is None or attention_mask.dim() != 4 or attention_mask.dtype != torch.bool:
+        # sdpa takes a boolean 4D mask as is, and flex attention a BlockMask (listwise_attention.py); eager attention
+        # adds the mask to the scores.
+        if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
+                or attention_mask.dtype != torch.bool):
             return attention_mask
         if self.config.text_config._attn_implementation == "eager":
             return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
