@@ -5,6 +5,7 @@ first Triton-path call builds the kernels (the kernels module imports triton laz
 imports does not matter). Shapes are odd on purpose: N not a multiple of any block or chunk, prime V = 1031, D odd,
 and one V = 32000 case.
 """
+import importlib.util
 import os
 
 import pytest
@@ -229,3 +230,43 @@ for has_lse, write_grad, has_scale in [(False, False, False), (False, True, Fals
 """
     compiles_for_hopper(script)
 
+
+
+# Liger's Triton kernels also run in Triton's interpreter, so the oracle runs on CPU too (small shapes only there).
+LIGER = importlib.util.find_spec("liger_kernel") is not None and TRITON_RUNNABLE
+
+
+def liger_logprobs(hidden, weight, labels, ignore_index=-100):
+    """Liger-Kernel's fused linear cross entropy with per-token output (reduction="none"), negated: log p(label), 0 at
+    ignored rows. Its upstream gradient per token is folded into its recomputed gradients (Liger >= 0.8.5)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    accumulate = torch.float32 if hidden.dtype != torch.float32 else None
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="none", accum_dtype=accumulate)
+    return -loss(weight, hidden, labels).float()
+
+
+@pytest.mark.skipif(not LIGER, reason="needs liger-kernel (pip install -e .[bench]) and CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
+@pytest.mark.parametrize("rows, vocab, dim", [
+    (37, 263, 41),
+    pytest.param(300, 32000, 256, marks=pytest.mark.skipif(DEVICE.type != "cuda", reason="too slow interpreted")),
+])
+def test_values_and_gradients_match_liger(weight_grad, dtype, rows, vocab, dim):
+    """Liger as an independent oracle: the same log-probs and gradients (per-token upstream gradient, ignored
+    rows). In fp32 both must agree closely; in bf16 ours may be no further from the float64 reference than Liger."""
+    hidden, weight, labels, upstream = make_inputs(rows, vocab, dim, dtype=dtype, ignored=(3, rows - 1), seed=rows)
+    ours = run(hidden, weight, labels, upstream, weight_grad=weight_grad, backend="triton")
+    liger = run(hidden, weight, labels, upstream, weight_grad=weight_grad, fn=liger_logprobs)
+    exact = run(hidden.double(), weight.double(), labels, upstream.double(), weight_grad=weight_grad,
+                fn=reference_fused_linear_logprobs)
+    for name, mine, theirs, truth in zip(("log-probs", "grad hidden", "grad weight"), ours, liger, exact):
+        if truth is None:
+            continue
+        scale = truth.abs().max()
+        if dtype == torch.float32:
+            assert (mine - theirs).abs().max() <= 1e-4 * scale + 1e-5, name
+        else:
+            liger_error = (theirs - truth).abs().max()
+            assert (mine - truth).abs().max() <= 2 * liger_error + 1e-3 * scale, name
