@@ -5,7 +5,7 @@ gradient checkpointing; transformers does not offer flex attention for Qwen2-VL'
 torch has no CPU backward for compiled flex attention (it refuses inputs that require grad on CPU). Here the flex
 calls run torch's own unfused implementation of the same op (the reference its compiled kernels are checked against),
 with that device check lifted; everything else is transformers' flex attention path unchanged (GQA, scaling, the
-BlockMask handed to every layer). The compiled CUDA kernel is checked by the same tests on a GPU (bench/gpu.sh).
+BlockMask handed to every layer). On CUDA the same tests run the compiled kernel (bench/gpu.sh runs them).
 """
 import pytest
 import torch
@@ -23,9 +23,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 ANSWERS = [["yes", "no", "the left upper lobe of the lung"], ["right lower lobe", "left lobe", "two", "none"]]
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture
-def unfused_flex_on_cpu(monkeypatch):
-    """transformers' flex attention path, with torch's unfused flex implementation standing in for the compiled one."""
+def flex_runnable(monkeypatch):
+    """On CUDA, transformers' flex attention as it runs (compiled). On CPU, the same path with torch's unfused flex
+    implementation standing in for the compiled kernel (which has no CPU backward)."""
+    if DEVICE.type == "cuda":
+        return
     import transformers.integrations.flex_attention as hf_flex
 
     def unfused(query, key, value, training=False, **kwargs):
@@ -68,7 +74,8 @@ def _build(family: str):
     from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
     from hscr_fast.models.vlm import VisionLanguageModel
 
-    return VisionLanguageModel(*build_tiny_llava(TinyLlavaSpec(family=family, seed=5)))
+    model, processor = build_tiny_llava(TinyLlavaSpec(family=family, seed=5))
+    return VisionLanguageModel(model.to(DEVICE), processor)
 
 
 def _logps_and_gradients(vlm, pixels, prompts, responses, dropouts, upstream):
@@ -88,7 +95,7 @@ def _logps_and_gradients(vlm, pixels, prompts, responses, dropouts, upstream):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("family", ["llava", "llava-next"])
-def test_flex_attention_equals_dense_values_and_gradients(unfused_flex_on_cpu, make_images, gradients_match, family,
+def test_flex_attention_equals_dense_values_and_gradients(flex_runnable, make_images, gradients_match, family,
                                                           checkpointing):
     vlm = _build(family)
     vlm.model.train()  # checkpointing recomputes only in training mode; the tiny models have no dropout
@@ -100,7 +107,7 @@ def test_flex_attention_equals_dense_values_and_gradients(unfused_flex_on_cpu, m
     # "mask" dropout: some visual keys are hidden from every query, which the BlockMask must reproduce.
     dropouts = [visual_dropout(count, 0.5, global_seed=1, sample_id=i, mode="mask")
                 for i, count in enumerate(vlm.visual_token_counts(pixels))]
-    upstream = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    upstream = torch.randn(2, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     dense_logps, dense_grads, dense_batch = _logps_and_gradients(vlm, pixels, prompts, responses, dropouts, upstream)
     assert isinstance(attention_mask_for(vlm, dense_batch), torch.Tensor)

@@ -56,3 +56,14 @@ def test_the_demo_world_numbers_are_generated_from_the_committed_results():
     spec.loader.exec_module(module)
     assert module.replaced(README.read_text(), module.render()) == README.read_text(), \
         "README demo-world block is stale: run python bench/demo_readme.py render"
+
+
+def test_the_performance_tables_are_generated_from_the_committed_results():
+    """No typed figure: the README's performance tables are exactly what bench/readme_table.py makes of
+    bench/results/*.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("readme_table", README.parent / "bench" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0
