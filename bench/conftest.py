@@ -92,6 +92,7 @@ def step_measure():
         return measure(fn, device)
 
     run.device_label = device_name
+    run.cpu_threads = _COMPARISON_THREADS  # what side-by-side comparisons use on CPU (0: torch's setting)
     return run
 
 
