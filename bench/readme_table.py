@@ -43,7 +43,8 @@ def load_results() -> list[tuple[Path, dict]]:
         if "parts" in report:  # bench/gpu_run.py: one file, each part's results inside it
             report = {**report, "results": [result for part in report["parts"].values()
                                             for result in part.get("results", [])]}
-        files.append((path, report))
+        if isinstance(report.get("results"), list):  # pytest bench/ summaries (other files have their own reader)
+            files.append((path, report))
     return sorted(files, key=lambda item: item[1].get("date", ""))
 
 
@@ -51,7 +52,7 @@ def newest(files, name_prefix: str) -> dict[str, tuple[Path, dict, list[dict]]]:
     """Per device kind ("CPU" or the CUDA device's name): the newest file holding results named `name_prefix...`."""
     chosen = {}
     for path, report in files:
-        results = [r for r in report["results"] if r["name"].startswith(name_prefix)]
+        results = [r for r in report["results"] if str(r.get("name", "")).startswith(name_prefix)]
         if results:
             chosen[report.get("cuda_device") or "CPU"] = (path, report, results)
     return chosen
