@@ -37,9 +37,10 @@ CONFIGURATIONS = {
     "pdiff-ascending": ["--replacement", "pdiff-ascending"],
     "pdiff-ascending-cut": ["--replacement", "pdiff-ascending-cut"],
     "deprived-contrast": ["--replacement", "deprived-contrast"],
-    "pdiff-ascending, sequential": ["--replacement", "pdiff-ascending", "--mode", "sequential"],
     "pdiff-ascending-cut, sequential": ["--replacement", "pdiff-ascending-cut", "--mode", "sequential"],
     "deprived-contrast, sequential": ["--replacement", "deprived-contrast", "--mode", "sequential"],
+    "deprived-contrast-uncut": ["--replacement", "deprived-contrast-uncut"],
+    "deprived-contrast-uncut, sequential": ["--replacement", "deprived-contrast-uncut", "--mode", "sequential"],
 }
 
 

@@ -16,7 +16,7 @@ from hscr_fast.preferences.pipeline import OutputPaths, run, validate_args
 # The names of hscr_fast.models.perturbation.PERTURBATIONS and hscr_fast.preferences.selfcontrast.REPLACEMENT_RULES (a
 # test holds them equal), spelled out so that `--help` answers without importing torch.
 PERTURBATIONS = ("visual-token", "pixel", "patch", "latent")
-REPLACEMENT_RULES = ("pdiff-ascending", "pdiff-ascending-cut", "deprived-contrast")
+REPLACEMENT_RULES = ("pdiff-ascending", "pdiff-ascending-cut", "deprived-contrast", "deprived-contrast-uncut")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replacement rule: pdiff-ascending = lowest P_diff among the image-deprived top "
                              "--num-candidates and the tokens plausible with the image; pdiff-ascending-cut = the same "
                              "with deprived-side tokens also plausible without the image; deprived-contrast = highest "
-                             "(1+beta)L' - beta L among tokens plausible without the image")
+                             "(1+beta)L' - beta L among the deprived top --num-candidates that are plausible without "
+                             "the image; deprived-contrast-uncut = the same over the whole deprived top "
+                             "--num-candidates")
     stage1.add_argument("--num-candidates", type=int, default=8,
                         help="top tokens of the image-deprived distribution added to the candidates")
     stage1.add_argument("--num-variants", type=int, default=5, help="graded variants per answer (M)")

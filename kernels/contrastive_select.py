@@ -14,12 +14,12 @@ For answer position t with label y_t, full-image logits L[t] and image-dropped l
                              p_drop(v) ≥ α'·max p_drop}  ∪  {v : p_full(v) ≥ α·max p_full}
                  the candidate with the lowest P_diff,t, i.e. the lowest c_t (softmax is monotone within a row)
       rule="deprived" (the image-deprived side amplified, as contrastive decoding does for the full side):
-                 candidates {v : p_drop(v) ≥ α'·max p_drop} (no top-k bound, no full side)
+                 candidates {v in the top-`num_candidates` tokens of L'[t] : p_drop(v) ≥ α'·max p_drop} (no full side)
                  the candidate with the highest (1+β)·L'[t, v] − β·L[t, v]
     cuts in log space: L'[t, v] − max L'[t] ≥ log α' and L[t, v] − max L[t] ≥ log α (α = 0 or α' = 0: no cut)
 
-Both rules run the same passes: "deprived" is "pdiff" with the top-k bound lifted (k = V), the full side switched off
-(log α = +∞) and the contrast's coefficients swapped (lowest β·L − (1+β)·L' is highest (1+β)·L' − β·L).
+Both rules run the same passes: "deprived" is "pdiff" with the full side switched off (log α = +∞) and the
+contrast's coefficients swapped (lowest β·L − (1+β)·L' is highest (1+β)·L' − β·L).
 `exclude` [T, E] (−1 = padding) keeps tokens out of the candidates without touching s_t: special tokens, and the
 replacements already taken when a caller asks a position for its next-best one.
 
@@ -92,7 +92,7 @@ class ContrastiveSelection:
 
 class _Options(NamedTuple):
     top_n: int
-    num_candidates: int  # V for rule "deprived": the deprived side is the cut alone
+    num_candidates: int
     sensitivity: str
     ignore_index: int
     log_alpha: float  # full-side cut; +inf for rule "deprived" (no full side)
@@ -600,8 +600,8 @@ def _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensiti
         if exclude.numel() and (int(exclude.min()) < -1 or int(exclude.max()) >= vocab):
             raise ValueError(f"{op}: exclude holds token ids in [0, {vocab}) or -1 (padding), got values from "
                              f"{int(exclude.min())} to {int(exclude.max())}")
-    if rule == "deprived":  # the deprived side's cut alone, no full side, the contrast turned round
-        return _Options(int(top_n), vocab, sensitivity, ignore_index, math.inf, _log_cut(alpha_drop),
+    if rule == "deprived":  # the deprived side alone, the contrast turned round
+        return _Options(int(top_n), int(num_candidates), sensitivity, ignore_index, math.inf, _log_cut(alpha_drop),
                         float(beta), 1.0 + float(beta), min_sensitivity)
     return _Options(int(top_n), int(num_candidates), sensitivity, ignore_index, _log_cut(alpha), _log_cut(alpha_drop),
                     1.0 + float(beta), float(beta), min_sensitivity)
@@ -643,8 +643,8 @@ def contrastive_select(
     p_full(v) ≥ alpha·max p_full, minus y_t; the replacement is the candidate with the lowest P_diff (ties: lowest
     id). `alpha_drop=None` (default) means the same as `alpha` (0.1); `alpha_drop=0` is DESIGN.md's literal rule,
     which on peaked rows picks tokens implausible even without the image (the module docstring has the example).
-    `rule="deprived"` takes instead the highest (1+β)·L' − β·L among tokens with p_drop ≥ alpha_drop·max p_drop
-    (`num_candidates` and `alpha` then play no part). `exclude` [T, E] int64 (−1: padding) names tokens never to
+    `rule="deprived"` takes instead the highest (1+β)·L' − β·L among the top-`num_candidates` tokens of L' with
+    p_drop ≥ alpha_drop·max p_drop (`alpha` then plays no part). `exclude` [T, E] int64 (−1: padding) names tokens never to
     choose at row t (special tokens; replacements already taken). `min_sensitivity`: positions need s_t above it
     (0.0: only tokens the image supports); None takes the top-n whatever their sign.
     Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is

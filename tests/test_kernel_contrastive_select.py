@@ -57,7 +57,7 @@ def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, 
                                  ignore_index=-100, rule="pdiff", exclude=None, min_sensitivity=None):
     """DESIGN.md Stage 1 steps 3-5 in float64, one position at a time, with the deprived-side cut
     p_drop(v) >= alpha_drop * max p_drop on the top-k (alpha_drop None: = alpha; 0: the literal rule).
-    rule="deprived": the highest (1+β)·L' − β·L among {v : p_drop(v) >= alpha_drop·max p_drop}. `exclude` [T, E]:
+    rule="deprived": the highest (1+β)·L' − β·L among the top-k of L' with p_drop(v) >= alpha_drop·max p_drop. `exclude` [T, E]:
     ids never chosen at row t (-1: none). min_sensitivity: positions need s_t > it."""
     full, drop = logits_full.double().cpu(), logits_drop.double().cpu()
     labels = labels.cpu()
@@ -79,16 +79,13 @@ def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, 
         if not valid[t]:
             continue
         log_p_drop = torch.log_softmax(drop[t], -1)
-        deprived_plausible = log_p_drop >= (math.log(alpha_drop) if alpha_drop > 0 else -math.inf) + log_p_drop.max()
-        if rule == "deprived":
-            candidate = deprived_plausible.clone()
-        else:
-            candidate = torch.zeros(vocab, dtype=torch.bool)
-            # top-k of the dropped distribution, ties to the lower id (a stable sort keeps id order among equals)
-            candidate[torch.sort(drop[t], descending=True, stable=True).indices[:num_candidates]] = True
-            # the cuts p >= alpha * max p and the order of P_diff, taken in log space: at logits of ±1e4 the
-            # probabilities themselves underflow to 0 even in float64 and would tie everywhere
-            candidate &= deprived_plausible
+        candidate = torch.zeros(vocab, dtype=torch.bool)
+        # top-k of the dropped distribution, ties to the lower id (a stable sort keeps id order among equals)
+        candidate[torch.sort(drop[t], descending=True, stable=True).indices[:num_candidates]] = True
+        # the cuts p >= alpha * max p and the order of P_diff, taken in log space: at logits of ±1e4 the
+        # probabilities themselves underflow to 0 even in float64 and would tie everywhere
+        candidate &= log_p_drop >= (math.log(alpha_drop) if alpha_drop > 0 else -math.inf) + log_p_drop.max()
+        if rule != "deprived":  # the full side: tokens plausible with the image
             log_p_full = torch.log_softmax(full[t], -1)
             candidate |= log_p_full >= (math.log(alpha) if alpha > 0 else -math.inf) + log_p_full.max()
         candidate[labels[t]] = False
@@ -330,13 +327,18 @@ def test_deprived_side_cut_replaces_yes_by_no_not_by_junk(backend):
 DEPRIVED_LAYOUTS = {"whole-rows": None, "vocab-chunks": 200}
 
 
+DEPRIVED_OPTIONS = {"cut-top8": {}, "uncut-top5": {"alpha_drop": 0.0, "num_candidates": 5},
+                    "cut-k-above-V": {"num_candidates": 2000}}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_size", DEPRIVED_LAYOUTS.values(), ids=DEPRIVED_LAYOUTS.keys())
-def test_deprived_rule_matches_reference_and_differs_from_pdiff(backend, chunk_size):
+@pytest.mark.parametrize("options", DEPRIVED_OPTIONS.values(), ids=DEPRIVED_OPTIONS.keys())
+def test_deprived_rule_matches_reference_and_differs_from_pdiff(backend, chunk_size, options):
     full, drop, labels = make_logits(13, 1031, seed=21)
     labels[4] = -100
-    ours = contrastive_select(full, drop, labels, rule="deprived", backend=backend, chunk_size=chunk_size)
-    expected = reference_contrastive_select(full, drop, labels, rule="deprived")
+    ours = contrastive_select(full, drop, labels, rule="deprived", backend=backend, chunk_size=chunk_size, **options)
+    expected = reference_contrastive_select(full, drop, labels, rule="deprived", **options)
     assert_same_selection(ours, expected)
     pdiff = reference_contrastive_select(full, drop, labels)
     assert ours.replacement.cpu().tolist() != pdiff.replacement.tolist()  # the rules can be told apart
@@ -444,6 +446,9 @@ def test_deprived_rule_replaces_yes_by_no():
     full[0, yes], full[0, no] = 12.0, 3.0
     ours = contrastive_select(full, drop, torch.tensor([yes]), rule="deprived", backend="torch")
     assert ours.replacement.tolist() == [no]
+    # without the cut the junk of the deprived top-8 competes, and loses: its p_drop is far below that of "no"
+    uncut = contrastive_select(full, drop, torch.tensor([yes]), rule="deprived", alpha_drop=0.0, backend="torch")
+    assert uncut.replacement.tolist() == [no]
 
 
 @pytest.mark.parametrize("backend,alpha_drop", cut_cases())

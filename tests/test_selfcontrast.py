@@ -80,20 +80,20 @@ def reference_top_n(sensitivity, eligible, top_n):
 def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alpha, num_candidates,
                           replacement="pdiff-ascending-cut", excluded=()):
     """pdiff-ascending(-cut): candidates {top-k of the image-deprived distribution (with p_drop ≥ α·max p_drop for
-    -cut)} ∪ {p_full ≥ α·max p_full}; the lowest P_diff = softmax((1+β)L − βL') wins. deprived-contrast: candidates
-    {p_drop ≥ α·max p_drop}; the highest (1+β)L' − βL wins. Never y_t nor an `excluded` id (special tokens)."""
+    -cut)} ∪ {p_full ≥ α·max p_full}; the lowest P_diff = softmax((1+β)L − βL') wins. deprived-contrast(-uncut):
+    candidates {top-k of the image-deprived distribution (with p_drop ≥ α·max p_drop unless -uncut)}; the highest
+    (1+β)L' − βL wins. Never y_t nor an `excluded` id (special tokens)."""
     p_full, p_drop = logits_full_row.softmax(-1), logits_drop_row.softmax(-1)
     deprived_plausible = set(torch.nonzero(p_drop >= alpha * p_drop.max()).flatten().tolist())
-    if replacement == "deprived-contrast":
-        candidates = deprived_plausible
-    else:
-        top = set(torch.topk(logits_drop_row, num_candidates).indices.tolist() if num_candidates else [])
-        candidates = top & deprived_plausible if replacement == "pdiff-ascending-cut" else top
+    top = set(torch.topk(logits_drop_row, num_candidates).indices.tolist() if num_candidates else [])
+    cut = replacement in ("pdiff-ascending-cut", "deprived-contrast")
+    candidates = top & deprived_plausible if cut else top
+    if replacement.startswith("pdiff"):
         candidates |= set(torch.nonzero(p_full >= alpha * p_full.max()).flatten().tolist())
     candidates -= {int(label), *excluded}
     if not candidates:
         return -1
-    if replacement == "deprived-contrast":
+    if replacement.startswith("deprived"):
         score = ((1 + beta) * logits_drop_row - beta * logits_full_row).softmax(-1)
         return min(candidates, key=lambda v: (-float(score[v]), v))
     p_diff = ((1 + beta) * logits_full_row - beta * logits_drop_row).softmax(-1)
@@ -120,6 +120,7 @@ CASES = {
     "deprived-contrast": ("remove", "logprob", "deprived-contrast", None),
     "image-supported": ("remove", "logprob", "pdiff-ascending-cut", 0.0),
     "image-supported-deprived": ("mask", "logprob", "deprived-contrast", 0.0),
+    "deprived-contrast-uncut": ("remove", "logprob", "deprived-contrast-uncut", 0.0),
 }
 
 
@@ -341,7 +342,8 @@ def test_replacement_rule_and_threshold_reach_the_kernel(tiny_vlm, images, monke
     monkeypatch.setattr(kernel_module, "contrastive_select_from_hidden", recording_kernel)
     special = set(tiny_vlm.tokenizer.all_special_ids)
     for replacement, rule, alpha_drop in (("pdiff-ascending", "pdiff", 0.0), ("pdiff-ascending-cut", "pdiff", None),
-                                          ("deprived-contrast", "deprived", None)):
+                                          ("deprived-contrast", "deprived", None),
+                                          ("deprived-contrast-uncut", "deprived", 0.0)):
         seen.clear()
         run_stage1(tiny_vlm, SelfContrastConfig(replacement=replacement, min_sensitivity=0.5, num_alternatives=0),
                    samples=SAMPLES[:2], images=images[:2])

@@ -30,9 +30,12 @@ Choices made here that the paper leaves open:
     on peaked rows the lowest contrast is a token the full model rejects hardest, often junk ("yes" → "left");
   * `pdiff-ascending-cut`: the same, keeping on the deprived side only tokens also plausible without the image
     (p_drop ≥ `alpha`·max p_drop);
-  * `deprived-contrast`: the highest (1+β)·L' − β·L among tokens plausible without the image (p_drop ≥
-    `alpha`·max p_drop): what the image-deprived model prefers most over the full one (contrastive decoding with the
-    roles of the two conditions swapped).
+  * `deprived-contrast`: the highest (1+β)·L' − β·L among the image-deprived top-`num_candidates` tokens that are
+    plausible without the image (p_drop ≥ `alpha`·max p_drop): what the image-deprived model prefers most over the
+    full one (contrastive decoding with the roles of the two conditions swapped);
+  * `deprived-contrast-uncut`: the same over the whole deprived top-`num_candidates`, so that a position where the
+    deprived model is as sure of y_t as the full one (a normal scan still looks normal with 30% of its tokens) still
+    gets its most likely alternative.
 - Modes of Eq. 4:
   * `parallel`: one pass. The replacements are all chosen from the scores of y_w itself, and variant m
     applies the first ⌈m·n/M⌉ of them.
@@ -63,6 +66,7 @@ REPLACEMENT_RULES = {
     "pdiff-ascending": ("pdiff", 0.0),
     "pdiff-ascending-cut": ("pdiff", None),
     "deprived-contrast": ("deprived", None),
+    "deprived-contrast-uncut": ("deprived", 0.0),
 }
 
 
