@@ -8,6 +8,8 @@ from hscr_fast.listwise import ListwiseExample, listwise_logprobs, pack_examples
 from hscr_fast.models.causal_lm import CausalLanguageModel, as_listwise_model, text_example
 from hscr_fast.models.tiny_text import build_tiny_causal_lm
 
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest
+
 PROMPTS = ["Is there a lesion?", "Where is the abnormality in the left lung?", "How many lesions are there?"]
 ANSWERS = [["yes", "no", "the left upper lobe of the lung"],
            ["right lower lobe", "left lobe"],

@@ -14,9 +14,12 @@ def _arg(default, help_text, **extra):
 
 @dataclass
 class TrainConfig:
-    model: str | None = _arg(None, "SFT model directory (transformers Llava layout); omit for the demo")
-    preferences: str | None = _arg(None, "preference lists JSONL from hscr_fast.generate")
-    image_folder: str | None = _arg(None, "folder the preference records' image paths are relative to")
+    model: str | None = _arg(None, "SFT model directory: a vision-language checkpoint (LLaVA, LLaVA-NeXT, Qwen2-VL) or "
+                                   "a text-only causal LM (Llama, Mistral, Qwen2, ...); omit for the demo")
+    preferences: str | None = _arg(None, "preference lists JSONL from hscr_fast.generate (or TRL-style pairs: "
+                                         "prompt/chosen/rejected); lists without images for a text-only model")
+    image_folder: str | None = _arg(None, "folder the preference records' image paths are relative to (vision-"
+                                          "language models)")
     eval_preferences: str | None = _arg(None, "held-out preference lists JSONL, scored with the training objective "
                                               "every --eval-steps (eval_* metrics)")
     eval_image_folder: str | None = _arg(None, "image folder of --eval-preferences (default: --image-folder)")
@@ -35,8 +38,9 @@ class TrainConfig:
     max_grad_norm: float = _arg(1.0, "gradient clipping norm (0 disables)")
     gamma: float = _arg(0.1, "reward scale γ in r(y) = γ·(log π − log π_ref)")
     loss: str = _arg("mlpo", "mlpo (HSCR, Eq. 7); dpo (y_w vs y_l1 only, weights ignored); weighted-dpo (MMedPO: "
-                             "each sample's DPO loss times its 'weight' field, used as given)",
-                     choices=("mlpo", "dpo", "weighted-dpo"))
+                             "each sample's DPO loss times its 'weight' field, used as given); plackett-luce "
+                             "(listwise DPO, Rafailov et al. 2023 App. A.3); lipo-lambda (LiPO-λ, Liu et al. 2024)",
+                     choices=("mlpo", "dpo", "weighted-dpo", "plackett-luce", "lipo-lambda"))
     kind_weight: list[str] = _arg(None, "KIND=W multiplies the loss of records whose 'kind' is KIND by W, e.g. "
                                         "image-dispreference=0.1 for a visual grounding term (repeatable)",
                                   action="append")

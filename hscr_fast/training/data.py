@@ -24,7 +24,7 @@ from hscr_fast.models.prompting import MARK_OPEN, PromptTokens
 @dataclass
 class TokenizedPreference:
     id: str
-    image_path: Path
+    image_path: Path | None  # None: a text-only list
     prompt: PromptTokens
     responses: list[list[int]]  # [y_w, y_l1, ...], EOS included
     weight: float | None = None
@@ -34,7 +34,7 @@ class TokenizedPreference:
     # Per response and token: inside a `<mask>…</mask>` span of the record's text. None when nothing is marked.
     marked: list[list[bool]] | None = None
 
-    def image_of(self, response_index: int) -> Path:
+    def image_of(self, response_index: int) -> Path | None:
         return self.image_path if self.response_images is None else self.response_images[response_index]
 
     @property
@@ -54,13 +54,19 @@ def response_images(record: PreferenceRecord) -> list[str] | None:
     return images
 
 
-def validate_preferences(path: str | Path, image_folder: str | Path) -> list[PreferenceRecord]:
-    """Every line parses and every image exists and decodes; otherwise one error listing each problem by line."""
+def validate_preferences(path: str | Path, image_folder: str | Path | None) -> list[PreferenceRecord]:
+    """Every line parses and every image exists and decodes; otherwise one error listing each problem by line.
+    `image_folder` None: the lists are for a text-only model, and a record with an image is an error."""
     records, _ = load_preference_jsonl(path, image_folder, on_error="raise")
     if not records:
         raise DataFormatError(f"{path}: no preference lists in the file")
     problems = []
     for line_number, record in enumerate(records, start=1):
+        if image_folder is None:
+            if record.image is not None or response_images(record) is not None:
+                problems.append(f"  record {line_number} (id {record.id!r}): has an image, but the model is "
+                                "text-only; use a vision-language model or lists without images")
+            continue
         if record.image is None:
             problems.append(f"  record {line_number} (id {record.id!r}): no image; a vision-language model needs "
                             "one per preference list")
@@ -71,11 +77,11 @@ def validate_preferences(path: str | Path, image_folder: str | Path) -> list[Pre
         except (ImageLoadError, DataFormatError) as error:
             problems.append(f"  record {line_number} (id {record.id!r}): {error}")
     if problems:
-        raise DataFormatError(f"{path}: {len(problems)} image(s) cannot be used:\n" + "\n".join(problems[:20]))
+        raise DataFormatError(f"{path}: {len(problems)} record(s) cannot be used:\n" + "\n".join(problems[:20]))
     return records
 
 
-def tokenize_preferences(vlm, records: list[PreferenceRecord], image_folder: str | Path, *,
+def tokenize_preferences(vlm, records: list[PreferenceRecord], image_folder: str | Path | None, *,
                          max_answer_tokens: int = 512) -> list[TokenizedPreference]:
     items = []
     for record in records:
@@ -95,7 +101,8 @@ def tokenize_preferences(vlm, records: list[PreferenceRecord], image_folder: str
                                   f"--max-answer-tokens {max_answer_tokens}; shorten it or raise the limit")
         images = response_images(record)
         items.append(TokenizedPreference(
-            record.id, Path(image_folder) / record.image, prompt, responses, record.weight,
+            record.id, None if record.image is None else Path(image_folder) / record.image, prompt, responses,
+            record.weight,
             None if images is None else [Path(image_folder) / name for name in images],
             str(record.metadata.get("kind", "text")), marked))
     return items
@@ -117,7 +124,10 @@ def batch_indices(num_items: int, *, epoch: int, step_in_epoch: int, per_device_
 
 def to_examples(vlm, items: list[TokenizedPreference]) -> list[ListwiseExample]:
     """Loads the batch's distinct images, runs the vision tower once over them, and builds one example per
-    (prompt, image): responses that see the same image share one prefix; row b of the output is item b."""
+    (prompt, image): responses that see the same image share one prefix; row b of the output is item b. Text-only
+    lists give one example each, the prompt alone as the prefix."""
+    if all(item.image_path is None for item in items):
+        return [ListwiseExample(item.prompt, item.responses, token_flags=item.marked) for item in items]
     distinct = list(dict.fromkeys(item.image_of(j) for item in items for j in range(len(item.responses))))
     pixels = vlm.preprocess_images([load_image(path) for path in distinct])
     visual, layouts = vlm.encode_images(pixels), vlm.visual_layouts(pixels)

@@ -19,6 +19,9 @@ from hscr_fast.training.config import TrainConfig, parse_kind_weights
 
 LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
                         r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+# A text-only causal LM (Llama, Mistral, Qwen2, ...): the same linear layers, under `model.layers`.
+LORA_TARGET_TEXT = (r".*model\.layers\.\d+\."
+                    r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 # Settings added to a checkpoint's run identity after checkpoints existed, with the value older ones ran with.
 RUN_IDENTITY_DEFAULTS = {"eval_fraction": 0.0}
 # The module that maps vision features into the language model, per model_type (--train-projector).
@@ -51,15 +54,19 @@ def attach_lora(vlm, config: TrainConfig, model_dir: str):
     """LoRA on the language model's linear layers (the vision tower's own q/k/v_proj are excluded by the regex)."""
     from peft import LoraConfig, get_peft_model
 
+    from hscr_fast.models.causal_lm import CausalLanguageModel
+
+    text_only = isinstance(vlm, CausalLanguageModel)
+    base_module = vlm.base_model if text_only else vlm.llava
     # Recorded by peft as base_model_name_or_path: absolute, so that checking an adapter's base later does not depend
     # on the folder the training was started from.
     base = str(Path(model_dir).resolve())
-    vlm.llava.config._name_or_path = vlm.model.name_or_path = base
+    base_module.config._name_or_path = vlm.model.name_or_path = base
     if config.gradient_checkpointing:
         # Non-reentrant: the frozen embeddings give inputs that need no grad, which reentrant checkpointing dislikes.
-        vlm.llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base_module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=LORA_TARGET_LANGUAGE, bias="none",
+                      target_modules=LORA_TARGET_TEXT if text_only else LORA_TARGET_LANGUAGE, bias="none",
                       modules_to_save=[PROJECTOR_MODULES.get(vlm.family, "multi_modal_projector")]
                       if config.train_projector else None)
     vlm.model = get_peft_model(vlm.model, lora)
@@ -80,14 +87,19 @@ def train(config: TrainConfig) -> TrainResult:
 
     from hscr_fast.training.engine import DeepSpeedEngine, Divergence, TorchEngine, deepspeed_config, non_finite_parameters
     from hscr_fast.training.heldout import held_out_metrics
+    from hscr_fast.models.causal_lm import load_causal_lm
     from hscr_fast.models.vlm import load_vlm
     from hscr_fast.training.objective import batch_loss, score_batch
     from hscr_fast.training.data import batch_indices, steps_per_epoch, tokenize_preferences
     from hscr_fast.training.reference import load_or_compute_reference, reference_cache_path, reference_fingerprint
     from hscr_fast.training.log import MetricsLog, plot_training_curves
 
-    if not (config.model and config.preferences and config.image_folder):
-        raise SystemExit("error: --model, --preferences and --image-folder are all needed (or none, for the demo)")
+    text_only = is_text_only_model(config.model)
+    if not (config.model and config.preferences and (config.image_folder or text_only)):
+        raise SystemExit("error: --model, --preferences and (for a vision-language model) --image-folder are all "
+                         "needed (or none, for the demo)")
+    if text_only and config.train_projector:
+        raise SystemExit(f"error: --train-projector: {config.model} is a text-only model; it has no projector")
     kind_weights = parse_kind_weights(config.kind_weight)
     use_deepspeed = config.deepspeed != "none"
     rank, world_size, device = init_distributed(use_deepspeed)
@@ -95,7 +107,7 @@ def train(config: TrainConfig) -> TrainResult:
     say = print if rank == 0 else (lambda *a, **k: None)
 
     # 1. Data first: a bad line or image is reported before minutes of model loading.
-    records, eval_records = load_training_data(config)
+    records, eval_records = load_training_data(config, text_only=text_only)
     say(f"[hscr] {len(records)} preference lists validated ({config.preferences})"
         + (f"; {len(eval_records)} held out for evaluation" if eval_records else ""))
     claim_output_folder(out, config, rank, world_size)
@@ -104,13 +116,15 @@ def train(config: TrainConfig) -> TrainResult:
     dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if config.dtype == "auto" \
         else getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
-    vlm = load_vlm(config.model, dtype=dtype, device=device, attn_implementation=config.attn_implementation)
+    vlm = (load_causal_lm if text_only else load_vlm)(config.model, dtype=dtype, device=device,
+                                                      attn_implementation=config.attn_implementation)
     trainable = attach_lora(vlm, config, config.model)
     say(f"[hscr] trainable parameters: {sum(p.numel() for p in trainable.values()):,} "
         f"(LoRA r={config.lora_r}{' + projector' if config.train_projector else ''})")
-    items = tokenize_preferences(vlm, records, config.image_folder, max_answer_tokens=config.max_answer_tokens)
-    eval_items = tokenize_preferences(vlm, eval_records, config.eval_image_folder or config.image_folder,
-                                      max_answer_tokens=config.max_answer_tokens)
+    image_folder = None if text_only else config.image_folder
+    eval_image_folder = None if text_only else config.eval_image_folder or config.image_folder
+    items = tokenize_preferences(vlm, records, image_folder, max_answer_tokens=config.max_answer_tokens)
+    eval_items = tokenize_preferences(vlm, eval_records, eval_image_folder, max_answer_tokens=config.max_answer_tokens)
 
     # 3. Reference log-probs, once, adapter disabled (held-out lists too; --eval-fraction's are in the same file).
     def reference_for(path, path_items):
@@ -320,8 +334,17 @@ def claim_output_folder(out: Path, config: TrainConfig, rank: int, world_size: i
         torch.distributed.barrier()  # no rank starts writing before the old run is gone
 
 
-def load_training_data(config: TrainConfig) -> tuple[list, list]:
-    """(training records, held-out records), every line and image validated; raises before any model loads."""
+def is_text_only_model(model_dir: str | None) -> bool:
+    """Whether `model_dir` holds a text-only causal LM, read from its config.json alone (before any weights load).
+    A directory without one is left to the model loader, which names what is missing."""
+    from hscr_fast.models.causal_lm import is_text_only_checkpoint
+
+    return bool(model_dir) and (Path(model_dir) / "config.json").is_file() and is_text_only_checkpoint(model_dir)
+
+
+def load_training_data(config: TrainConfig, *, text_only: bool = False) -> tuple[list, list]:
+    """(training records, held-out records), every line and image validated; raises before any model loads. For a
+    text-only model the lists must have no images."""
     from hscr_fast.data.records import DataFormatError
     from hscr_fast.training.heldout import split_held_out
     from hscr_fast.training.data import validate_preferences
@@ -331,12 +354,13 @@ def load_training_data(config: TrainConfig) -> tuple[list, list]:
     if config.save_best and not (config.eval_preferences or config.eval_fraction):
         raise DataFormatError("--save-best keeps the adapter with the lowest held-out loss; it needs held-out lists "
                               "(--eval-preferences FILE or --eval-fraction F)")
-    records = validate_preferences(config.preferences, config.image_folder)
+    records = validate_preferences(config.preferences, None if text_only else config.image_folder)
     eval_records = []
     if config.eval_fraction:
         records, eval_records = split_held_out(records, config.eval_fraction, config.preferences)
     elif config.eval_preferences:
-        eval_records = validate_preferences(config.eval_preferences, config.eval_image_folder or config.image_folder)
+        eval_records = validate_preferences(config.eval_preferences,
+                                            None if text_only else config.eval_image_folder or config.image_folder)
     if config.loss == "weighted-dpo":
         unweighted = [record.id for record in records + eval_records if record.weight is None]
         if unweighted:

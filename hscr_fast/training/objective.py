@@ -3,7 +3,8 @@
 - `score_batch`: the listwise prefix-shared forward of each prompt's responses → sequence log-probs under the policy,
   the cached reference log-probs, the valid-response mask, per-sample weights and (when token-level alignment is on)
   each sample's token KL to the reference. Everything the loss needs, nothing vocabulary-sized.
-- `batch_loss`: the preference loss (MLPO, DPO or weighted DPO) plus the weighted token KL, from those tensors alone.
+- `batch_loss`: the preference loss (MLPO, DPO, weighted DPO, Plackett–Luce or LiPO-λ) plus the weighted token KL,
+  from those tensors alone.
 
 Because `batch_loss` needs only per-sample tensors, held-out evaluation (`hscr_fast.training.heldout`) scores its batches with
 `score_batch`, concatenates them (`concat_scored`) and calls `batch_loss` once on the whole set: the held-out metrics
@@ -14,6 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# The losses that use every response of a list; dpo and weighted-dpo use y_w against y_l1 only.
+LISTWISE_LOSSES = ("mlpo", "plackett-luce", "lipo-lambda")
 
 
 @dataclass
@@ -27,8 +31,8 @@ class ScoredBatch:
 
 
 def sample_weights(items, config, kind_weights: dict[str, float], device) -> torch.Tensor | None:
-    """Per-sample loss weights: the record's own `weight` (weighted-dpo: required; mlpo: used when present; dpo:
-    ignored) times its kind's weight. None when every weight is 1."""
+    """Per-sample loss weights: the record's own `weight` (weighted-dpo: required; the listwise losses: used when
+    present; dpo: ignored) times its kind's weight. None when every weight is 1."""
     values = []
     for item in items:
         weight = 1.0
@@ -37,7 +41,7 @@ def sample_weights(items, config, kind_weights: dict[str, float], device) -> tor
                 raise SystemExit(f"error: --loss weighted-dpo needs a 'weight' on every preference record; "
                                  f"id {item.id!r} has none")
             weight = item.weight
-        elif config.loss == "mlpo" and item.weight is not None:
+        elif config.loss in LISTWISE_LOSSES and item.weight is not None:
             weight = item.weight
         values.append(weight * kind_weights.get(item.kind, 1.0))
     if all(v == 1.0 for v in values):
@@ -77,11 +81,16 @@ def score_batch(vlm, items, reference: dict[str, list[float]], config, kind_weig
 def batch_loss(scored: ScoredBatch, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The preference loss of `config.loss` plus `token_kl_weight` × the (weighted) mean token KL; metrics as
     `mlpo_loss` returns them, with `token_kl` added when it is on."""
-    from hscr_fast.losses import mlpo_loss
+    from hscr_fast.losses import lipo_lambda_loss, mlpo_loss, plackett_luce_loss
 
+    listwise = dict(gamma=config.gamma, valid=scored.valid, weight=scored.weights)
     if config.loss == "mlpo":
-        loss, metrics = mlpo_loss(scored.policy_logps, scored.ref_logps, gamma=config.gamma, valid=scored.valid,
-                                  explicit=config.explicit, implicit=config.implicit, weight=scored.weights)
+        loss, metrics = mlpo_loss(scored.policy_logps, scored.ref_logps, explicit=config.explicit,
+                                  implicit=config.implicit, **listwise)
+    elif config.loss == "plackett-luce":
+        loss, metrics = plackett_luce_loss(scored.policy_logps, scored.ref_logps, **listwise)
+    elif config.loss == "lipo-lambda":
+        loss, metrics = lipo_lambda_loss(scored.policy_logps, scored.ref_logps, **listwise)
     else:  # DPO is MLPO's K = 1 case: y_w against the best dispreferred response, explicit term only
         loss, metrics = mlpo_loss(scored.policy_logps[:, :2], scored.ref_logps[:, :2], gamma=config.gamma,
                                   valid=scored.valid[:, :2], explicit=True, implicit=False, weight=scored.weights)
