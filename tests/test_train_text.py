@@ -123,10 +123,31 @@ def test_trl_pairs_train_a_chat_template_model(qwen2_dir, tmp_path):
         "prompt": [{"role": "user", "content": f"Question {index}: what is seen?"}],
         "chosen": [{"role": "assistant", "content": ANSWERS[index]}],
         "rejected": [{"role": "assistant", "content": ANSWERS[-1 - index]}]}) + "\n" for index in range(4)))
-    result = train(config_for(qwen2_dir, pairs, tmp_path / "run", epochs=1))
+    result = train(config_for(qwen2_dir, pairs, tmp_path / "run", epochs=1, merge=True))
     rows = read_metrics(tmp_path / "run")
     assert result.steps == 2 and rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-5)
     assert rows[0]["num_pairs_implicit"] == 0
+
+    # The merged checkpoint is a complete text model (tokenizer and prompt format beside it) that scores the lists
+    # as the base model with the adapter does.
+    from peft import PeftModel
+
+    from hscr_fast.listwise import listwise_logprobs, pack_examples
+    from hscr_fast.models.causal_lm import load_causal_lm
+    from hscr_fast.training.data import to_examples, tokenize_preferences, validate_preferences
+
+    def scores(lm):
+        items = tokenize_preferences(lm, validate_preferences(pairs, None), None)
+        with torch.no_grad():
+            return listwise_logprobs(lm, pack_examples(lm.embed_tokens, to_examples(lm, items)))
+
+    merged, base = load_causal_lm(result.merged_dir), load_causal_lm(qwen2_dir)
+    assert merged.options.prompt_format == base.options.prompt_format == "chat-template"
+    before = scores(base)
+    base.model = PeftModel.from_pretrained(base.model, str(result.adapter_dir))
+    adapted = scores(base)
+    torch.testing.assert_close(scores(merged), adapted, rtol=1e-5, atol=1e-5)
+    assert (adapted - before).abs().max() > 1e-3  # the adapter changed the scores, so the match above means something
 
 
 def test_lists_with_images_are_refused_for_a_text_model_before_it_loads(llama_dir, tmp_path, capsys):
