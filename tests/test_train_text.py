@@ -159,3 +159,15 @@ def test_lists_with_images_are_refused_for_a_text_model_before_it_loads(llama_di
     error = capsys.readouterr().err
     assert code == 2 and "record 2 (id 'b'): has an image, but the model is text-only" in error
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_architecture_is_named_before_anything_loads(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["NoSuchForCausalLM"]}))
+    lists = write_lists(tmp_path / "lists.jsonl", 2)
+    code = main(["--model", str(model_dir), "--preferences", str(lists), "--out", str(tmp_path / "o"),
+                 "--deepspeed", "none"])
+    error = capsys.readouterr().err
+    assert code == 2 and "unsupported architecture 'NoSuchForCausalLM'" in error and "ForCausalLM class" in error
+    assert len(error.strip().splitlines()) == 1

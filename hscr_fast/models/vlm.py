@@ -114,7 +114,8 @@ def read_architecture(model_dir: str | Path) -> str:
             f"`{CONVERTIBLE_ARCHITECTURES[architecture]}`")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelError(
-            f"{model_dir}: unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{model_dir}: unsupported architecture {architecture!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}, "
+            "and for training any text-only ...ForCausalLM class of transformers")
     return architecture
 
 

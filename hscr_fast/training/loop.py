@@ -88,13 +88,15 @@ def train(config: TrainConfig) -> TrainResult:
     from hscr_fast.training.engine import DeepSpeedEngine, Divergence, TorchEngine, deepspeed_config, non_finite_parameters
     from hscr_fast.training.heldout import held_out_metrics
     from hscr_fast.models.causal_lm import load_causal_lm
-    from hscr_fast.models.vlm import load_vlm
+    from hscr_fast.models.vlm import load_vlm, read_architecture
     from hscr_fast.training.objective import batch_loss, score_batch
     from hscr_fast.training.data import batch_indices, steps_per_epoch, tokenize_preferences
     from hscr_fast.training.reference import load_or_compute_reference, reference_cache_path, reference_fingerprint
     from hscr_fast.training.log import MetricsLog, plot_training_curves
 
     text_only = is_text_only_model(config.model)
+    if config.model and not text_only and (Path(config.model) / "config.json").is_file():
+        read_architecture(config.model)  # neither text-only nor a supported VLM: say so before anything else
     if not (config.model and config.preferences and (config.image_folder or text_only)):
         raise SystemExit("error: --model, --preferences and (for a vision-language model) --image-folder are all "
                          "needed (or none, for the demo)")
