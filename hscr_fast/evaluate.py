@@ -19,12 +19,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hscr_fast.data.images import ImageLoadError
-from hscr_fast.data.records import DataFormatError
-from hscr_fast.evaluation.run import (DTYPES, VISUAL_MODES, EvaluationError, VisualCondition, compare_runs,
-                                      evaluate_model, score_file)
-from hscr_fast.models.vlm import UnsupportedModelError
-from hscr_fast.runtime.io import JsonlError
+from hscr_fast.evaluation.run import (
+    DTYPES,
+    VISUAL_MODES,
+    EvaluationError,
+    VisualCondition,
+    compare_runs,
+    evaluate_model,
+    score_file,
+)
+from hscr_fast.runtime.errors import exit_code_of
 
 
 def _demo_world():
@@ -131,13 +135,7 @@ def skipped_line(metrics: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        print(run_command(args))
-    except (EvaluationError, DataFormatError, JsonlError, ImageLoadError, UnsupportedModelError,
-            FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: print(run_command(args)))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from hscr_fast.preferences.pipeline import OutputPaths, run, validate_args
+from hscr_fast.runtime.errors import HscrError, exit_code_of
 
 # The names of hscr_fast.models.perturbation.PERTURBATIONS and hscr_fast.preferences.selfcontrast.REPLACEMENT_RULES (a
 # test holds them equal), spelled out so that `--help` answers without importing torch.
@@ -97,10 +98,10 @@ def resolve_inputs(args) -> tuple[Path, Path, Path]:
         world = ensure_demo_world()
         return Path(world.model_dir), Path(world.train_json), Path(args.image_folder or world.image_folder)
     if args.model is None or args.data is None:
-        raise SystemExit("error: give both --model and --data (or neither, to run on the demo world)")
+        raise HscrError("give both --model and --data (or neither, to run on the demo world)")
     model, data = Path(args.model), Path(args.data)
     if not model.is_dir():
-        raise SystemExit(f"error: --model {model}: no such directory (give a local transformers checkpoint; convert "
+        raise HscrError(f"--model {model}: no such directory (give a local transformers checkpoint; convert "
                          f"original LLaVA-Med weights with `python -m hscr_fast.models.convert SRC DST`)")
     return model, data, Path(args.image_folder) if args.image_folder else data.parent
 
@@ -120,27 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as transformers_logging
 
-    from hscr_fast.data.records import DataFormatError
-    from hscr_fast.runtime.io import JsonlError, OutputOverInputError
-    from hscr_fast.models.vlm import UnsupportedModelError
-
     transformers_logging.disable_progress_bar()  # weight-loading bars would interleave with ours
-    try:
-        validate_args(args)
-        summary = run(args, *resolve_inputs(args))
-    except (DataFormatError, JsonlError, OutputOverInputError, UnsupportedModelError, FileNotFoundError,
-            NotADirectoryError) as error:
-        print(f"error: {error}", file=sys.stderr)  # the message names the file and the fault; no traceback
-        return 2
-    if summary is not None:
-        print(format_summary(summary))
-        print(f"  → {OutputPaths(Path(args.out)).summary}")
-        if summary["selected"] and not summary["written"]:  # nothing to train on: a failure, whatever the reasons
-            print(f"error: no preference list written: all {summary['selected']} selected records were skipped "
-                  f"({', '.join(f'{reason} {count}' for reason, count in summary['skipped'].items())}); the "
-                  f"reasons per record are in {summary['skipped_file']}", file=sys.stderr)
-            return 2
-    return 0
+    return exit_code_of(lambda: generate(args))
+
+
+def generate(args) -> None:
+    validate_args(args)  # before the demo fallback: a bad flag fails at once
+    summary = run(args, *resolve_inputs(args))
+    if summary is None:  # not rank 0
+        return
+    print(format_summary(summary))
+    print(f"  → {OutputPaths(Path(args.out)).summary}")
+    if summary["selected"] and not summary["written"]:  # nothing to train on: a failure, whatever the reasons
+        raise HscrError(f"no preference list written: all {summary['selected']} selected records were skipped "
+                        f"({', '.join(f'{reason} {count}' for reason, count in summary['skipped'].items())}); the "
+                        f"reasons per record are in {summary['skipped_file']}")
 
 
 if __name__ == "__main__":

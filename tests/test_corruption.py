@@ -8,10 +8,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hscr_fast.preferences.corruption import (EmptyRegionError, apply_region_noise, corrupt_region, phantom_lesion_region,
-                                  read_slake_mask_labels, region_mask_from_boxes, region_mask_from_label_mask,
-                                  slake_lesion_region)
 from hscr_fast.data.images import load_image
+from hscr_fast.preferences.corruption import (
+    EmptyRegionError,
+    apply_region_noise,
+    corrupt_region,
+    phantom_lesion_region,
+    read_slake_mask_labels,
+    region_mask_from_boxes,
+    region_mask_from_label_mask,
+    slake_lesion_region,
+)
 
 
 def boxes_reference(width, height, boxes, margin=0):

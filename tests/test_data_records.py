@@ -3,9 +3,16 @@ import json
 
 import pytest
 
-from hscr_fast.data.records import (DataFormatError, PreferenceRecord, VQARecord, count_skip_reasons,
-                                    load_llava_med_json, load_preference_jsonl, normalize_answer_type,
-                                    write_llava_med_json)
+from hscr_fast.data.records import (
+    DataFormatError,
+    PreferenceRecord,
+    VQARecord,
+    count_skip_reasons,
+    load_llava_med_json,
+    load_preference_jsonl,
+    normalize_answer_type,
+    write_llava_med_json,
+)
 
 
 def _entry(record_id, image="a.jpg", question="<image>\nIs there a lesion?", answer="yes", **extra):

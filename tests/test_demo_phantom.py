@@ -12,9 +12,22 @@ import pytest
 from PIL import Image
 
 from hscr_fast.demo import phantom
-from hscr_fast.demo.phantom import (DEFAULT_IMAGE_SIZE, FISSURE_BAND, HISTORY_AGREEMENT, LESION_IRREGULARITY,
-                                    LESION_RADIUS, Lesion, build_phantom_dataset, candidate_questions, draw_history,
-                                    image_rngs, phantom_corpus, phantom_vocabulary, questions_for, render_phantom)
+from hscr_fast.demo.phantom import (
+    DEFAULT_IMAGE_SIZE,
+    FISSURE_BAND,
+    HISTORY_AGREEMENT,
+    LESION_IRREGULARITY,
+    LESION_RADIUS,
+    Lesion,
+    build_phantom_dataset,
+    candidate_questions,
+    draw_history,
+    image_rngs,
+    phantom_corpus,
+    phantom_vocabulary,
+    questions_for,
+    render_phantom,
+)
 
 
 def render(seed: int, index: int, image_size: int = DEFAULT_IMAGE_SIZE):

@@ -12,10 +12,24 @@ import torch
 
 from hscr_fast.data.records import load_llava_med_json
 from hscr_fast.demo import ensure_demo_world
-from hscr_fast.demo.sft import (PATCH_CLASSES, SFTConfig, learning_rate_at, patch_lesion_classes, prepare_sft_data,
-                                sft_train)
-from hscr_fast.demo.world import (CHECKPOINT_FILES, MANIFEST_NAME, PRESETS, build_demo_model, demo_accuracy,
-                                  load_complete_world, preset_fingerprint, split_records)
+from hscr_fast.demo.sft import (
+    PATCH_CLASSES,
+    SFTConfig,
+    learning_rate_at,
+    patch_lesion_classes,
+    prepare_sft_data,
+    sft_train,
+)
+from hscr_fast.demo.world import (
+    CHECKPOINT_FILES,
+    MANIFEST_NAME,
+    PRESETS,
+    build_demo_model,
+    demo_accuracy,
+    load_complete_world,
+    preset_fingerprint,
+    split_records,
+)
 
 SMOKE_BUILD_BUDGET_S = 40
 

@@ -9,9 +9,16 @@ import torch
 import hscr_fast.evaluation.generation as generation
 from hscr_fast.data.records import VQARecord, write_llava_med_json
 from hscr_fast.evaluate import main
-from hscr_fast.evaluation.run import (AdapterMismatchError, VisualCondition, apply_adapter, evaluate_model,
-                                      evaluate_with_and_without_visual, read_predictions, run_labels)
 from hscr_fast.evaluation.generation import GenerationPrompt, decode, greedy_generate
+from hscr_fast.evaluation.run import (
+    AdapterMismatchError,
+    VisualCondition,
+    apply_adapter,
+    evaluate_model,
+    evaluate_with_and_without_visual,
+    read_predictions,
+    run_labels,
+)
 from hscr_fast.models.dropout import visual_dropout
 from hscr_fast.models.vlm import load_vlm
 

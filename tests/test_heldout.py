@@ -7,9 +7,10 @@ import types
 import pytest
 import torch
 
+from hscr_fast import HscrError
 from hscr_fast.data.records import DataFormatError
-from hscr_fast.training.heldout import split_held_out
 from hscr_fast.train import main
+from hscr_fast.training.heldout import split_held_out
 from hscr_fast.training.loop import train
 
 
@@ -152,7 +153,7 @@ def test_resume_refuses_a_changed_split_and_reads_checkpoints_from_before_the_se
     assert train(train_config(lists, out, stop_after_steps=2)).steps == 2
     state_path = out / "checkpoints" / "step-2" / "trainer_state.json"
     state = json.loads(state_path.read_text())
-    with pytest.raises(SystemExit, match="eval_fraction"):  # holding lists out now would change the training set
+    with pytest.raises(HscrError, match="eval_fraction"):  # holding lists out now would change the training set
         train(train_config(lists, out, resume=True, eval_fraction=0.3))
     del state["run"]["eval_fraction"]  # as written before held-out evaluation existed
     state_path.write_text(json.dumps(state))

@@ -4,8 +4,14 @@ import logging
 
 import pytest
 
-from hscr_fast.runtime.io import (JsonlAppender, JsonlError, atomic_output, atomic_write_json, atomic_write_text,
-                          read_jsonl)
+from hscr_fast.runtime.io import (
+    JsonlAppender,
+    JsonlError,
+    atomic_output,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+)
 
 
 def _leftovers(folder):

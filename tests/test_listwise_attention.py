@@ -12,8 +12,13 @@ import torch
 from torch.nn.attention import flex_attention as torch_flex
 
 from hscr_fast.listwise import ListwiseExample, listwise_attention_mask, listwise_logprobs, pack_examples
-from hscr_fast.listwise_attention import (FLEX_ATTENTION, attention_mask_for, flex_attention_preferred,
-                                         flex_attention_supported, listwise_block_mask)
+from hscr_fast.listwise_attention import (
+    FLEX_ATTENTION,
+    attention_mask_for,
+    flex_attention_preferred,
+    flex_attention_supported,
+    listwise_block_mask,
+)
 from hscr_fast.models.dropout import visual_dropout
 
 QUESTIONS = ["Is there a lesion?", "Where is the abnormality in the left lung?"]

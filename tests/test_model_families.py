@@ -8,9 +8,9 @@ import json
 import pytest
 
 from hscr_fast import evaluate, generate
-from hscr_fast.runtime.io import read_jsonl
 from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
 from hscr_fast.models.vlm import load_vlm
+from hscr_fast.runtime.io import read_jsonl
 
 IMAGE_SIZES = ((60, 50), (41, 77), (120, 40), (90, 33), (56, 56), (33, 100))
 QA = [("Is there a lesion in the left lung?", "yes", "CLOSED"),

@@ -11,7 +11,6 @@ from hscr_fast.models.convert import main as convert_main
 from hscr_fast.models.prompting import format_prompt, tokenize_prompt
 from hscr_fast.models.vlm import load_vlm
 
-
 ARCHITECTURES = {"mistral": ("LlavaMistralForCausalLM", "llava_mistral"),
                  "llama": ("LlavaLlamaForCausalLM", "llava_llama")}
 
@@ -58,8 +57,7 @@ def original_logits(src, vision_dir, input_embeds_parts, pixel_values):
     """Independent forward: the causal LM from the original weights, CLIP from its own directory, the projector by
     hand."""
     from safetensors.torch import load_file
-    from transformers import (CLIPVisionModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                              MistralForCausalLM)
+    from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     weights = load_file(str(src / "model.safetensors"))
     original = json.loads((src / "config.json").read_text())

@@ -12,8 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hscr_fast.models.perturbation import (ImagePerturbation, PerturbationError, check_perturbation, kept_units,
-                                           latent_attention_bias, vision_modules)
+from hscr_fast.models.perturbation import (
+    ImagePerturbation,
+    PerturbationError,
+    check_perturbation,
+    kept_units,
+    latent_attention_bias,
+    vision_modules,
+)
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest
 

@@ -5,8 +5,16 @@ import json
 import pytest
 from PIL import Image
 
-from hscr_fast.evaluation.report import (WITH_VISUAL, WITHOUT_VISUAL, comparison_markdown, demo_report_markdown,
-                              plot_grouped_bars, write_comparison, write_demo_report, write_metrics)
+from hscr_fast.evaluation.report import (
+    WITH_VISUAL,
+    WITHOUT_VISUAL,
+    comparison_markdown,
+    demo_report_markdown,
+    plot_grouped_bars,
+    write_comparison,
+    write_demo_report,
+    write_metrics,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -12,8 +12,14 @@ import torch
 
 from hscr_fast.models.dropout import visual_dropout
 from hscr_fast.models.vlm import VisionLanguageModel
-from hscr_fast.preferences.selfcontrast import (ContentTokens, SelfContrast, SelfContrastConfig, graded_counts, num_distinct,
-                                    render_marked)
+from hscr_fast.preferences.selfcontrast import (
+    ContentTokens,
+    SelfContrast,
+    SelfContrastConfig,
+    graded_counts,
+    num_distinct,
+    render_marked,
+)
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest
 

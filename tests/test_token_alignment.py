@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from hscr_fast.models.prompting import split_marked_spans
 from hscr_fast.preferences.minimal_edits import main as minimal_edits_main
 from hscr_fast.preferences.minimal_edits import mark_differences
-from hscr_fast.models.prompting import split_marked_spans
 
 
 def test_split_marked_spans():

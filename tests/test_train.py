@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from hscr_fast import HscrError
 from hscr_fast.training.config import TrainConfig
 from hscr_fast.training.loop import TrainingDiverged, train
 
@@ -184,7 +185,7 @@ def test_weighted_dpo_on_image_dispreference_lists(image_preference_data, prefer
     first = batch_indices(8, epoch=0, step_in_epoch=0, per_device_batch=2, world_size=1, rank=0, seed=0)
     expected = sum(0.1 * (0.5 + i / 8) * math.log(2) for i in first) / 2
     assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(SystemExit, match="needs a 'weight'"):
+    with pytest.raises(HscrError, match="needs a 'weight'"):
         train(train_config(preference_data, tmp_path / "x", loss="weighted-dpo"))
 
 

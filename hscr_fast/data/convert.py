@@ -37,8 +37,17 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from hscr_fast.data.images import ImageLoadError, validate_image
-from hscr_fast.data.records import (BadRecord, DataFormatError, SkipReason, VQARecord, count_skip_reasons,
-                                    normalize_answer_type, read_json_list, write_llava_med_json)
+from hscr_fast.data.records import (
+    BadRecord,
+    DataFormatError,
+    SkipReason,
+    VQARecord,
+    count_skip_reasons,
+    normalize_answer_type,
+    read_json_list,
+    write_llava_med_json,
+)
+from hscr_fast.runtime.errors import exit_code_of
 from hscr_fast.runtime.io import atomic_write_json
 
 _YES_NO = ("yes", "no")
@@ -407,14 +416,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-validate-images", action="store_true",
                         help="only check that images exist, do not decode them (faster)")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         report = convert(args.dataset, args.src, args.out, use_links=not args.copy,
                          validate_images=not args.no_validate_images)
-    except DataFormatError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0
+        print(report.format())
+
+    return exit_code_of(body)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from hscr_fast.data.records import IMAGE_TOKEN, DataFormatError, PreferenceRecord, load_preference_jsonl
+from hscr_fast.runtime.errors import exit_code_of
 from hscr_fast.runtime.io import atomic_write_text
 
 EXPORT_FORMATS = ("trl",)
@@ -70,13 +71,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="TRL's conversational form (messages) instead of plain strings")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         count = export_trl(args.preferences, args.out, conversational=args.conversational, overwrite=args.overwrite)
-    except DataFormatError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {count} preference pairs to {args.out}")
-    return 0
+        print(f"wrote {count} preference pairs to {args.out}")
+
+    return exit_code_of(body)
 
 
 if __name__ == "__main__":

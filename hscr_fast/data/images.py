@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from hscr_fast.runtime.errors import HscrError
+
 _HIGH_BIT_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
 
-class ImageLoadError(OSError):
+class ImageLoadError(HscrError, OSError):
     """An image file is missing, not an image, truncated or corrupt; the message names the path and the cause."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.io import JsonlError, atomic_write_json, parse_jsonl_line
 
 IMAGE_TOKEN = "<image>"
@@ -39,7 +40,7 @@ _TRL_PAIR_KEYS = ("id", "prompt", "chosen", "rejected", "images")
 OnError = Literal["raise", "skip"]
 
 
-class DataFormatError(ValueError):
+class DataFormatError(HscrError):
     """A data file or one of its records is malformed; the message is one line naming file, record and fault."""
 
 

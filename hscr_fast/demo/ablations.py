@@ -163,9 +163,8 @@ class Runner:
     (lists per (row data, seed), adapters per (row, learning rate, seed))."""
 
     def __init__(self, world, work: Path, settings: Settings):
-        from hscr_fast.evaluation.run import load_eval_records
-
         from hscr_fast.demo.world import split_records
+        from hscr_fast.evaluation.run import load_eval_records
 
         self.world, self.work, self.settings = world, work, settings
         self.val = load_eval_records(world.val_json, world.image_folder, limit=settings.val_questions)
@@ -173,7 +172,6 @@ class Runner:
 
     def lists(self, row: Row, seed: int) -> Path:
         from hscr_fast import generate
-
         from hscr_fast.demo import methods
 
         folder = self.work / "lists" / f"{row.lists}-{row.perturbation}-{row.drop_ratio:g}-seed{seed}"
@@ -216,9 +214,8 @@ class Runner:
         return train(config).adapter_dir
 
     def score(self, adapter: Path | None, records, out: Path) -> dict[str, Any]:
-        from hscr_fast.evaluation.run import evaluate_vlm, load_model
-
         from hscr_fast.demo.world import MAX_NEW_TOKENS
+        from hscr_fast.evaluation.run import evaluate_vlm, load_model
 
         metrics_path = out / "metrics.json"
         if metrics_path.is_file():

@@ -18,9 +18,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from hscr_fast.runtime.io import atomic_write_json
-
 from hscr_fast.demo.world import MAX_NEW_TOKENS, PRIOR_CONFLICTING_SPLIT
+from hscr_fast.runtime.io import atomic_write_json
 
 DEMO_OUT = "runs/hscr-demo"
 DEMO_GENERATION = {"num_samples": 800, "batch_size": 16}
@@ -74,14 +73,13 @@ def evaluate_before_after(world, adapter_dir: Path, out: Path, method: str = "HS
     """Closed accuracy, open recall and report hallucination of the SFT model (adapter disabled) and the aligned model,
     each with and without visual tokens, on the first DEMO_EVAL_QUESTIONS questions of each test split (history
     agreeing with the image / conflicting with it). Writes OUT/demo_report.md, .png and .json (`demo_report_json`)."""
+    from hscr_fast.demo.world import split_records
+    from hscr_fast.evaluation.report import write_demo_report
     from hscr_fast.evaluation.run import (
         evaluate_with_and_without_visual,
         load_eval_records,
         load_model,
     )
-    from hscr_fast.evaluation.report import write_demo_report
-
-    from hscr_fast.demo.world import split_records
 
     splits = split_records(load_eval_records(world.test_json, world.image_folder), DEMO_EVAL_QUESTIONS)
     for stale in ("eval-before", "eval-after"):  # a rerun's adapter has the same path: never resume its answers

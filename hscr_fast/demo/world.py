@@ -34,9 +34,8 @@ from typing import Any
 
 import torch
 
-from hscr_fast.runtime.io import atomic_directory, atomic_write_json
-
 from hscr_fast.demo.sft import SFTConfig, VisionWarmupConfig
+from hscr_fast.runtime.io import atomic_directory, atomic_write_json
 
 WORLD_VERSION = 2  # bump when the recipe changes in a way the preset fields do not capture
 MANIFEST_NAME = "world.json"
@@ -236,10 +235,9 @@ def _say(progress: bool, message: str) -> None:
 
 def build_demo_model(spec: DemoPreset):
     """The untrained demo VLM (`VisionLanguageModel`, float32, CPU) for a preset."""
+    from hscr_fast.demo.phantom import phantom_corpus
     from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
     from hscr_fast.models.vlm import ModelOptions, VisionLanguageModel
-
-    from hscr_fast.demo.phantom import phantom_corpus
 
     model, processor = build_tiny_llava(TinyLlavaSpec(**spec.model, corpus=phantom_corpus()))
     # LLaVA reads the second-to-last CLIP layer because CLIP's last one is specialised to its contrastive objective; a
@@ -250,7 +248,6 @@ def build_demo_model(spec: DemoPreset):
 
 def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
     from hscr_fast.data.records import load_llava_med_json
-
     from hscr_fast.demo.phantom import build_phantom_dataset
     from hscr_fast.demo.sft import prepare_patch_targets, prepare_sft_data, sft_train, vision_warmup
 

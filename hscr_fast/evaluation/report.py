@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from hscr_fast.runtime.io import atomic_output, atomic_write_json, atomic_write_text
 from hscr_fast.evaluation.metrics import metrics_to_markdown
+from hscr_fast.runtime.io import atomic_output, atomic_write_json, atomic_write_text
 
 # (key in the metrics dict, label in tables and plots), headline metrics first.
 HEADLINE_METRICS = (

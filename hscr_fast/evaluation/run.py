@@ -29,11 +29,12 @@ import torch
 
 from hscr_fast.data.images import ImageLoadError, load_image
 from hscr_fast.data.records import DataFormatError, VQARecord, load_llava_med_json
-from hscr_fast.runtime.io import JsonlAppender, atomic_write_json, parse_jsonl_line, read_json_file
 from hscr_fast.evaluation.metrics import BREAKDOWN_KEYS, compute_metrics
+from hscr_fast.runtime.io import JsonlAppender, atomic_write_json, parse_jsonl_line, read_json_file
 
 if TYPE_CHECKING:  # only for annotations: the generation code is imported where it runs
     from hscr_fast.evaluation.generation import GenerationPrompt
+from hscr_fast.runtime.errors import HscrError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ _ARCHITECTURE_FIELDS = {
 _EXAMPLES = 5  # how many offending ids an error message lists
 
 
-class EvaluationError(ValueError):
+class EvaluationError(HscrError):
     """Bad input or settings for an evaluation run; the message names the file, line, id or setting at fault."""
 
 

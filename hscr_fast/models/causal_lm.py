@@ -21,14 +21,22 @@ from pathlib import Path
 
 import torch
 
+from hscr_fast.models.prompting import (
+    TEXT_PROMPT_FORMATS,
+    PromptTokens,
+    answer_separator,
+    format_text_prompt,
+    tokenize_answer,
+    tokenize_marked_answer,
+    tokenize_text_prompt,
+)
+from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.io import read_json_file
-from hscr_fast.models.prompting import (TEXT_PROMPT_FORMATS, PromptTokens, answer_separator, format_text_prompt,
-                                       tokenize_answer, tokenize_marked_answer, tokenize_text_prompt)
 
 SIDECAR_NAME = "hscr_fast.json"
 
 
-class UnsupportedTextModelError(ValueError):
+class UnsupportedTextModelError(HscrError):
     pass
 
 

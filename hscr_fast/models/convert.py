@@ -30,6 +30,7 @@ import torch
 
 from hscr_fast.models.prompting import IMAGE_PLACEHOLDER
 from hscr_fast.models.vlm import ModelOptions
+from hscr_fast.runtime.errors import HscrError, exit_code_of
 
 SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 # Original architecture -> the transformers config class of its language model.
@@ -39,7 +40,7 @@ VISION_PREFIX = "model.vision_tower.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 
 
-class ConversionError(ValueError):
+class ConversionError(HscrError):
     pass
 
 
@@ -84,8 +85,13 @@ def _load_vision_tower(config: dict, state: dict, vision_tower_dir: str | None, 
 def convert_llava_med(src: str | Path, dst: str | Path, *, vision_tower_dir: str | None = None,
                       dtype: torch.dtype | None = None) -> Path:
     import transformers
-    from transformers import (AutoTokenizer, CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     src, dst = Path(src), Path(dst)
@@ -204,14 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-tower", help="local CLIP vision directory, when the checkpoint has no vision weights")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's own")
     args = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         out = convert_llava_med(args.src, args.dst, vision_tower_dir=args.vision_tower,
                                 dtype=getattr(torch, args.dtype) if args.dtype else None)
-    except (ConversionError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"converted {args.src} -> {out}")
-    return 0
+        print(f"converted {args.src} -> {out}")
+
+    return exit_code_of(body)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,19 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int):
 
 def build_tiny_llava(spec: TinyLlavaSpec | None = None, attn_implementation: str = "sdpa"):
     """Returns (model, processor) with random weights. `processor.tokenizer` and `processor.image_processor` work."""
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessorPil, LlavaNextProcessor, LlavaProcessor, MistralConfig)
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        LlavaProcessor,
+        MistralConfig,
+    )
 
     spec = spec or TinyLlavaSpec()
     if spec.family in ("qwen2-vl", "qwen2.5-vl"):
@@ -142,8 +152,13 @@ def build_tiny_qwen2_vl(spec: TinyLlavaSpec, attn_implementation: str = "sdpa"):
     """A tiny Qwen2-VL (or Qwen2.5-VL, whose vision tower adds windowed attention): vision transformer with 2x2 token
     merging, Qwen2 decoder with M-RoPE, a chat template. Returns (model, TextAndImageProcessor): Qwen2-VL's own
     processor needs torchvision, which the CPU test environment cannot install."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
 
     from hscr_fast.models.vlm import TextAndImageProcessor
 

@@ -19,8 +19,14 @@ def build_tiny_causal_lm(decoder: str = "llama", *, seed: int = 0, chat_template
                          attn_implementation: str = "sdpa", corpus: list[str] | None = None):
     """(model, tokenizer). `chat_template` defaults to the family's habit: Qwen2 has one, the base Llama and Mistral
     checkpoints do not."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     if decoder not in TEXT_DECODERS:
         raise ValueError(f"decoder must be one of {TEXT_DECODERS}, got {decoder!r}")

@@ -31,10 +31,19 @@ from pathlib import Path
 
 import torch
 
-from hscr_fast.runtime.io import read_json_file
 from hscr_fast.models.positions import VisualLayout
-from hscr_fast.models.prompting import (IMAGE_PLACEHOLDER, PROMPT_FORMATS, PromptTokens, answer_separator, format_prompt,
-                        tokenize_answer, tokenize_marked_answer, tokenize_prompt)
+from hscr_fast.models.prompting import (
+    IMAGE_PLACEHOLDER,
+    PROMPT_FORMATS,
+    PromptTokens,
+    answer_separator,
+    format_prompt,
+    tokenize_answer,
+    tokenize_marked_answer,
+    tokenize_prompt,
+)
+from hscr_fast.runtime.errors import HscrError
+from hscr_fast.runtime.io import read_json_file
 
 SUPPORTED_ARCHITECTURES = {
     "LlavaForConditionalGeneration": "llava",
@@ -54,7 +63,7 @@ CONVERTIBLE_ARCHITECTURES = {
 SIDECAR_NAME = "hscr_fast.json"
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(HscrError):
     pass
 
 

@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 
 from hscr_fast.data.images import to_rgb
+from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.io import read_json_file
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ SLAKE_MASK_LABELS_FILE = "mask.txt"
 SLAKE_IMAGE_FILE = "source.jpg"
 
 
-class EmptyRegionError(ValueError):
+class EmptyRegionError(HscrError):
     """The region to corrupt has no pixels (no lesion annotated, or the label filter matched nothing)."""
 
 

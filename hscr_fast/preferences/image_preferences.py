@@ -52,8 +52,16 @@ from pathlib import Path
 
 import numpy as np
 
-from hscr_fast.runtime.io import (JsonlAppender, JsonlError, OutputFiles, atomic_output, atomic_write_json,
-                          check_same_arguments, fingerprint_of, read_jsonl)
+from hscr_fast.runtime.errors import HscrError, exit_code_of
+from hscr_fast.runtime.io import (
+    JsonlAppender,
+    OutputFiles,
+    atomic_output,
+    atomic_write_json,
+    check_same_arguments,
+    fingerprint_of,
+    read_jsonl,
+)
 
 KIND = "image-dispreference"
 SOURCES = ("phantom", "slake")
@@ -211,9 +219,9 @@ class ImageCorrupter:
         return absolute.relative_to(folder).as_posix() if absolute.is_relative_to(folder) else str(absolute)
 
     def _corrupt(self, record) -> CorruptedImage:
-        from hscr_fast.preferences.corruption import apply_region_noise
         from hscr_fast.data.images import ImageLoadError, load_image
         from hscr_fast.models.dropout import sample_seed
+        from hscr_fast.preferences.corruption import apply_region_noise
 
         relative = Path(record.image)
         if relative.is_absolute() or ".." in relative.parts:
@@ -286,7 +294,7 @@ def validate_args(args) -> None:
     if args.labels is not None and args.source == "phantom":
         problems.append("--labels applies to --source slake only (phantom masks mark lesions only)")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise HscrError("; ".join(problems))
 
 
 def run(args) -> dict:
@@ -354,15 +362,13 @@ def format_summary(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from hscr_fast.data.records import DataFormatError
 
-    try:
+    def body() -> None:
         summary = run(args)
-    except (DataFormatError, JsonlError, FileNotFoundError, NotADirectoryError) as error:
-        raise SystemExit(f"error: {error}") from None  # the message names the file and the fault
-    print(format_summary(summary))
-    print(f"  → {OutputPaths(Path(args.out)).summary}")
-    return 0
+        print(format_summary(summary))
+        print(f"  → {OutputPaths(Path(args.out)).summary}")
+
+    return exit_code_of(body)
 
 
 if __name__ == "__main__":

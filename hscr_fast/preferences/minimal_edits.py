@@ -15,8 +15,9 @@ import difflib
 import sys
 from collections import Counter
 
-from hscr_fast.runtime.io import JsonlAppender, read_jsonl
 from hscr_fast.models.prompting import MARK_CLOSE, MARK_OPEN
+from hscr_fast.runtime.errors import exit_code_of
+from hscr_fast.runtime.io import JsonlAppender, read_jsonl
 
 
 def mark_differences(preferred: str, dispreferred: str) -> tuple[str, str, int]:
@@ -60,17 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output JSONL of marked pairs (resumable)")
     parser.add_argument("--max-edited-words", type=int, default=3, help="longest edit kept, in words")
     args = parser.parse_args(argv)
+    return exit_code_of(lambda: write_minimal_edits(args.preferences, args.out, max_edited_words=args.max_edited_words))
+
+
+def write_minimal_edits(preferences, out_path, *, max_edited_words: int) -> None:
     skipped, written = Counter(), 0
-    with JsonlAppender(args.out) as out:
-        for record in read_jsonl(args.preferences):
-            pairs, reasons = minimal_edit_pairs(record, max_edited_words=args.max_edited_words)
+    with JsonlAppender(out_path) as out:
+        for record in read_jsonl(preferences):
+            pairs, reasons = minimal_edit_pairs(record, max_edited_words=max_edited_words)
             skipped.update(reasons)
             for pair in pairs:
                 if pair["id"] not in out.ids:
                     out.append(pair)
                     written += 1
-    print(f"{written} minimal-edit pairs written to {args.out}; skipped: {dict(skipped) or 'none'}")
-    return 0
+    print(f"{written} minimal-edit pairs written to {out_path}; skipped: {dict(skipped) or 'none'}")
 
 
 if __name__ == "__main__":

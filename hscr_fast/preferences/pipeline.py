@@ -41,8 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hscr_fast.runtime.distributed import ProcessGroup
-from hscr_fast.runtime.io import (JsonlAppender, JsonlError, OutputFiles, atomic_write_json, atomic_write_text,
-                          check_same_arguments, fingerprint_of, refuse_outputs_over_inputs)
+from hscr_fast.runtime.errors import HscrError
+from hscr_fast.runtime.io import (
+    JsonlAppender,
+    JsonlError,
+    OutputFiles,
+    atomic_write_json,
+    atomic_write_text,
+    check_same_arguments,
+    fingerprint_of,
+    refuse_outputs_over_inputs,
+)
 
 FINGERPRINT_ARGS = ("seed", "perturbation", "drop_ratio", "dropout_mode", "sensitivity", "min_sensitivity", "beta",
                     "top_n", "alpha", "replacement", "num_alternatives",
@@ -296,7 +305,7 @@ def validate_args(args) -> None:
     if not 0.0 <= args.drop_ratio < 1.0:
         problems.append(f"--drop-ratio must be in [0, 1), got {args.drop_ratio}")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise HscrError("; ".join(problems))
 
 
 def refuse_unexpressible_perturbation(perturbation: str, model_dir: Path) -> None:

@@ -23,14 +23,16 @@ from typing import Any, Callable, Iterator
 
 logger = logging.getLogger(__name__)
 
+from hscr_fast.runtime.errors import HscrError
+
 PathLike = str | os.PathLike
 
 
-class JsonlError(ValueError):
+class JsonlError(HscrError):
     """A JSONL file has a line that is not a JSON object; the message names the file and the line number."""
 
 
-class OutputOverInputError(ValueError):
+class OutputOverInputError(HscrError):
     """An output path of a command is one of its inputs (or lies inside its model folder)."""
 
 
@@ -313,8 +315,8 @@ def fingerprint_of(values: dict[str, Any]) -> str:
 
 
 def check_same_arguments(path: PathLike, line: dict, fingerprint: str) -> None:
-    """A resumed run may only add to output made with the same arguments; SystemExit naming both otherwise."""
+    """A resumed run may only add to output made with the same arguments; an `HscrError` naming both otherwise."""
     if line.get("args_fingerprint") != fingerprint:
-        raise SystemExit(f"error: {path} holds results made with different arguments (args_fingerprint "
+        raise HscrError(f"{path} holds results made with different arguments (args_fingerprint "
                          f"{line.get('args_fingerprint')!r}, this run {fingerprint!r}). Re-run with the original "
                          f"arguments to resume, or choose a new --out.")

@@ -5,6 +5,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
+from hscr_fast.runtime.errors import HscrError
+
 DESCRIPTION = "Stage 3 — multi-level preference optimisation (MLPO) on the prefix-shared listwise forward."
 
 
@@ -100,6 +102,6 @@ def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
         except ValueError:
             sep = ""
         if not sep or not kind:
-            raise SystemExit(f"error: --kind-weight expects KIND=WEIGHT (e.g. image-dispreference=0.1), got {entry!r}")
+            raise HscrError(f"--kind-weight expects KIND=WEIGHT (e.g. image-dispreference=0.1), got {entry!r}")
     return weights
 

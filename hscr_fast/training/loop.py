@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from hscr_fast.runtime.distributed import init_distributed
+from hscr_fast.runtime.errors import HscrError, TrainingDiverged
 from hscr_fast.training.config import TrainConfig, parse_kind_weights
 
 LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
@@ -28,11 +29,7 @@ RUN_IDENTITY_DEFAULTS = {"eval_fraction": 0.0}
 PROJECTOR_MODULES = {"qwen2_vl": "merger", "qwen2_5_vl": "merger"}
 
 
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-class PreviousRunError(ValueError):
+class PreviousRunError(HscrError):
     """--out holds a run and neither --resume nor --overwrite says what to do with it."""
 
 
@@ -85,23 +82,29 @@ def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, f
 def train(config: TrainConfig) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
-    from hscr_fast.training.engine import DeepSpeedEngine, Divergence, TorchEngine, deepspeed_config, non_finite_parameters
-    from hscr_fast.training.heldout import held_out_metrics
     from hscr_fast.models.causal_lm import load_causal_lm
     from hscr_fast.models.vlm import load_vlm, read_architecture
-    from hscr_fast.training.objective import batch_loss, score_batch
     from hscr_fast.training.data import batch_indices, steps_per_epoch, tokenize_preferences
-    from hscr_fast.training.reference import load_or_compute_reference, reference_cache_path, reference_fingerprint
+    from hscr_fast.training.engine import (
+        DeepSpeedEngine,
+        Divergence,
+        TorchEngine,
+        deepspeed_config,
+        non_finite_parameters,
+    )
+    from hscr_fast.training.heldout import held_out_metrics
     from hscr_fast.training.log import MetricsLog, plot_training_curves
+    from hscr_fast.training.objective import batch_loss, score_batch
+    from hscr_fast.training.reference import load_or_compute_reference, reference_cache_path, reference_fingerprint
 
     text_only = is_text_only_model(config.model)
     if config.model and not text_only and (Path(config.model) / "config.json").is_file():
         read_architecture(config.model)  # neither text-only nor a supported VLM: say so before anything else
     if not (config.model and config.preferences and (config.image_folder or text_only)):
-        raise SystemExit("error: --model, --preferences and (for a vision-language model) --image-folder are all "
+        raise HscrError("--model, --preferences and (for a vision-language model) --image-folder are all "
                          "needed (or none, for the demo)")
     if text_only and config.train_projector:
-        raise SystemExit(f"error: --train-projector: {config.model} is a text-only model; it has no projector")
+        raise HscrError(f"--train-projector: {config.model} is a text-only model; it has no projector")
     kind_weights = parse_kind_weights(config.kind_weight)
     use_deepspeed = config.deepspeed != "none"
     rank, world_size, device = init_distributed(use_deepspeed)
@@ -145,7 +148,7 @@ def train(config: TrainConfig) -> TrainResult:
     # 4. Optimizer, schedule, engine.
     micro_per_epoch = steps_per_epoch(len(items), config.per_device_batch_size, world_size)
     if micro_per_epoch == 0:
-        raise SystemExit(f"error: {len(items)} preference lists are fewer than one global batch "
+        raise HscrError(f"{len(items)} preference lists are fewer than one global batch "
                          f"({config.per_device_batch_size} x {world_size} ranks)")
     total_micro = config.epochs * micro_per_epoch
     total_steps = total_micro // config.gradient_accumulation_steps
@@ -177,7 +180,7 @@ def train(config: TrainConfig) -> TrainResult:
         saved = {**RUN_IDENTITY_DEFAULTS, **state["run"]}
         mismatched = {k: (saved.get(k), v) for k, v in run_identity.items() if saved.get(k) != v}
         if mismatched:
-            raise SystemExit(f"error: cannot resume {out}: the run changed since the checkpoint "
+            raise HscrError(f"cannot resume {out}: the run changed since the checkpoint "
                              f"(saved, now): {mismatched}")
         step, micro_step = state["step"], state["micro_step"]
         best_eval_loss = state.get("best_eval_loss", math.inf)
@@ -348,8 +351,8 @@ def load_training_data(config: TrainConfig, *, text_only: bool = False) -> tuple
     """(training records, held-out records), every line and image validated; raises before any model loads. For a
     text-only model the lists must have no images."""
     from hscr_fast.data.records import DataFormatError
-    from hscr_fast.training.heldout import split_held_out
     from hscr_fast.training.data import validate_preferences
+    from hscr_fast.training.heldout import split_held_out
 
     if config.eval_preferences and config.eval_fraction:
         raise DataFormatError("--eval-preferences and --eval-fraction both choose the held-out lists; give one")
@@ -366,7 +369,7 @@ def load_training_data(config: TrainConfig, *, text_only: bool = False) -> tuple
     if config.loss == "weighted-dpo":
         unweighted = [record.id for record in records + eval_records if record.weight is None]
         if unweighted:
-            raise SystemExit(f"error: --loss weighted-dpo needs a 'weight' on every preference record; "
+            raise HscrError(f"--loss weighted-dpo needs a 'weight' on every preference record; "
                              f"{len(unweighted)} have none (ids {unweighted[:5]})")
     return records, eval_records
 

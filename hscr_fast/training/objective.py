@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hscr_fast.data.records import DataFormatError
+
 # The losses that use every response of a list; dpo and weighted-dpo use y_w against y_l1 only.
 LISTWISE_LOSSES = ("mlpo", "plackett-luce", "lipo-lambda")
 
@@ -38,7 +40,7 @@ def sample_weights(items, config, kind_weights: dict[str, float], device) -> tor
         weight = 1.0
         if config.loss == "weighted-dpo":
             if item.weight is None:
-                raise SystemExit(f"error: --loss weighted-dpo needs a 'weight' on every preference record; "
+                raise DataFormatError(f"--loss weighted-dpo needs a 'weight' on every preference record; "
                                  f"id {item.id!r} has none")
             weight = item.weight
         elif config.loss in LISTWISE_LOSSES and item.weight is not None:

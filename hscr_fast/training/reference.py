@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hscr_fast.runtime.io import atomic_output
 from hscr_fast.listwise import listwise_logprobs, pack_examples
+from hscr_fast.runtime.io import atomic_output
 from hscr_fast.training.data import TokenizedPreference, to_examples
 
 
