@@ -3,7 +3,8 @@
 from setuptools import find_packages, setup
 
 trainer_packages = find_packages(include=["hscr_fast", "hscr_fast.*"])
-kernel_packages = ["hscr_fast.kernels" + name[len("kernels"):] for name in find_packages(include=["kernels", "kernels.*"])]
+kernel_packages = ["hscr_fast.kernels" + name[len("kernels"):]
+                   for name in find_packages(include=["kernels", "kernels.*"])]
 
 setup(
     packages=trainer_packages + kernel_packages,

@@ -69,7 +69,7 @@ def x(value, digits=2) -> str:
 
 def step_table(files) -> list[str]:
     lines = []
-    for device, (path, report, results) in newest(files, "mlpo_step_vs_trl").items():
+    for _device, (path, report, results) in newest(files, "mlpo_step_vs_trl").items():
         for result in results:
             forms = result["forms"]
             lines += [
@@ -101,7 +101,7 @@ def step_table(files) -> list[str]:
 
 def kernel_table(files) -> list[str]:
     lines = []
-    for device, (path, report, results) in newest(files, "side_by_side:").items():
+    for _device, (path, report, results) in newest(files, "side_by_side:").items():
         lines += [f"Kernels against the plain PyTorch forms; {source(path, report)}.", "",
                   "| what | shapes, dtype, device | time ratio | peak memory ratio |", "|---|---|---|---|"]
         for result in results:

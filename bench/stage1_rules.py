@@ -1,6 +1,7 @@
 """Stage 1's readings measured on the demo world, whose ground truth judges every dispreferred response.
 
-    python bench/stage1_rules.py                       # every configuration, 800 samples → bench/results/stage1-rules.json
+    python bench/stage1_rules.py                       # every configuration, 800 samples →
+    bench/results/stage1-rules.json
     python bench/stage1_rules.py --only deprived-contrast --num-samples 100
     python bench/stage1_rules.py --readme              # rewrite the README table from the committed JSON only
 

@@ -147,7 +147,8 @@ def test_generation_throughput(benchmark, tmp_path, record_bench_result):
     answer_tokens = [len(vlm.answer_tokens(vlm.prompt_tokens(q), a)) for q, a in QUESTIONS_AND_ANSWERS]
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (1 thread)",
-        "model": model_name, "similarity_model": similarity_name, "dtype": str(vlm.dtype), "image_tokens": vlm.num_visual_tokens,
+        "model": model_name, "similarity_model": similarity_name, "dtype": str(vlm.dtype),
+        "image_tokens": vlm.num_visual_tokens,
         "prompt_text_tokens": prompt.num_text_tokens, "mean_answer_tokens": float(np.mean(answer_tokens)),
         "vocab": int(vlm.lm_head_weight.shape[0]), "decoder_width": vlm.hidden_size,
         "decoder_layers": vlm.config.text_config.num_hidden_layers, "batch_size": batch_size,

@@ -15,7 +15,6 @@ import os
 
 import pytest
 import torch
-
 from hscr_fast.kernels import contrastive_select, contrastive_select_from_hidden, fused_linear_logprobs
 
 CUDA = torch.cuda.is_available()

@@ -78,7 +78,8 @@ def build_model(device: torch.device, shape: str):
         text = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                              num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
                              sliding_window=None, pad_token_id=processor.tokenizer.pad_token_id)
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
+        config = LlavaConfig(vision_config=vision, text_config=text,
+                             image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
                              image_seq_length=576, vision_feature_select_strategy="default", vision_feature_layer=-2)
         config._attn_implementation = "sdpa"
         torch.manual_seed(0)

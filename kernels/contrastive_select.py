@@ -644,7 +644,8 @@ def contrastive_select(
     id). `alpha_drop=None` (default) means the same as `alpha` (0.1); `alpha_drop=0` is DESIGN.md's literal rule,
     which on peaked rows picks tokens implausible even without the image (the module docstring has the example).
     `rule="deprived"` takes instead the highest (1+β)·L' − β·L among the top-`num_candidates` tokens of L' with
-    p_drop ≥ alpha_drop·max p_drop (`alpha` then plays no part). `exclude` [T, E] int64 (−1: padding) names tokens never to
+    p_drop ≥ alpha_drop·max p_drop (`alpha` then plays no part). `exclude` [T, E] int64 (−1: padding) names tokens
+    never to
     choose at row t (special tokens; replacements already taken). `min_sensitivity`: positions need s_t above it
     (0.0: only tokens the image supports); None takes the top-n whatever their sign.
     Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is
@@ -684,7 +685,7 @@ def contrastive_select(
     for start in range(0, rows, block):
         rows_full, rows_drop = logits_full[start:start + block], logits_drop[start:start + block]
 
-        def chunks():
+        def chunks(rows_full=rows_full, rows_drop=rows_drop):  # this block's rows, bound now
             for offset in range(0, vocab, width):
                 yield offset, rows_full[:, offset:offset + width].float(), rows_drop[:, offset:offset + width].float()
 

@@ -37,8 +37,16 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import (check_labels, compute_dtype, default_chunk_rows, linear_logits_fp32, recompute_linear_grads,
-                      rescale_direction, resolve_backend)
+from ._common import (
+    check_labels,
+    compute_dtype,
+    default_chunk_rows,
+    linear_logits_fp32,
+    recompute_linear_grads,
+    rescale_direction,
+    resolve_backend,
+)
+
 _MAX_BLOCK_V = 4096
 
 # triton.language and the kernel, bound by _triton_kernels() on first use (see there).

@@ -59,8 +59,14 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import (compute_dtype, default_chunk_rows, linear_logits_fp32, recompute_linear_grads,
-                      rescale_direction, resolve_backend)
+from ._common import (
+    compute_dtype,
+    default_chunk_rows,
+    linear_logits_fp32,
+    recompute_linear_grads,
+    rescale_direction,
+    resolve_backend,
+)
 
 # two logit blocks (policy, reference) and one scratch block in the torch form
 _LOGIT_BLOCKS = 3

@@ -80,7 +80,7 @@ def oracle(question: str, findings: list[tuple[str, str, str]]) -> str:
             return "No lesion is seen."
         return " ".join(f"A {size} lesion in the {side} {lobe} lobe." for side, lobe, size in findings)
     if q.startswith(("Where", "What is the location", "What are the locations")):
-        return " and ".join(f"{d} {l} lobe" for d, l, _ in findings)
+        return " and ".join(f"{side} {lobe} lobe" for side, lobe, _ in findings)
     if q.startswith("Which"):
         return "both lungs" if len(sides) == 2 else f"{sides.pop()} lung"
     located = re.search(rf"{WORD} {WORD} lobe", q) or re.search(rf"{WORD} lobe of the {WORD} lung", q)
@@ -133,7 +133,7 @@ def test_every_answer_agrees_with_the_mask_pixels():
         image_size = (84, 112, 56)[index % 3]  # other sizes scale the geometry, the semantics must hold
         _, mask, lesions = render(1, index, image_size)
         from_mask = findings_from_mask(mask)
-        assert from_mask == [(l.side, l.lobe, l.size) for l in lesions], f"image {index}"
+        assert from_mask == [(lesion.side, lesion.lobe, lesion.size) for lesion in lesions], f"image {index}"
         for qa in candidate_questions(from_mask):
             assert qa.answer == oracle(qa.question, from_mask), (index, qa, from_mask)
             assert qa.answer_type == ("CLOSED" if qa.answer in ("yes", "no") else "OPEN")

@@ -58,7 +58,7 @@ def test_smoke_world_is_built_from_nothing_within_budget(smoke_world):
     report = world.sft_report
     assert report["eval_questions"] == PRESETS["smoke"].eval_questions
     assert list(report["splits"]) == ["prior-agreeing", "prior-conflicting"]
-    for split, conditions in report["splits"].items():
+    for _split, conditions in report["splits"].items():
         for condition in ("with_visual_tokens", "without_visual_tokens", "question_only_baseline"):
             scores = conditions[condition]
             assert scores["num_closed"] + scores["num_open"] == report["eval_questions"]

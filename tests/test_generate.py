@@ -331,7 +331,8 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert re.search("--drop-ratio must be in", capsys.readouterr().err)
     assert generate.main(["--num-alternatives", "-1", "--out", str(tmp_path / "x.jsonl")]) == 2
     assert re.search("--num-alternatives must be", capsys.readouterr().err)
-    assert generate.main(["--model", str(tmp_path / "missing"), "--data", "sft.json", "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert generate.main(["--model", str(tmp_path / "missing"), "--data", "sft.json",
+                          "--out", str(tmp_path / "x.jsonl")]) == 2
     assert re.search("no such directory", capsys.readouterr().err)
     (tmp_path / "sft.json").write_text('{"id": 1}')
     assert generate.main(["--model", str(tmp_path), "--data", str(tmp_path / "sft.json"), "--out",

@@ -1,4 +1,5 @@
-"""`python -m hscr_fast.preferences.image_preferences` end to end: phantom and SLAKE records, the corrupted images they point at
+"""`python -m hscr_fast.preferences.image_preferences` end to end: phantom and SLAKE records, the corrupted images they
+point at
 (changed exactly inside the lesion mask, reproducible from the recorded seed), skips with reasons, byte-identical
 resume, and argument errors."""
 import json

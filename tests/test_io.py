@@ -1,4 +1,5 @@
-"""hscr_fast.runtime.io: atomic whole-file writes, resumable JSONL appends with torn-line recovery, line-numbered reads."""
+"""hscr_fast.runtime.io: atomic whole-file writes, resumable JSONL appends with torn-line recovery, line-numbered
+reads."""
 import json
 import logging
 

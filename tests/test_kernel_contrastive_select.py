@@ -57,7 +57,8 @@ def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, 
                                  ignore_index=-100, rule="pdiff", exclude=None, min_sensitivity=None):
     """DESIGN.md Stage 1 steps 3-5 in float64, one position at a time, with the deprived-side cut
     p_drop(v) >= alpha_drop * max p_drop on the top-k (alpha_drop None: = alpha; 0: the literal rule).
-    rule="deprived": the highest (1+β)·L' − β·L among the top-k of L' with p_drop(v) >= alpha_drop·max p_drop. `exclude` [T, E]:
+    rule="deprived": the highest (1+β)·L' − β·L among the top-k of L' with p_drop(v) >= alpha_drop·max p_drop.
+    `exclude` [T, E]:
     ids never chosen at row t (-1: none). min_sensitivity: positions need s_t > it."""
     full, drop = logits_full.double().cpu(), logits_drop.double().cpu()
     labels = labels.cpu()
@@ -543,7 +544,8 @@ common = {"drop_row_stride": "i64", "full_row_stride": "i64", "n_cols": "i32", "
           "num_splits": "i32"}
 stats = {"max_full_ptr": "*fp32", "sumexp_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "sumexp_drop_ptr": "*fp32",
          "top_keys_ptr": "*i64"}
-candidates = {"labels_ptr": "*i64", "exclude_ptr": "*i64", "max_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "kth_key_ptr": "*i64",
+candidates = {"labels_ptr": "*i64", "exclude_ptr": "*i64", "max_full_ptr": "*fp32", "max_drop_ptr": "*fp32",
+              "kth_key_ptr": "*i64",
               "best_ptr": "*i64", "log_alpha": "fp32", "log_alpha_drop": "fp32", "coef_full": "fp32",
               "coef_drop": "fp32"}
 for dtype in ("bf16", "fp32"):

@@ -179,7 +179,11 @@ def test_frozen_weight_keeps_the_gradient_direction_and_trained_weight_keeps_onl
     hidden, weight, labels, _ = make_inputs(rows, vocab, dim)
     for weight_grad, expected_shapes in ((False, [(rows, dim)]), (True, [(rows, dim), (vocab, dim), (rows,), (rows,)])):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        def record(tensor, saved=saved):
+            saved.append(tuple(tensor.shape))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
             fused_linear_logprobs(hidden.clone().requires_grad_(True), weight.clone().requires_grad_(weight_grad),
                                   labels, backend="torch")
         assert saved == expected_shapes

@@ -22,7 +22,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
 BACKENDS = [
     "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")),
+    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE,
+                                                    reason="triton missing, or CPU without TRITON_INTERPRET=1")),
 ]
 
 
@@ -260,7 +261,11 @@ def test_frozen_weight_keeps_the_gradient_direction_and_trained_weight_keeps_onl
     for weight_grad, expected_shapes in ((False, [(rows, dim)]),
                                          (True, [(rows, dim), (rows, dim), (vocab, dim), (3, rows)])):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        def record(tensor, saved=saved):
+            saved.append(tuple(tensor.shape))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
             fused_token_kl(policy.clone().requires_grad_(True), reference, weight.clone().requires_grad_(weight_grad),
                            backend="torch")
         assert saved == expected_shapes

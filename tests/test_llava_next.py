@@ -30,7 +30,7 @@ def test_pieces_agree_with_transformers_and_counts_are_announced(next_vlm, make_
     vlm = next_vlm
     assert vlm.is_anyres and vlm.options.image_aspect_ratio == "crop"  # anyres tiles the image as it is
     with pytest.raises(TypeError, match="visual_token_counts"):
-        vlm.num_visual_tokens
+        _ = vlm.num_visual_tokens
     images = make_images(len(IMAGE_SIZES), seed=1, sizes=IMAGE_SIZES)
     pixels = vlm.preprocess_images(images)
     assert isinstance(pixels, AnyResPixels) and len(pixels) == len(IMAGE_SIZES)

@@ -67,3 +67,12 @@ def test_the_performance_tables_are_generated_from_the_committed_results():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.main(["--check"]) == 0
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """`.ci/run` ends with the README's test command (linter included), so what CI checks is what a user runs."""
+    section = README.read_text().split("**Run the tests**", 1)[1]
+    command = re.search(r"```bash\n(.*?)\n```", section, flags=re.S).group(1).strip()
+    ci_lines = (README.parent / ".ci" / "run").read_text().strip().splitlines()
+    assert "ruff check ." in command and "pytest" in command
+    assert ci_lines[-1].strip() == command

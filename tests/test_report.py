@@ -1,4 +1,5 @@
-"""hscr_fast.evaluation.report: the demo's before/after report, the run comparison and metrics files — numbers in the tables,
+"""hscr_fast.evaluation.report: the demo's before/after report, the run comparison and metrics files — numbers in the
+tables,
 valid PNGs, no temporary files left behind, None shown as missing rather than 0."""
 import json
 

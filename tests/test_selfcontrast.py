@@ -401,7 +401,7 @@ def test_patch_perturbation_scores_the_deprived_condition_with_the_kept_patches(
     contrast, prepared, results = run_stage1(tiny_vlm, config, samples=SAMPLES[:3], images=images[:3])
     pixels = tiny_vlm.preprocess_images(images[:3])
     deprived = ImagePerturbation(tiny_vlm, "patch", drop_ratio=0.7, global_seed=6)(pixels, ["a", "b", "c"])
-    for (sid, question, _), sample, result, image, visual in zip(SAMPLES, prepared, results, images, deprived):
+    for (_sid, question, _), sample, result, image, visual in zip(SAMPLES, prepared, results, images, deprived):
         assert visual.shape[0] == tiny_vlm.num_visual_tokens - round(0.7 * tiny_vlm.num_visual_tokens)
         logits_full = reference_logits(tiny_vlm, question, sample.answer_ids, image)
         logits_drop = reference_logits(tiny_vlm, question, sample.answer_ids, image, deprived_visual=visual)

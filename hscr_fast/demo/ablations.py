@@ -22,7 +22,8 @@ also scored for hallucinated findings (`hscr_fast.evaluation.hallucination`).
 Writes `OUT/ablations-<date>.json` (commit, versions, seeds, settings, every run's numbers, what was not run and why),
 `.md` and `.png`; `--quick` writes `ablations-quick-<date>.*`: one seed, one learning rate, a few samples, the smoke
 world — a check that every row runs, whose numbers mean nothing. A run with fewer seeds, learning rates or samples than
-the protocol is written as `ablations-reduced-<date>.*`, its settings in the file. An existing result file is never overwritten without
+the protocol is written as `ablations-reduced-<date>.*`, its settings in the file. An existing result file is never
+overwritten without
 `--overwrite`.
 """
 from __future__ import annotations

@@ -5,7 +5,8 @@
 
 - `mmedpo` (Zhu et al., ICML 2025): image-side dispreference. The preferred response is the phantom answer under the
   clean image; the dispreferred one is the same answer under the image with its lesion region replaced by Gaussian
-  noise (`hscr_fast.preferences.image_preferences`, mode `replace`). Loss: weighted DPO, β = 0.1, w · (−log σ(β·Δ)). MMedPO's
+  noise (`hscr_fast.preferences.image_preferences`, mode `replace`). Loss: weighted DPO, β = 0.1, w · (−log σ(β·Δ)).
+  MMedPO's
   weights are clinical-relevance scores from a medical LLM, which the demo cannot run; the stand-in is the lesion's
   share of the image relative to the set's mean (a larger corrupted finding matters more), written into each
   record's `weight` and used as given.

@@ -470,9 +470,9 @@ def _findings_of(lesions: Sequence[Lesion]) -> list[Finding]:
         if side not in SIDES or lobe not in LOBES or size not in SIZES:
             raise ValueError(f"lesion ({side!r}, {lobe!r}, {size!r}) is not one of sides {SIDES}, lobes {LOBES}, "
                              f"sizes {SIZES}")
-    if len(findings) > 2 or len({(s, l) for s, l, _ in findings}) != len(findings):
+    if len(findings) > 2 or len({(side, lobe) for side, lobe, _ in findings}) != len(findings):
         raise ValueError(f"a phantom has at most two lesions, in distinct lobes; got {findings}")
-    order = {(side, lobe): i for i, (side, lobe) in enumerate((s, l) for s in SIDES for l in LOBES)}
+    order = {(side, lobe): i for i, (side, lobe) in enumerate((s, lobe) for s in SIDES for lobe in LOBES)}
     return sorted(findings, key=lambda f: order[f[:2]])
 
 

@@ -341,7 +341,8 @@ HEADLINE_METRICS = ("closed_accuracy", "open_recall", "closed_exact", "open_exac
 def split_records(records, limit: int | None = None) -> dict[str, list]:
     """The test records of each split (`SPLITS`), the first `limit` of each. Both halves ask the same questions about
     the same images, in the same order, so the first N of each are the same N questions under the two histories."""
-    by_split = {split: [r for r in records if r.metadata.get("prior") == relation] for split, relation in SPLITS.items()}
+    by_split = {split: [r for r in records if r.metadata.get("prior") == relation]
+                for split, relation in SPLITS.items()}
     return {split: chosen[:limit] for split, chosen in by_split.items()}
 
 
@@ -352,7 +353,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def demo_accuracy(vlm, records, image_folder: str | os.PathLike, *, batch_size: int = 64,
                   max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, dict[str, Any]]:
-    """Greedy answers scored as Med-VQA (`hscr_fast.evaluation.metrics`): with all visual tokens, and with none (the prompt
+    """Greedy answers scored as Med-VQA (`hscr_fast.evaluation.metrics`): with all visual tokens, and with none (the
+    prompt
     without its image, the model's question-only behaviour)."""
     from hscr_fast.data.images import load_image
     from hscr_fast.evaluation.generation import GenerationPrompt, decode, greedy_generate

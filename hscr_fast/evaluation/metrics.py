@@ -31,7 +31,8 @@ Scores per question (`score_prediction`), on the normalised strings:
 An empty prediction scores 0 everywhere. Aggregates are percentages (as the papers print them); a metric over zero
 questions is None.
 
-Reports: records that carry a `findings` list (the image's true findings, see `hscr_fast.evaluation.hallucination`) are also
+Reports: records that carry a `findings` list (the image's true findings, see `hscr_fast.evaluation.hallucination`) are
+also
 scored as generated reports — report hallucination rate (CHAIR_s-like), hallucinated share of stated findings and
 coverage of true findings — over the records that have the field, in the totals and in every breakdown group.
 """
@@ -182,7 +183,8 @@ def metrics_to_markdown(metrics: dict[str, Any], title: str | None = None) -> st
     ]
     if "num_reports" in metrics:
         lines += [
-            f"| reports with a hallucinated finding (CHAIR_s-like) | {_percent(metrics['report_hallucination_rate'])} |",
+            "| reports with a hallucinated finding (CHAIR_s-like) | "
+            f"{_percent(metrics['report_hallucination_rate'])} |",
             f"| hallucinated share of stated findings | {_percent(metrics['hallucinated_finding_share'])} |",
             f"| coverage of true findings | {_percent(metrics['finding_coverage'])} |",
             f"| reports (stated / true findings) | {metrics['num_reports']} ({metrics['num_stated_findings']} / "

@@ -1,6 +1,7 @@
 """Markdown tables and PNG bar charts of Med-VQA metrics: one run, several runs compared, the demo's before/after.
 
-The inputs are the metric dicts of `hscr_fast.evaluation.metrics.compute_metrics` (what `metrics.json` holds): percentages, and
+The inputs are the metric dicts of `hscr_fast.evaluation.metrics.compute_metrics` (what `metrics.json` holds):
+percentages, and
 None for a metric over zero questions. None is shown as "–" in tables and as a missing bar marked "n/a" in plots,
 never as 0, which would read as a real score.
 

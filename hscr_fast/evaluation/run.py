@@ -4,7 +4,8 @@
 OUT receives `predictions.jsonl` (one line per question, written as it is generated:
 `{question_id, prompt, text, answer, answer_type, model_id, metadata}`, the `question_id`/`text` fields being
 LLaVA-Med's answer-file format), `run.json` (the settings that produced the predictions), `metrics.json` and
-`metrics.md` (see `hscr_fast.evaluation.metrics`). A rerun with the same OUT resumes: questions already in predictions.jsonl are
+`metrics.md` (see `hscr_fast.evaluation.metrics`). A rerun with the same OUT resumes: questions already in
+predictions.jsonl are
 skipped (a torn last line from a killed run is dropped), and the metrics are computed from the file, so a resumed run
 scores exactly as an uninterrupted one. A rerun with settings that would change the answers (another model, adapter,
 data file, visual condition, token limit or dtype) is refused rather than mixed into the same file.
@@ -344,7 +345,8 @@ def generate_predictions(vlm, records: list[VQARecord], image_folder: str | Path
     """Greedy answers for the records not yet in `predictions_path`, appended one flushed line each.
 
     A record whose image cannot be decoded gets no answer: it goes into `unreadable` ({id: reason}) with a warning
-    naming it, and the others are answered. Returns how many were generated in this call. Batches are left-padded (`hscr_fast.evaluation.generation`), so every answer is
+    naming it, and the others are answered. Returns how many were generated in this call. Batches are left-padded
+    (`hscr_fast.evaluation.generation`), so every answer is
     the one the model gives to that question alone, whatever the batch size.
     """
     from tqdm.auto import tqdm

@@ -125,8 +125,8 @@ class CausalLanguageModel:
                               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, L, D] (after the decoder's last norm); a 4D bool mask (True = attend) goes to the
         attention kernel as it is, which is how the listwise forward gives each response its own view."""
-        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool \
-                and self.config._attn_implementation == "eager":
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+                and attention_mask.dtype == torch.bool and self.config._attn_implementation == "eager"):
             # eager attention adds the mask to the scores
             attention_mask = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype,
                                          device=attention_mask.device).masked_fill(

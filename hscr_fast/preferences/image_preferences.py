@@ -1,8 +1,10 @@
-"""`python -m hscr_fast.preferences.image_preferences`: image-side preference records — the data's own answer under the clean
+"""`python -m hscr_fast.preferences.image_preferences`: image-side preference records — the data's own answer under the
+clean
 image (preferred) against the same answer under a copy of the image whose lesion region is corrupted (dispreferred),
 as in MMedPO's lesion-region dispreference and the fine-grained method's visual-contrastive pairs (issue 7, item 2).
 
-    python -m hscr_fast.preferences.image_preferences --source phantom --data demo/train.json --image-folder demo/images \\
+    python -m hscr_fast.preferences.image_preferences --source phantom --data demo/train.json --image-folder
+    demo/images \\
         --out image_prefs.jsonl --out-images image_prefs.images --mode replace --seed 0
     python -m hscr_fast.preferences.image_preferences --source slake --data slake_llava/train.json \\
         --image-folder slake_llava/images --annotation-folder ../shared/data/slake/imgs --out slake_image_prefs.jsonl

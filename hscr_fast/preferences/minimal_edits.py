@@ -56,7 +56,8 @@ def minimal_edit_pairs(record: dict, *, max_edited_words: int) -> tuple[list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hscr_fast.preferences.minimal_edits", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hscr_fast.preferences.minimal_edits",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--preferences", required=True, help="preference lists JSONL (hscr_fast.generate output)")
     parser.add_argument("--out", required=True, help="output JSONL of marked pairs (resumable)")
     parser.add_argument("--max-edited-words", type=int, default=3, help="longest edit kept, in words")

@@ -1,6 +1,7 @@
 """HSCR Stages 1–2 — preference lists from an SFT model and its SFT data (the work of `python -m hscr_fast.generate`).
 
-Per batch of samples: Stage 1 (`hscr_fast.preferences.selfcontrast`: two batched teacher-forced forwards, contrastive selection,
+Per batch of samples: Stage 1 (`hscr_fast.preferences.selfcontrast`: two batched teacher-forced forwards, contrastive
+selection,
 graded variants), then Stage 2 (`hscr_fast.preferences.rerank`: similarity-aware re-ranking with one embedding call).
 
 Files, for `--out prefs.jsonl`:

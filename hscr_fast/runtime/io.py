@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-logger = logging.getLogger(__name__)
-
 from hscr_fast.runtime.errors import HscrError
+
+logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
 

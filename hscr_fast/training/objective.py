@@ -6,7 +6,8 @@
 - `batch_loss`: the preference loss (MLPO, DPO, weighted DPO, Plackett–Luce or LiPO-λ) plus the weighted token KL,
   from those tensors alone.
 
-Because `batch_loss` needs only per-sample tensors, held-out evaluation (`hscr_fast.training.heldout`) scores its batches with
+Because `batch_loss` needs only per-sample tensors, held-out evaluation (`hscr_fast.training.heldout`) scores its
+batches with
 `score_batch`, concatenates them (`concat_scored`) and calls `batch_loss` once on the whole set: the held-out metrics
 are exact set-wide values, not averages of batch averages.
 """
