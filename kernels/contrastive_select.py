@@ -1,4 +1,4 @@
-"""Fused self-contrastive selection for HSCR stage 1 (DESIGN.md, Stage 1 steps 3-5).
+"""Fused self-contrastive selection for HSCR stage 1 (docs/method.md, Stage 1 steps 3-5).
 
 For answer position t with label y_t, full-image logits L[t] and image-dropped logits L'[t] (both [V]):
 
@@ -25,10 +25,10 @@ replacements already taken when a caller asks a position for its next-best one.
 
 Note the plausible set is not bounded by 1/α: it is relative to max p_full, so a flat row can pass every token.
 
-The deprived-side cut α' (`alpha_drop`, default None = the same as `alpha`, 0.1) departs from DESIGN.md Stage 1
-step 5, which takes the deprived top-k as it is; `alpha_drop=0` is that literal rule. Why: on a peaked answer the
-deprived top-8 tail holds tokens that are implausible with or without the image ("lower", "and" after "Is there a
-lesion?"). The full model rejects exactly those hardest, so they have the lowest contrast and the literal rule picks
+The deprived-side cut α' (`alpha_drop`, default None = the same as `alpha`, 0.1) departs from the paper's Stage 1
+step 5 as docs/method.md states it, which takes the deprived top-k as it is; `alpha_drop=0` is that literal rule.
+Why: on a peaked answer the deprived top-8 tail holds tokens that are implausible with or without the image
+("lower", "and" after "Is there a lesion?"). The full model rejects exactly those hardest, so they have the lowest contrast and the literal rule picks
 them: "yes" → "left", "2" → "and", "small" → "and", which are not hallucinations. The intended replacement is the
 plausible token the image argues against most; the cut keeps only deprived-side tokens that are plausible without the
 image (p_drop(v) ≥ α'·max p_drop), so "yes" → "no". The cut only removes candidates: a position where y_t dominates
@@ -96,7 +96,7 @@ class _Options(NamedTuple):
     sensitivity: str
     ignore_index: int
     log_alpha: float  # full-side cut; +inf for rule "deprived" (no full side)
-    log_alpha_drop: float  # deprived-side cut; -inf: none (DESIGN.md's literal rule)
+    log_alpha_drop: float  # deprived-side cut; -inf: none (the paper's literal rule)
     coef_full: float  # the replacement minimises coef_full·L − coef_drop·L': 1 + beta ("pdiff") or beta ("deprived")
     coef_drop: float  # beta ("pdiff") or 1 + beta ("deprived")
     min_sensitivity: float | None  # positions need s_t > this; None: literal top-n
@@ -578,7 +578,7 @@ def _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensiti
         alpha_drop = alpha
     if not 0.0 <= alpha_drop <= 1.0:
         raise ValueError(f"{op}: alpha_drop is the deprived-side cut p_drop(v) >= alpha_drop * max p_drop and must "
-                         f"lie in [0, 1] (0: no cut, DESIGN.md's literal rule; None: the same as alpha), "
+                         f"lie in [0, 1] (0: no cut, the paper's literal rule; None: the same as alpha), "
                          f"got {alpha_drop}")
     if top_n < 0 or num_candidates < 0:
         raise ValueError(f"{op}: top_n and num_candidates must be >= 0, got {top_n} and {num_candidates}")
@@ -641,7 +641,7 @@ def contrastive_select(
     The semantics are the module docstring's. Candidates at position t: the top-`num_candidates` tokens of L'[t]
     that pass the deprived-side cut p_drop(v) ≥ alpha_drop·max p_drop, together with every v with
     p_full(v) ≥ alpha·max p_full, minus y_t; the replacement is the candidate with the lowest P_diff (ties: lowest
-    id). `alpha_drop=None` (default) means the same as `alpha` (0.1); `alpha_drop=0` is DESIGN.md's literal rule,
+    id). `alpha_drop=None` (default) means the same as `alpha` (0.1); `alpha_drop=0` is the paper's literal rule,
     which on peaked rows picks tokens implausible even without the image (the module docstring has the example).
     `rule="deprived"` takes instead the highest (1+β)·L' − β·L among the top-`num_candidates` tokens of L' with
     p_drop ≥ alpha_drop·max p_drop (`alpha` then plays no part). `exclude` [T, E] int64 (−1: padding) names tokens
@@ -718,7 +718,7 @@ def contrastive_select_from_hidden(
 
     hidden_full, hidden_drop [T, D] and weight [V, D] (the lm_head, no bias) share one dtype. Each pass computes
     [T, chunk_size] fp32 logit chunks (default: about 2M elements) and discards them after use. The options, the
-    candidate rule included (`alpha_drop`: None = `alpha`, 0 = DESIGN.md's literal rule), are `contrastive_select`'s.
+    candidate rule included (`alpha_drop`: None = `alpha`, 0 = the paper's literal rule), are `contrastive_select`'s.
     """
     op = "contrastive_select_from_hidden"
     if hidden_full.dim() != 2 or hidden_full.shape != hidden_drop.shape or weight.dim() != 2:

@@ -6,7 +6,7 @@ that exact ties have probability ~0 and selections must equal the reference exac
 lowest position) get their own constructed test.
 
 Every reference comparison runs with the default candidate rule (deprived-side cut alpha_drop = alpha) and with
-alpha_drop=0 (DESIGN.md's literal rule) in the torch form; the Triton form, slow in the interpreter, runs each test
+alpha_drop=0 (the paper's literal rule) in the torch form; the Triton form, slow in the interpreter, runs each test
 once, with the cut in most tests and without it in a few (`cut_cases`).
 """
 import importlib
@@ -27,7 +27,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
 NEEDS_TRITON = pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")
 BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
-CUT, LITERAL = None, 0.0  # alpha_drop: the default deprived-side cut (= alpha), and none (DESIGN.md's literal rule)
+CUT, LITERAL = None, 0.0  # alpha_drop: the default deprived-side cut (= alpha), and none (the paper's literal rule)
 
 
 RULES = {"cut": CUT, "literal": LITERAL}
@@ -55,7 +55,7 @@ def rule_cases(settings: dict, triton_literal=()):
 def reference_contrastive_select(logits_full, logits_drop, labels, *, beta=0.9, top_n=10, alpha=0.1,
                                  alpha_drop=None, num_candidates=8, sensitivity="logprob", content_mask=None,
                                  ignore_index=-100, rule="pdiff", exclude=None, min_sensitivity=None):
-    """DESIGN.md Stage 1 steps 3-5 in float64, one position at a time, with the deprived-side cut
+    """Stage 1 steps 3-5 (docs/method.md) in float64, one position at a time, with the deprived-side cut
     p_drop(v) >= alpha_drop * max p_drop on the top-k (alpha_drop None: = alpha; 0: the literal rule).
     rule="deprived": the highest (1+β)·L' − β·L among the top-k of L' with p_drop(v) >= alpha_drop·max p_drop.
     `exclude` [T, E]:
@@ -299,7 +299,7 @@ def test_tie_rules_lowest_token_id_and_lowest_position(backend, alpha_drop, layo
 def test_deprived_side_cut_replaces_yes_by_no_not_by_junk(backend):
     """The case found in the demo ("Is there a lesion?" → "yes"): without the image the model says "yes" 0.5, "no"
     0.4 and spreads the rest flat over junk ("lower", "and", ...). The full model is sure of "yes" and rejects the
-    junk hardest, so under DESIGN.md's literal rule (alpha_drop=0) a junk token from the deprived top-8 has the lowest
+    junk hardest, so under the paper's literal rule (alpha_drop=0) a junk token from the deprived top-8 has the lowest
     P_diff and replaces "yes"; the default cut (p_drop >= 0.1 max p_drop) keeps only "yes" and "no" on the deprived
     side, and "no" replaces "yes"."""
     vocab, yes, no = 1031, 500, 501  # every other id is junk

@@ -2,7 +2,8 @@
 
 The references never use the packed forward: the full-image condition runs transformers' own Llava forward on
 input_ids with expanded image tokens; the dropped condition splices the kept visual tokens by hand and runs the Llava
-forward on inputs_embeds. Logits are full [T, V], in float64, and the rule of DESIGN.md Stage 1 is restated plainly.
+forward on inputs_embeds. Logits are full [T, V], in float64, and the rule of Stage 1 (docs/method.md) is restated
+plainly.
 """
 import copy
 import math
@@ -277,7 +278,7 @@ def test_closed_yes_answer_turns_into_no(tiny_llava, images):
 
 def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
     """The regime of a trained model: y_t is the top token with and without the image, so the candidates are the
-    image-deprived top-k minus y_t under DESIGN.md's literal rule (alpha_drop=0; the random tiny model's flat rows
+    image-deprived top-k minus y_t under the paper's literal rule (alpha_drop=0; the random tiny model's flat rows
     rarely test this). The lm_head rows of the answer tokens are solved exactly so that, at every answer position and
     in both conditions, the label's logit is the old row maximum + 4 and every other answer token's logit is that
     maximum − 1. Under the default deprived-side cut (p_drop ≥ 0.1·max p_drop) nothing but y_t is plausible in either

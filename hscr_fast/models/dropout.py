@@ -1,4 +1,4 @@
-"""Visual token dropout (DESIGN.md Stage 1, step 1).
+"""Visual token dropout (Stage 1, step 1 in docs/method.md).
 
 After the projector, `drop_ratio` of the visual tokens are dropped, chosen uniformly at random by a generator seeded
 from (global seed, sample id), so every run, rank and resume drops the same tokens for the same sample.

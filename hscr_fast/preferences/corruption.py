@@ -1,4 +1,4 @@
-"""Lesion-region image corruption: the dispreferred *image* of an image-side preference pair (issue 7, item 2).
+"""Lesion-region image corruption: the dispreferred *image* of an image-side preference pair.
 
 A preference pair "same answer, clean image ≻ same answer, lesion-corrupted image" rewards a model for reading the
 lesion. This module builds the lesion region (a bool [H, W] array, True = corrupt this pixel) from the annotations the

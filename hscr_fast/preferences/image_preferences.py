@@ -1,7 +1,7 @@
 """`python -m hscr_fast.preferences.image_preferences`: image-side preference records — the data's own answer under the
 clean
 image (preferred) against the same answer under a copy of the image whose lesion region is corrupted (dispreferred),
-as in MMedPO's lesion-region dispreference and the fine-grained method's visual-contrastive pairs (issue 7, item 2).
+as in MMedPO's lesion-region dispreference and the fine-grained method's visual-contrastive pairs.
 
     python -m hscr_fast.preferences.image_preferences --source phantom --data demo/train.json --image-folder
     demo/images \\

@@ -1,4 +1,4 @@
-"""Stage 2 of HSCR: similarity-aware re-ranking of the dispreferred variants (paper §3.2, DESIGN.md Stage 2).
+"""Stage 2 of HSCR: similarity-aware re-ranking of the dispreferred variants (paper §3.2; docs/method.md, Stage 2).
 
 Stage 1 produces `num_variants` corrupted copies of the ground-truth answer y_w, each replacing more of its most
 image-sensitive tokens. Stage 2 embeds y_w and every variant with a sentence-transformers model, sorts the variants by
