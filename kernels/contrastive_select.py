@@ -25,13 +25,13 @@ replacements already taken when a caller asks a position for its next-best one.
 
 Note the plausible set is not bounded by 1/α: it is relative to max p_full, so a flat row can pass every token.
 
-The deprived-side cut α' (`alpha_drop`, default None = the same as `alpha`, 0.1) departs from the paper's Stage 1
-step 5 as docs/method.md states it, which takes the deprived top-k as it is; `alpha_drop=0` is that literal rule.
-Why: on a peaked answer the deprived top-8 tail holds tokens that are implausible with or without the image
-("lower", "and" after "Is there a lesion?"). The full model rejects exactly those hardest, so they have the lowest contrast and the literal rule picks
-them: "yes" → "left", "2" → "and", "small" → "and", which are not hallucinations. The intended replacement is the
-plausible token the image argues against most; the cut keeps only deprived-side tokens that are plausible without the
-image (p_drop(v) ≥ α'·max p_drop), so "yes" → "no". The cut only removes candidates: a position where y_t dominates
+The deprived-side cut α' (`alpha_drop`, default None = the same as `alpha`, 0.1) departs from the paper's Stage 1 step 5
+as docs/method.md states it, which takes the deprived top-k as it is; `alpha_drop=0` is that literal rule. Why: on a
+peaked answer the deprived top-8 tail holds tokens that are implausible with or without the image ("lower", "and" after
+"Is there a lesion?"). The full model rejects exactly those hardest, so they have the lowest contrast and the literal
+rule picks them: "yes" → "left", "2" → "and", "small" → "and", which are not hallucinations. The intended replacement is
+the plausible token the image argues against most; the cut keeps only deprived-side tokens that are plausible without
+the image (p_drop(v) ≥ α'·max p_drop), so "yes" → "no". The cut only removes candidates: a position where y_t dominates
 both distributions can be left without one (replacement -1).
 
 How it runs: two passes over V per row pair; nothing vocabulary-sized is stored beyond the inputs.
