@@ -1,11 +1,7 @@
 """The settings of a Stage 3 run: every flag of `torchrun -m hscr_fast.train`, with the paper's defaults (Table 7)."""
 from __future__ import annotations
 
-import argparse
-import dataclasses
 from dataclasses import dataclass, field
-
-from hscr_fast.runtime.errors import HscrError
 
 DESCRIPTION = "Stage 3 — multi-level preference optimisation (MLPO) on the prefix-shared listwise forward."
 
@@ -43,7 +39,7 @@ class TrainConfig:
                              "each sample's DPO loss times its 'weight' field, used as given); plackett-luce "
                              "(listwise DPO, Rafailov et al. 2023 App. A.3); lipo-lambda (LiPO-λ, Liu et al. 2024)",
                      choices=("mlpo", "dpo", "weighted-dpo", "plackett-luce", "lipo-lambda"))
-    kind_weight: list[str] = _arg(None, "KIND=W multiplies the loss of records whose 'kind' is KIND by W, e.g. "
+    kind_weight: list[str] | None = _arg(None, "KIND=W multiplies the loss of records whose 'kind' is KIND by W, e.g. "
                                         "image-dispreference=0.1 for a visual grounding term (repeatable)",
                                   action="append")
     token_kl_weight: float = _arg(0.0, "α of a token-wise bidirectional KL to the reference on the preferred response "
@@ -76,32 +72,18 @@ class TrainConfig:
     seed: int = _arg(0, "seed for data order and initialisation")
     log_every: int = _arg(1, "optimizer steps between metric lines")
 
+    def __post_init__(self):
+        # --kind-weight may be repeated, each time with one or more KIND=W: argparse hands over a list per use.
+        if self.kind_weight:
+            self.kind_weight = [entry for group in self.kind_weight
+                                for entry in ([group] if isinstance(group, str) else group)]
+
     @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> "TrainConfig":
-        parser = argparse.ArgumentParser(prog="torchrun -m hscr_fast.train", description=DESCRIPTION)
-        for item in dataclasses.fields(cls):
-            flag = "--" + item.name.replace("_", "-")
-            if item.type in ("bool", bool):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default,
-                                    help=item.metadata["help"])
-            else:
-                kind = {"int": int, "float": float, "int | None": int}.get(str(item.type), str)
-                extra = {k: v for k, v in item.metadata.items() if k != "help"}
-                if extra.get("action") != "append":
-                    extra["type"] = kind
-                parser.add_argument(flag, default=item.default, help=item.metadata["help"], **extra)
-        return cls(**vars(parser.parse_args(argv)))
+    def from_args(cls, argv: list[str] | None = None) -> TrainConfig:
+        """The flags parsed by transformers' `HfArgumentParser`: one --flag (and --flag_name) per field, typed from
+        the annotation, help from the metadata; a bool field defaulting to True also gets --no-flag."""
+        from transformers import HfArgumentParser
 
-
-def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
-    weights = {}
-    for entry in entries or []:
-        kind, sep, value = entry.partition("=")
-        try:
-            weights[kind] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not kind:
-            raise HscrError(f"--kind-weight expects KIND=WEIGHT (e.g. image-dispreference=0.1), got {entry!r}")
-    return weights
-
+        parser = HfArgumentParser(cls, prog="torchrun -m hscr_fast.train", description=DESCRIPTION)
+        (config,) = parser.parse_args_into_dataclasses(args=argv)
+        return config

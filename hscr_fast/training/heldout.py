@@ -42,8 +42,8 @@ def split_held_out(records: list, fraction: float, source: str) -> tuple[list, l
 
 
 @torch.no_grad()
-def held_out_metrics(vlm, items: list, reference: dict[str, list[float]], config, kind_weights: dict[str, float],
-                     device, *, rank: int = 0, world_size: int = 1) -> dict[str, float]:
+def held_out_metrics(vlm, items: list, reference: dict[str, list[float]], objective, device, *, batch_size: int,
+                     rank: int = 0, world_size: int = 1) -> dict[str, float]:
     """`eval_<metric>` for every scalar metric of the training objective, over all of `items`, plus `eval_lists`.
 
     Every rank must call this (the per-sample results are gathered); rank r scores items r, r + world_size, ..."""
@@ -51,8 +51,7 @@ def held_out_metrics(vlm, items: list, reference: dict[str, list[float]], config
     vlm.model.eval()  # no LoRA dropout: the held-out numbers measure the policy, not one noisy draw of it
     try:
         shard = items[rank::world_size]
-        batch_size = config.per_device_batch_size
-        scored = [score_batch(vlm, shard[start:start + batch_size], reference, config, kind_weights, device)
+        scored = [score_batch(vlm, shard[start:start + batch_size], reference, objective, device)
                   for start in range(0, len(shard), batch_size)]
     finally:
         vlm.model.train(was_training)
@@ -63,7 +62,7 @@ def held_out_metrics(vlm, items: list, reference: dict[str, list[float]], config
         parts = [part for part in gathered if part is not None]
     else:
         parts = [local]
-    _, metrics = batch_loss(concat_scored(parts), config)
+    _, metrics = batch_loss(concat_scored(parts), objective)
     result = {f"eval_{name}": float(value) for name, value in metrics.items() if value.numel() == 1}
     result["eval_lists"] = len(items)
     return result

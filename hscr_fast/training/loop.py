@@ -16,7 +16,7 @@ import torch
 
 from hscr_fast.runtime.distributed import init_distributed
 from hscr_fast.runtime.errors import HscrError, TrainingDiverged
-from hscr_fast.training.config import TrainConfig, parse_kind_weights
+from hscr_fast.training.config import TrainConfig
 
 LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
                         r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
@@ -94,7 +94,7 @@ def train(config: TrainConfig) -> TrainResult:
     )
     from hscr_fast.training.heldout import held_out_metrics
     from hscr_fast.training.log import MetricsLog, plot_training_curves
-    from hscr_fast.training.objective import batch_loss, score_batch
+    from hscr_fast.training.objective import Objective, batch_loss, score_batch
     from hscr_fast.training.reference import load_or_compute_reference, reference_cache_path, reference_fingerprint
 
     text_only = is_text_only_model(config.model)
@@ -105,7 +105,7 @@ def train(config: TrainConfig) -> TrainResult:
                          "needed (or none, for the demo)")
     if text_only and config.train_projector:
         raise HscrError(f"--train-projector: {config.model} is a text-only model; it has no projector")
-    kind_weights = parse_kind_weights(config.kind_weight)
+    objective = Objective.from_config(config)  # the loss, built once: the loop and held-out evaluation share it
     use_deepspeed = config.deepspeed != "none"
     rank, world_size, device = init_distributed(use_deepspeed)
     out = Path(config.out)
@@ -167,9 +167,7 @@ def train(config: TrainConfig) -> TrainResult:
         engine = TorchEngine(trainable, optimizer, scheduler, accumulation=config.gradient_accumulation_steps,
                              max_grad_norm=config.max_grad_norm, **common)
 
-    run_identity = {"preferences_fingerprint": fingerprint, "world_size": world_size, "loss": config.loss,
-                    "kind_weights": kind_weights, "token_kl": [config.token_kl_weight, config.token_kl_lambda,
-                                                              config.token_kl_scope],
+    run_identity = {"preferences_fingerprint": fingerprint, "world_size": world_size, **objective.run_identity(),
                     "per_device_batch_size": config.per_device_batch_size,
                     "gradient_accumulation_steps": config.gradient_accumulation_steps, "epochs": config.epochs,
                     "seed": config.seed, "eval_fraction": config.eval_fraction}
@@ -207,8 +205,8 @@ def train(config: TrainConfig) -> TrainResult:
         batch_items = [items[i] for i in batch_indices(
             len(items), epoch=epoch, step_in_epoch=step_in_epoch, per_device_batch=config.per_device_batch_size,
             world_size=world_size, rank=rank, seed=config.seed)]
-        scored = score_batch(vlm, batch_items, reference, config, kind_weights, device)
-        loss, metrics = batch_loss(scored, config)
+        scored = score_batch(vlm, batch_items, reference, objective, device)
+        loss, metrics = batch_loss(scored, objective)
         finite = torch.tensor(float(torch.isfinite(loss)), dtype=torch.float64)
         if world_size > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -249,8 +247,8 @@ def train(config: TrainConfig) -> TrainResult:
 
         # 8. Held-out evaluation (before the checkpoint, so a checkpointed step always has its eval row).
         if eval_items and ((config.eval_steps and step % config.eval_steps == 0) or step == stop_at):
-            held_out = held_out_metrics(vlm, eval_items, eval_reference, config, kind_weights, device, rank=rank,
-                                        world_size=world_size)
+            held_out = held_out_metrics(vlm, eval_items, eval_reference, objective, device,
+                                        batch_size=config.per_device_batch_size, rank=rank, world_size=world_size)
             log.append({"step": step, "epoch": epoch, **held_out})
             improved = held_out["eval_loss"] < best_eval_loss
             if improved:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from hscr_fast.data.records import DataFormatError
+from hscr_fast.runtime.errors import HscrError
 
 # The losses that use every response of a list; dpo and weighted-dpo use y_w against y_l1 only.
 LISTWISE_LOSSES = ("mlpo", "plackett-luce", "lipo-lambda")
@@ -33,27 +34,72 @@ class ScoredBatch:
     num_real_tokens: int  # unpadded tokens the forward processed (throughput)
 
 
-def sample_weights(items, config, kind_weights: dict[str, float], device) -> torch.Tensor | None:
+
+@dataclass(frozen=True)
+class Objective:
+    """What one batch's loss is: the preference loss and its settings, the token KL to the reference, the per-kind
+    weights. Built once per run (`from_config`); the loop, held-out evaluation and the run identity read it, so no
+    other part of the trainer sees the command-line settings."""
+
+    loss: str = "mlpo"  # one of LOSSES
+    gamma: float = 0.1  # reward scale γ in r(y) = γ·(log π − log π_ref)
+    explicit: bool = True  # MLPO's L_E (y_w against each y_l)
+    implicit: bool = True  # MLPO's L_I (each y_l against the worse ones)
+    token_kl_weight: float = 0.0  # α of the token KL on the preferred response; 0 = off
+    token_kl_lambda: float = 0.5  # λ in λ·KL(ref‖π) + (1−λ)·KL(π‖ref)
+    token_kl_scope: str = "preferred"  # "preferred" (the whole response) or "marked" (its <mask>…</mask> spans)
+    kind_weights: tuple[tuple[str, float], ...] = ()  # (kind, weight) pairs, sorted
+
+    @classmethod
+    def from_config(cls, config) -> Objective:
+        """From the run's settings (`TrainConfig`); a malformed --kind-weight is an `HscrError`."""
+        return cls(loss=config.loss, gamma=config.gamma, explicit=config.explicit, implicit=config.implicit,
+                   token_kl_weight=config.token_kl_weight, token_kl_lambda=config.token_kl_lambda,
+                   token_kl_scope=config.token_kl_scope,
+                   kind_weights=tuple(sorted(parse_kind_weights(config.kind_weight).items())))
+
+    def kind_weight(self, kind: str | None) -> float:
+        return dict(self.kind_weights).get(kind, 1.0)
+
+    def run_identity(self) -> dict:
+        """The parts a resumed run must share with its checkpoint (the keys checkpoints have always recorded)."""
+        return {"loss": self.loss, "kind_weights": dict(self.kind_weights),
+                "token_kl": [self.token_kl_weight, self.token_kl_lambda, self.token_kl_scope]}
+
+
+def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
+    """--kind-weight KIND=W entries → {kind: weight}."""
+    weights = {}
+    for entry in entries or []:
+        kind, sep, value = entry.partition("=")
+        try:
+            weights[kind] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not kind:
+            raise HscrError(f"--kind-weight expects KIND=WEIGHT (e.g. image-dispreference=0.1), got {entry!r}")
+    return weights
+
+def sample_weights(items, objective: Objective, device) -> torch.Tensor | None:
     """Per-sample loss weights: the record's own `weight` (weighted-dpo: required; the listwise losses: used when
     present; dpo: ignored) times its kind's weight. None when every weight is 1."""
     values = []
     for item in items:
         weight = 1.0
-        if config.loss == "weighted-dpo":
+        if objective.loss == "weighted-dpo":
             if item.weight is None:
                 raise DataFormatError(f"--loss weighted-dpo needs a 'weight' on every preference record; "
                                  f"id {item.id!r} has none")
             weight = item.weight
-        elif config.loss in LISTWISE_LOSSES and item.weight is not None:
+        elif objective.loss in LISTWISE_LOSSES and item.weight is not None:
             weight = item.weight
-        values.append(weight * kind_weights.get(item.kind, 1.0))
+        values.append(weight * objective.kind_weight(item.kind))
     if all(v == 1.0 for v in values):
         return None
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def score_batch(vlm, items, reference: dict[str, list[float]], config, kind_weights: dict[str, float],
-                device) -> ScoredBatch:
+def score_batch(vlm, items, reference: dict[str, list[float]], objective: Objective, device) -> ScoredBatch:
     """One listwise forward over `items` (a micro-batch of tokenised preference lists); differentiable in the policy
     log-probs and the token KL."""
     from hscr_fast.kernels import fused_linear_logprobs, fused_token_kl
@@ -64,42 +110,42 @@ def score_batch(vlm, items, reference: dict[str, list[float]], config, kind_weig
     packed = pack_examples(vlm.embed_tokens, to_examples(vlm, items))
     hidden = answer_hidden_states(vlm, packed)
     policy_logps = sum_by_slot(fused_linear_logprobs(hidden, vlm.lm_head_weight, packed.score_labels), packed)
-    weights = sample_weights(items, config, kind_weights, device)
+    weights = sample_weights(items, objective, device)
     token_kl = None
-    if config.token_kl_weight > 0:
+    if objective.token_kl_weight > 0:
         # Token-level alignment: the reference's hidden states come from the same packed batch with the adapter
         # disabled; the KL is fused from both hidden states and the lm_head (no [N, V] logits).
         with torch.no_grad(), vlm.adapter_disabled():
             reference_hidden = answer_hidden_states(vlm, packed)
         covered = packed.score_slots % packed.num_slots == 0
-        if config.token_kl_scope == "marked":
+        if objective.token_kl_scope == "marked":
             covered &= packed.score_flags if packed.score_flags is not None else torch.zeros_like(covered)
-        per_token = fused_token_kl(hidden, reference_hidden, vlm.lm_head_weight, lam=config.token_kl_lambda,
+        per_token = fused_token_kl(hidden, reference_hidden, vlm.lm_head_weight, lam=objective.token_kl_lambda,
                                    mask=covered)
         token_kl = sum_by_slot(per_token, packed)[:, 0]
     return ScoredBatch(policy_logps, reference_tensor(reference, items, packed.num_slots, device), packed.valid,
                        weights, token_kl, packed.num_real_tokens)
 
 
-def batch_loss(scored: ScoredBatch, config) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The preference loss of `config.loss` plus `token_kl_weight` × the (weighted) mean token KL; metrics as
+def batch_loss(scored: ScoredBatch, objective: Objective) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The preference loss of `objective.loss` plus `token_kl_weight` × the (weighted) mean token KL; metrics as
     `mlpo_loss` returns them, with `token_kl` added when it is on."""
     from hscr_fast.losses import lipo_lambda_loss, mlpo_loss, plackett_luce_loss
 
-    listwise = dict(gamma=config.gamma, valid=scored.valid, weight=scored.weights)
-    if config.loss == "mlpo":
-        loss, metrics = mlpo_loss(scored.policy_logps, scored.ref_logps, explicit=config.explicit,
-                                  implicit=config.implicit, **listwise)
-    elif config.loss == "plackett-luce":
+    listwise = dict(gamma=objective.gamma, valid=scored.valid, weight=scored.weights)
+    if objective.loss == "mlpo":
+        loss, metrics = mlpo_loss(scored.policy_logps, scored.ref_logps, explicit=objective.explicit,
+                                  implicit=objective.implicit, **listwise)
+    elif objective.loss == "plackett-luce":
         loss, metrics = plackett_luce_loss(scored.policy_logps, scored.ref_logps, **listwise)
-    elif config.loss == "lipo-lambda":
+    elif objective.loss == "lipo-lambda":
         loss, metrics = lipo_lambda_loss(scored.policy_logps, scored.ref_logps, **listwise)
     else:  # DPO is MLPO's K = 1 case: y_w against the best dispreferred response, explicit term only
-        loss, metrics = mlpo_loss(scored.policy_logps[:, :2], scored.ref_logps[:, :2], gamma=config.gamma,
+        loss, metrics = mlpo_loss(scored.policy_logps[:, :2], scored.ref_logps[:, :2], gamma=objective.gamma,
                                   valid=scored.valid[:, :2], explicit=True, implicit=False, weight=scored.weights)
     if scored.token_kl is not None:
         kl_per_sample = scored.token_kl if scored.weights is None else scored.token_kl * scored.weights
-        loss = loss + config.token_kl_weight * kl_per_sample.mean()
+        loss = loss + objective.token_kl_weight * kl_per_sample.mean()
         metrics["token_kl"] = kl_per_sample.detach().mean()
         metrics["loss"] = loss.detach()
     return loss, metrics
