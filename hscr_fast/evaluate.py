@@ -28,7 +28,9 @@ from hscr_fast.evaluation.run import (
     evaluate_model,
     score_file,
 )
+from hscr_fast.models.vlm import preflight_model
 from hscr_fast.runtime.errors import exit_code_of
+from hscr_fast.runtime.io import check_writable, refuse_outputs_over_inputs
 
 
 def _demo_world():
@@ -57,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", help="PEFT LoRA adapter directory to apply to --model")
     parser.add_argument("--data", help="LLaVA-Med JSON test set (default: the phantom test set)")
     parser.add_argument("--image-folder", help="folder the data's image paths are relative to")
+    parser.add_argument("--allow-images-outside-folder", action="store_true",
+                        help="accept image paths that lead outside --image-folder (absolute, '..', symlinks out); "
+                             "refused by default")
     parser.add_argument("--out", help="output folder (predictions.jsonl, metrics.json, metrics.md)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
@@ -104,9 +109,14 @@ def run_command(args: argparse.Namespace) -> str:
         raise EvaluationError("--out is required (the folder for predictions.jsonl and metrics)")
     if image_folder is None and visual.mode == "full":
         raise EvaluationError("--image-folder is required with --data (the folder its image paths are relative to)")
+    # Checked in a second, before the data is read and the model loads.
+    preflight_model(model)
+    check_writable(out, "--out", folder=True)
+    refuse_outputs_over_inputs({"--out": out}, {"--data": data, "--image-folder": image_folder, "--model": model})
     metrics = evaluate_model(model, data, image_folder, out, adapter_dir=args.adapter, visual=visual,
                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
-                             dtype=args.dtype, limit=args.limit, progress=not args.no_progress)
+                             dtype=args.dtype, limit=args.limit, progress=not args.no_progress,
+                             allow_images_outside_folder=args.allow_images_outside_folder)
     return _summary(metrics, Path(out))
 
 

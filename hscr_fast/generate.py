@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--out", default="preferences.jsonl", help="output JSONL (skipped samples and the summary are "
                                                                "written beside it)")
     io.add_argument("--num-samples", type=int, default=2000, help="use the first N valid records (0 = all)")
+    io.add_argument("--allow-images-outside-folder", action="store_true",
+                    help="accept image paths that lead outside --image-folder (absolute, '..', symlinks out); such "
+                         "records are skipped (image_outside_folder) by default")
     stage1 = parser.add_argument_group("stage 1: token-level self-contrastive rewarding")
     stage1.add_argument("--seed", type=int, default=0, help="global seed of the per-sample visual token dropout")
     stage1.add_argument("--perturbation", choices=PERTURBATIONS, default="visual-token",
@@ -103,6 +106,9 @@ def resolve_inputs(args) -> tuple[Path, Path, Path]:
     if not model.is_dir():
         raise HscrError(f"--model {model}: no such directory (give a local transformers checkpoint; convert "
                          f"original LLaVA-Med weights with `python -m hscr_fast.models.convert SRC DST`)")
+    from hscr_fast.models.vlm import preflight_model
+
+    preflight_model(model)  # a checkpoint without (complete) weights fails now, not after the data
     return model, data, Path(args.image_folder) if args.image_folder else data.parent
 
 

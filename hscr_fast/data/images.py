@@ -31,6 +31,28 @@ class ImageLoadError(HscrError, OSError):
     """An image file is missing, not an image, truncated or corrupt; the message names the path and the cause."""
 
 
+OUTSIDE_FOLDER_FLAG = "--allow-images-outside-folder"
+
+
+class ImageOutsideFolderError(HscrError):
+    """A record's image path leads outside the image folder (absolute, `..`, or a symlink that leaves it)."""
+
+
+def image_in_folder(image_folder: str | os.PathLike, name: str, *, allow_outside: bool = False) -> Path:
+    """`image_folder / name`, refused (`ImageOutsideFolderError`) when its real location, symlinks followed, is not
+    inside the folder's: data files name images relative to --image-folder, and a path that leaves it (to
+    /etc/passwd, say) is a mistake or an attack, not data. `allow_outside` is the users' explicit opt-out."""
+    path = Path(image_folder) / name
+    if allow_outside:
+        return path
+    folder, real = Path(image_folder).resolve(), path.resolve()
+    if folder not in real.parents:
+        raise ImageOutsideFolderError(f"image path {name!r} leads outside the image folder {folder} (to {real}); "
+                                      f"keep images inside it, or pass {OUTSIDE_FOLDER_FLAG} if they really live "
+                                      f"elsewhere")
+    return path
+
+
 def _open_decoded(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image, translating every failure into ImageLoadError."""
     path = Path(path)

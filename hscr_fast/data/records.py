@@ -180,6 +180,17 @@ def _check_image(image: Any, image_folder: Path | None) -> str:
     return image
 
 
+def _confine_image(image: str | None, image_folder: Path | None, allow_outside: bool) -> None:
+    from hscr_fast.data.images import ImageOutsideFolderError, image_in_folder
+
+    if image is None or image_folder is None:
+        return
+    try:
+        image_in_folder(image_folder, image, allow_outside=allow_outside)
+    except ImageOutsideFolderError as error:
+        raise BadRecord("image outside folder", str(error)) from None
+
+
 def _parse_llava_med_entry(entry: Any, image_folder: Path | None) -> VQARecord:
     if not isinstance(entry, dict):
         raise BadRecord("not an object", f"expected a JSON object, got {type(entry).__name__}")
@@ -199,10 +210,12 @@ def _parse_llava_med_entry(entry: Any, image_folder: Path | None) -> VQARecord:
 
 
 def load_llava_med_json(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, *,
-                        on_error: OnError = "raise") -> tuple[list[VQARecord], list[SkipReason]]:
+                        on_error: OnError = "raise", allow_images_outside_folder: bool = False,
+                        ) -> tuple[list[VQARecord], list[SkipReason]]:
     """Read a LLaVA-Med JSON list into `VQARecord`s.
 
-    Ids are stringified (numeric ids are fine) and must be unique. With `image_folder`, every image must exist under it.
+    Ids are stringified (numeric ids are fine) and must be unique. With `image_folder`, every image must exist under it
+    (its real path inside the folder's, unless `allow_images_outside_folder`).
     A bad record raises `DataFormatError` ("FILE: record INDEX (id ID): WHAT"), or with `on_error="skip"` is returned in
     the skip list instead. A file of the wrong shape always raises.
     """
@@ -217,6 +230,7 @@ def load_llava_med_json(path: str | os.PathLike, image_folder: str | os.PathLike
         record_id = str(entry["id"]) if isinstance(entry, dict) and entry.get("id") is not None else None
         try:
             record = _parse_llava_med_entry(entry, folder)
+            _confine_image(record.image, folder, allow_images_outside_folder)
             if record.id in first_index_of:
                 raise BadRecord("duplicate id", f"id already used by record {first_index_of[record.id]}")
         except BadRecord as bad:
@@ -268,12 +282,14 @@ def _parse_preference_entry(entry: dict, image_folder: Path | None, min_response
 
 def load_preference_jsonl(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, *,
                           on_error: OnError = "raise", min_responses: int = 2,
+                          allow_images_outside_folder: bool = False,
                           ) -> tuple[list[PreferenceRecord], list[SkipReason]]:
     """Read a preference-list JSONL file into `PreferenceRecord`s, validating every line.
 
     Errors name the line ("FILE:LINE (id ID): WHAT"): invalid JSON, missing keys, an empty responses list, a response
     that is not a non-empty string, fewer than `min_responses` responses, a duplicate id, and — when `image_folder` is
-    given — an image that does not exist under it. Blank lines are ignored.
+    given — an image that does not exist under it or leads outside it (unless `allow_images_outside_folder`). Blank
+    lines are ignored.
     """
     _check_on_error(on_error)
     path = Path(path)
@@ -299,6 +315,7 @@ def load_preference_jsonl(path: str | os.PathLike, image_folder: str | os.PathLi
             record_id = str(entry["id"]) if entry.get("id") is not None else None
             try:
                 record = _parse_preference_entry(entry, folder, min_responses, line_number)
+                _confine_image(record.image, folder, allow_images_outside_folder)
                 if record.id in first_line_of:
                     raise BadRecord("duplicate id", f"id already used on line {first_line_of[record.id]}")
             except BadRecord as bad:

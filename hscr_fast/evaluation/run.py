@@ -98,16 +98,17 @@ class VisualCondition:
 # -- data ----------------------------------------------------------------------------------------------------------
 
 def load_eval_records(data: str | Path, image_folder: str | Path | None = None, *,
-                      limit: int | None = None) -> list[VQARecord]:
+                      limit: int | None = None, allow_images_outside_folder: bool = False) -> list[VQARecord]:
     """The questions of a LLaVA-Med JSON evaluation set (the first `limit` of them), every one with an answer type.
 
-    With `image_folder`, every image must exist under it. A record without `answer_type` gets the PathVQA convention
+    With `image_folder`, every image must exist under it (inside it, unless `allow_images_outside_folder`). A record without `answer_type` gets the PathVQA convention
     (yes/no answers CLOSED, the rest OPEN), with a warning: the published numbers split by the data's own types.
     Raises `DataFormatError` naming the file and record for anything malformed.
     """
     from hscr_fast.data.convert import infer_answer_type
 
-    records, _ = load_llava_med_json(data, image_folder, on_error="raise")
+    records, _ = load_llava_med_json(data, image_folder, on_error="raise",
+                                     allow_images_outside_folder=allow_images_outside_folder)
     if not records:
         raise DataFormatError(f"{data}: no questions to evaluate (the list is empty)")
     inferred = [record for record in records if record.answer_type is None]
@@ -465,10 +466,12 @@ def evaluate_with_and_without_visual(vlm, records: list[VQARecord], out_dir: str
 def evaluate_model(model_dir: str | Path, data: str | Path, image_folder: str | Path | None, out_dir: str | Path, *,
                    adapter_dir: str | Path | None = None, visual: VisualCondition = VisualCondition(),
                    batch_size: int = 8, max_new_tokens: int = 64, device: str | None = None, dtype: str = "auto",
-                   limit: int | None = None, progress: bool = True) -> dict[str, Any]:
+                   limit: int | None = None, progress: bool = True,
+                   allow_images_outside_folder: bool = False) -> dict[str, Any]:
     """The whole command for one model: read the data, load the model (+ adapter), generate, score, write OUT."""
     device, dtype = resolve_device_and_dtype(device, dtype)
-    all_records = load_eval_records(data, image_folder if visual.mode == "full" else None)
+    all_records = load_eval_records(data, image_folder if visual.mode == "full" else None,
+                                    allow_images_outside_folder=allow_images_outside_folder)
     records = all_records if limit is None else all_records[:limit]
     model_id = Path(model_dir).name + (f"+{Path(adapter_dir).name}" if adapter_dir else "")
     run = {"model": str(Path(model_dir).resolve()),

@@ -128,6 +128,47 @@ def read_architecture(model_dir: str | Path) -> str:
     return architecture
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weight_files(model_dir: str | Path) -> None:
+    """Before the weights load: the checkpoint has weight files, and every safetensors file among them is complete
+    (its header covers the file), so a missing or truncated download fails at once, naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    model_dir = Path(model_dir)
+    present = [name for name in WEIGHT_FILES if (model_dir / name).is_file()]
+    if not present:
+        raise UnsupportedModelError(f"{model_dir}: config.json but no weights ({', '.join(WEIGHT_FILES[:3])}, ...); "
+                                    f"the download or conversion is incomplete")
+    shards = []
+    if "model.safetensors.index.json" in present:
+        index = read_json_file(model_dir / "model.safetensors.index.json", UnsupportedModelError)
+        shards = sorted(set((index.get("weight_map") or {}).values()))
+        missing = [name for name in shards if not (model_dir / name).is_file()]
+        if missing:
+            raise UnsupportedModelError(f"{model_dir / 'model.safetensors.index.json'}: names {len(missing)} shard(s) "
+                                        f"that are not there, e.g. {missing[0]}; the download is incomplete")
+    elif "model.safetensors" in present:
+        shards = ["model.safetensors"]
+    for name in shards:
+        try:
+            with safe_open(str(model_dir / name), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise UnsupportedModelError(f"{model_dir / name}: not a complete safetensors file ({error}); it is "
+                                        f"truncated or corrupt — download or convert it again") from None
+
+
+def preflight_model(model_dir: str | Path) -> None:
+    """Everything about a local checkpoint that can be checked without loading it (config, options, weight files):
+    the commands call this first, so that a bad --model fails in a second, not after the data and minutes of work."""
+    if Path(model_dir).exists():
+        read_architecture(model_dir)
+        ModelOptions.read(Path(model_dir))
+        check_weight_files(model_dir)
+
+
 def _image_indices(rows, count: int) -> list[int]:
     """Image indices selected by an int, a slice or a sequence of ints, as a tensor's rows would be."""
     if isinstance(rows, slice):
@@ -389,6 +430,7 @@ def load_vlm(model_dir: str | Path, *, dtype: torch.dtype | str | None = None, d
     if model_path.exists():
         architecture = read_architecture(model_path)
         options = ModelOptions.read(model_path)  # before the weights: a bad hscr_fast.json fails at once
+        check_weight_files(model_path)
     else:
         options = ModelOptions()
         architecture = (AutoConfig.from_pretrained(str(model_dir)).architectures or [""])[0]

@@ -13,7 +13,7 @@ Files, for `--out prefs.jsonl`:
   answer_type when the data has one, and args_fingerprint;
 - `prefs.skipped.jsonl`: every sample left out, {id, image, stage, reason, message, args_fingerprint}: stage "input"
   for records the data reader rejects (empty answer, no question, duplicate id, ...), "generate" for the rest
-  (missing_image, unreadable_image, too_long, no_sensitive_positions, and Stage 2's no_variant_differs_from_preferred);
+  (image_outside_folder, missing_image, unreadable_image, too_long, no_sensitive_positions, and Stage 2's no_variant_differs_from_preferred);
 - `prefs.summary.json`: counts (read, selected, written, skipped by reason, not selected), mean k, samples/s, args.
 
 Resuming. Records are appended and flushed one by one; a re-run with the same arguments reads the finished ids
@@ -50,6 +50,7 @@ from hscr_fast.runtime.io import (
     atomic_write_json,
     atomic_write_text,
     check_same_arguments,
+    check_writable,
     fingerprint_of,
     refuse_outputs_over_inputs,
 )
@@ -179,11 +180,16 @@ class PreferenceBuilder:
     def load(self, batch) -> LoadedBatch:
         """Images of a batch, read and preprocessed (runs in the loader thread while the model works on the batch
         before): unreadable ones become skip lines."""
-        from hscr_fast.data.images import ImageLoadError, load_image
+        from hscr_fast.data.images import ImageLoadError, ImageOutsideFolderError, image_in_folder, load_image
 
         loaded, images, skips = [], [], []
         for record in batch:
-            image_path = self.image_folder / record.image
+            try:
+                image_path = image_in_folder(self.image_folder, record.image,
+                                             allow_outside=self.args.allow_images_outside_folder)
+            except ImageOutsideFolderError as error:
+                skips.append(self.skip(record, "image_outside_folder", str(error)))
+                continue
             if not image_path.is_file():
                 skips.append(self.skip(record, "missing_image", f"image file not found: {image_path}"))
                 continue
@@ -350,6 +356,7 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
     records, input_skips = load_llava_med_json(data_path, on_error="skip")
     selected = records[:args.num_samples] if args.num_samples else records
     paths = OutputPaths(Path(args.out))
+    check_writable(paths.out, "--out", folder=False)
     refuse_outputs_over_inputs({"--out": paths.out, "the skip file of --out": paths.skipped,
                                 "the summary of --out": paths.summary},
                                {"--data": data_path, "--image-folder": image_folder, "--model": model_dir})

@@ -36,6 +36,30 @@ class OutputOverInputError(HscrError):
     """An output path of a command is one of its inputs (or lies inside its model folder)."""
 
 
+class OutputNotWritableError(HscrError):
+    """An output path cannot be written (its parent is a file, or the folder is read-only)."""
+
+
+def check_writable(path: PathLike, flag: str, *, folder: bool) -> None:
+    """Before any work: `path` (a folder to write into when `folder`, else a file) can be created and written.
+    Raises `OutputNotWritableError` naming the flag and the reason; creates nothing."""
+    path = Path(path).absolute()
+    if path.exists() and path.is_dir() != folder:
+        kind = "a folder" if path.is_dir() else "a file"
+        raise OutputNotWritableError(f"{flag} {path} is {kind}; give {'a folder' if folder else 'a file path'}")
+    nearest = path if folder else path.parent
+    while not nearest.exists():  # the first ancestor that exists is where the missing folders would be made
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise OutputNotWritableError(f"{flag} {path}: {nearest} is a file, so no folder can be made under it")
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as error:
+        raise OutputNotWritableError(f"{flag} {path}: cannot write in {nearest} ({error.strerror}); choose a "
+                                     f"writable location") from None
+
+
 def refuse_outputs_over_inputs(outputs: dict[str, PathLike], inputs: dict[str, PathLike | None],
                                *, whole_folders: tuple[str, ...] = ("--model",)) -> None:
     """Raise `OutputOverInputError` before anything is opened for writing when a file a command would write (named

@@ -21,6 +21,8 @@ class TrainConfig:
     eval_preferences: str | None = _arg(None, "held-out preference lists JSONL, scored with the training objective "
                                               "every --eval-steps (eval_* metrics)")
     eval_image_folder: str | None = _arg(None, "image folder of --eval-preferences (default: --image-folder)")
+    allow_images_outside_folder: bool = _arg(False, "accept image paths that lead outside the image folder "
+                                                    "(absolute, '..', symlinks out); refused by default")
     eval_fraction: float = _arg(0.0, "instead of --eval-preferences, hold out this fraction of --preferences (chosen "
                                      "by a hash of each id: the same lists on every run and rank)")
     eval_steps: int = _arg(50, "optimizer steps between held-out evaluations (and one at the end); 0 = at the end only")
@@ -54,7 +56,8 @@ class TrainConfig:
     lora_dropout: float = _arg(0.0, "LoRA dropout (0 keeps the policy deterministic: at step 0 it equals the "
                                     "reference)")
     train_projector: bool = _arg(False, "also train the multimodal projector (fully)")
-    deepspeed: str = _arg("zero2", "'zero2' (built from these flags), 'none' (plain PyTorch), or a DeepSpeed JSON file")
+    deepspeed: str = _arg("zero2", "'zero2' or 'zero3' (built from these flags), 'none' (plain PyTorch), or a "
+                                   "DeepSpeed JSON file")
     gradient_checkpointing: bool = _arg(False, "recompute decoder activations in backward (less memory)")
     dtype: str = _arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16")
     attn_implementation: str = _arg("sdpa", "attention kernel for the decoder. The listwise forward gives every row "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hscr_fast.data.images import ImageLoadError, load_image, validate_image
+from hscr_fast.data.images import ImageLoadError, ImageOutsideFolderError, image_in_folder, load_image, validate_image
 from hscr_fast.data.records import DataFormatError, PreferenceRecord, load_preference_jsonl
 from hscr_fast.listwise import ListwiseExample
 from hscr_fast.models.prompting import MARK_OPEN, PromptTokens
@@ -54,10 +54,13 @@ def response_images(record: PreferenceRecord) -> list[str] | None:
     return images
 
 
-def validate_preferences(path: str | Path, image_folder: str | Path | None) -> list[PreferenceRecord]:
-    """Every line parses and every image exists and decodes; otherwise one error listing each problem by line.
-    `image_folder` None: the lists are for a text-only model, and a record with an image is an error."""
-    records, _ = load_preference_jsonl(path, image_folder, on_error="raise")
+def validate_preferences(path: str | Path, image_folder: str | Path | None, *,
+                         allow_images_outside_folder: bool = False) -> list[PreferenceRecord]:
+    """Every line parses and every image exists inside the image folder (unless `allow_images_outside_folder`) and
+    decodes; otherwise one error listing each problem by line. `image_folder` None: the lists are for a text-only
+    model, and a record with an image is an error."""
+    records, _ = load_preference_jsonl(path, image_folder, on_error="raise",
+                                       allow_images_outside_folder=allow_images_outside_folder)
     if not records:
         raise DataFormatError(f"{path}: no preference lists in the file")
     problems = []
@@ -73,8 +76,8 @@ def validate_preferences(path: str | Path, image_folder: str | Path | None) -> l
             continue
         try:
             for name in dict.fromkeys([record.image] + (response_images(record) or [])):
-                validate_image(Path(image_folder) / name)
-        except (ImageLoadError, DataFormatError) as error:
+                validate_image(image_in_folder(image_folder, name, allow_outside=allow_images_outside_folder))
+        except (ImageLoadError, ImageOutsideFolderError, DataFormatError) as error:
             problems.append(f"  record {line_number} (id {record.id!r}): {error}")
     if problems:
         raise DataFormatError(f"{path}: {len(problems)} record(s) cannot be used:\n" + "\n".join(problems[:20]))

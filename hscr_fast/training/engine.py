@@ -19,6 +19,7 @@ everything else, names the last complete checkpoint, so a crash mid-save leaves 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.io import atomic_output, atomic_write_text
 
 LATEST = "latest"
@@ -33,6 +35,8 @@ LATEST = "latest"
 
 def deepspeed_config(*, micro_batch: int, accumulation: int, max_grad_norm: float, bf16: bool,
                      zero_stage: int = 2) -> dict:
+    """ZeRO-2 shards optimizer states and gradients; ZeRO-3 also the parameters (each rank holds a shard; the
+    frozen base model's too), for bases that do not fit one device."""
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
@@ -59,11 +63,86 @@ class NonFiniteGradient(Divergence):
         self.norm = norm
 
 
-def non_finite_parameters(named_params: dict[str, torch.nn.Parameter]) -> list[str]:
-    """Names of the parameters holding a NaN or Inf (this rank's shard of a ZeRO-3-partitioned parameter)."""
+def non_finite_parameters(named_params: dict[str, torch.nn.Parameter], world_size: int = 1) -> list[str]:
+    """Names of the parameters holding a NaN or Inf on any rank (under ZeRO-3 each rank checks its own shard; the
+    answer is agreed across ranks, so that every rank takes the same branch)."""
     with torch.no_grad():
-        return [name for name, param in named_params.items()
-                if not torch.isfinite(getattr(param, "ds_tensor", param)).all()]
+        flags = torch.tensor([float(not torch.isfinite(getattr(param, "ds_tensor", param)).all())
+                              for param in named_params.values()], dtype=torch.float64)
+    if world_size > 1 and flags.numel():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return [name for name, flag in zip(named_params, flags.tolist()) if flag]
+
+
+def whole_parameters(params: list[torch.nn.Parameter]):
+    """A context in which ZeRO-3-partitioned `params` hold their whole values on every rank (every rank must enter
+    it); a no-op for parameters DeepSpeed has not partitioned."""
+    partitioned = [param for param in params if hasattr(param, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
+class DeepSpeedConfigError(HscrError):
+    """--deepspeed names no usable DeepSpeed configuration; the message says which setting and why."""
+
+
+def resolve_deepspeed_config(setting: str, *, micro_batch: int, accumulation: int, max_grad_norm: float,
+                             bf16: bool, world_size: int) -> dict | None:
+    """The DeepSpeed config for --deepspeed ('none' → None, 'zero2' → built from the trainer's flags, else a JSON
+    file), checked before the model loads. A file's "auto" (or absent) batch size, accumulation, clipping and bf16
+    take the trainer's values; values that contradict the trainer's flags, and settings it cannot honour, are refused
+    with the reason."""
+    if setting == "none":
+        return None
+    if setting in ("zero2", "zero3"):
+        return deepspeed_config(micro_batch=micro_batch, accumulation=accumulation, max_grad_norm=max_grad_norm,
+                                bf16=bf16, zero_stage=int(setting[-1]))
+    path = Path(setting)
+    if not path.is_file():
+        raise DeepSpeedConfigError(f"--deepspeed {setting!r}: not 'zero2', 'zero3', 'none' or an existing DeepSpeed "
+                                   f"JSON file")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DeepSpeedConfigError(f"--deepspeed {path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise DeepSpeedConfigError(f"--deepspeed {path}: expected a JSON object, got {type(config).__name__}")
+    problems = []
+
+    def settle(key: str, value, flag: str) -> None:
+        given = config.get(key, "auto")
+        if given == "auto":
+            config[key] = value
+        elif given != value:
+            problems.append(f"{key} is {given!r} but {flag} gives {value!r}")
+
+    settle("train_micro_batch_size_per_gpu", micro_batch, "--per-device-batch-size")
+    settle("gradient_accumulation_steps", accumulation, "--gradient-accumulation-steps")
+    settle("gradient_clipping", max_grad_norm, "--max-grad-norm")
+    settle("train_batch_size", micro_batch * accumulation * world_size, "batch x accumulation x ranks")
+    bf16_block = config.setdefault("bf16", {})
+    if bf16_block.get("enabled", "auto") == "auto":
+        bf16_block["enabled"] = bf16
+    elif bool(bf16_block["enabled"]) != bf16:
+        problems.append(f"bf16.enabled is {bf16_block['enabled']!r} but --dtype gives {'bfloat16' if bf16 else 'float32'}")
+    if (config.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
+        problems.append("fp16 is enabled: the model runs in float32 or bfloat16 (--dtype), where an overflow is a "
+                        "divergence, not something a loss scale fixes; remove the fp16 block")
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        problems.append(f"zero_optimization.stage is {stage!r}: ZeRO stages 1-3 are supported (stage 0 checks no "
+                        f"gradient for NaN; use --deepspeed none for plain data parallelism)")
+    for block in ("optimizer", "scheduler"):
+        if block in config:
+            problems.append(f"a '{block}' block: the trainer brings its own AdamW and cosine schedule "
+                            f"(--learning-rate, --warmup-ratio, --weight-decay); remove it")
+    if problems:
+        raise DeepSpeedConfigError(f"--deepspeed {path}: " + "; ".join(problems))
+    config.setdefault("zero_allow_untested_optimizer", True)  # torch's AdamW, as in deepspeed_config
+    return config
 
 
 def _rng_state() -> dict:
@@ -93,7 +172,7 @@ class Engine:
         return pointer.read_text().strip() if pointer.is_file() else None
 
     def save(self, tag: str, trainer_state: dict) -> Path:
-        poisoned = non_finite_parameters(self.named_params)
+        poisoned = non_finite_parameters(self.named_params, self.world_size)
         if poisoned:  # unreachable while every step checks its gradient; kept so that no path saves NaN
             raise Divergence(f"parameters not finite ({', '.join(poisoned[:3])}); nothing saved as {tag}")
         folder = self.checkpoint_dir / tag

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +84,17 @@ def train(config: TrainConfig) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
     from hscr_fast.models.causal_lm import load_causal_lm
-    from hscr_fast.models.vlm import load_vlm, read_architecture
+    from hscr_fast.models.vlm import check_weight_files, load_vlm, preflight_model, read_architecture
+    from hscr_fast.runtime.io import check_writable
     from hscr_fast.training.data import batch_indices, steps_per_epoch, tokenize_preferences
     from hscr_fast.training.engine import (
+        DeepSpeedConfigError,
         DeepSpeedEngine,
         Divergence,
         TorchEngine,
-        deepspeed_config,
         non_finite_parameters,
+        resolve_deepspeed_config,
+        whole_parameters,
     )
     from hscr_fast.training.heldout import held_out_metrics
     from hscr_fast.training.log import MetricsLog, plot_training_curves
@@ -106,7 +110,23 @@ def train(config: TrainConfig) -> TrainResult:
     if text_only and config.train_projector:
         raise HscrError(f"--train-projector: {config.model} is a text-only model; it has no projector")
     objective = Objective.from_config(config)  # the loss, built once: the loop and held-out evaluation share it
-    use_deepspeed = config.deepspeed != "none"
+    # 0. What can be checked in a second: the model's files, the output folder, the DeepSpeed configuration.
+    if text_only:
+        check_weight_files(config.model)
+    else:
+        preflight_model(config.model)
+    check_writable(config.out, "--out", folder=True)
+    dtype = (torch.bfloat16 if torch.cuda.is_available() else torch.float32) if config.dtype == "auto" \
+        else getattr(torch, config.dtype)
+    ds_config = resolve_deepspeed_config(
+        config.deepspeed, micro_batch=config.per_device_batch_size, accumulation=config.gradient_accumulation_steps,
+        max_grad_norm=config.max_grad_norm, bf16=dtype == torch.bfloat16,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    use_deepspeed = ds_config is not None
+    if use_deepspeed and ds_config["zero_optimization"]["stage"] == 3 and config.merge:
+        raise DeepSpeedConfigError(f"--merge with ZeRO-3 (--deepspeed {config.deepspeed}): the base weights are "
+                                   f"sharded across ranks; train without --merge and merge the saved adapter "
+                                   f"afterwards (PeftModel.from_pretrained(base, adapter).merge_and_unload())")
     rank, world_size, device = init_distributed(use_deepspeed)
     out = Path(config.out)
     say = print if rank == 0 else (lambda *a, **k: None)
@@ -118,8 +138,6 @@ def train(config: TrainConfig) -> TrainResult:
     claim_output_folder(out, config, rank, world_size)
 
     # 2. Model + LoRA.
-    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if config.dtype == "auto" \
-        else getattr(torch, config.dtype)
     torch.manual_seed(config.seed)
     vlm = (load_causal_lm if text_only else load_vlm)(config.model, dtype=dtype, device=device,
                                                       attn_implementation=config.attn_implementation)
@@ -158,10 +176,6 @@ def train(config: TrainConfig) -> TrainResult:
                                                 total_steps)
     common = dict(checkpoint_dir=out / "checkpoints", rank=rank, world_size=world_size, keep=config.save_total_limit)
     if use_deepspeed:
-        ds_config = (json.loads(Path(config.deepspeed).read_text()) if config.deepspeed != "zero2" else
-                     deepspeed_config(micro_batch=config.per_device_batch_size,
-                                      accumulation=config.gradient_accumulation_steps,
-                                      max_grad_norm=config.max_grad_norm, bf16=dtype == torch.bfloat16))
         engine = DeepSpeedEngine(vlm.model, trainable, optimizer, scheduler, ds_config, **common)
     else:
         engine = TorchEngine(trainable, optimizer, scheduler, accumulation=config.gradient_accumulation_steps,
@@ -255,8 +269,10 @@ def train(config: TrainConfig) -> TrainResult:
                 best_eval_loss = held_out["eval_loss"]
             if rank == 0:
                 progress.write(describe_held_out(step, held_out, improved))
-                if improved and config.save_best:
-                    save_adapter_atomically(vlm.model, out / "adapter-best", {"step": step, **held_out})
+            if improved and config.save_best:
+                with whole_parameters(list(trainable.values())):  # every rank: a collective under ZeRO-3
+                    if rank == 0:
+                        save_adapter_atomically(vlm.model, out / "adapter-best", {"step": step, **held_out})
 
         # 9. Checkpoint.
         if step % config.save_steps == 0 or step == stop_at:
@@ -272,11 +288,13 @@ def train(config: TrainConfig) -> TrainResult:
     # 10. The adapter in standard PEFT format (PeftModel.from_pretrained loads it), the plot, optionally merged.
     result = TrainResult(out / "adapter", out / "metrics.jsonl", out / "curves.png", step,
                          best_adapter_dir=out / "adapter-best" if config.save_best else None)
-    poisoned = non_finite_parameters(trainable)
+    poisoned = non_finite_parameters(trainable, world_size)
     if poisoned:  # unreachable while every step and checkpoint is checked; kept so that no path saves NaN
         raise diverged(f"parameters not finite ({', '.join(poisoned[:3])}); no adapter written")
+    with whole_parameters(list(trainable.values())):  # every rank: a collective under ZeRO-3
+        if rank == 0:
+            vlm.model.save_pretrained(result.adapter_dir)
     if rank == 0:
-        vlm.model.save_pretrained(result.adapter_dir)
         if log.path.is_file() and log.path.stat().st_size:
             plot_training_curves(log.path, result.plot_path)
         if config.merge and step == total_steps:
@@ -357,13 +375,15 @@ def load_training_data(config: TrainConfig, *, text_only: bool = False) -> tuple
     if config.save_best and not (config.eval_preferences or config.eval_fraction):
         raise DataFormatError("--save-best keeps the adapter with the lowest held-out loss; it needs held-out lists "
                               "(--eval-preferences FILE or --eval-fraction F)")
-    records = validate_preferences(config.preferences, None if text_only else config.image_folder)
+    outside = {"allow_images_outside_folder": config.allow_images_outside_folder}
+    records = validate_preferences(config.preferences, None if text_only else config.image_folder, **outside)
     eval_records = []
     if config.eval_fraction:
         records, eval_records = split_held_out(records, config.eval_fraction, config.preferences)
     elif config.eval_preferences:
         eval_records = validate_preferences(config.eval_preferences,
-                                            None if text_only else config.eval_image_folder or config.image_folder)
+                                            None if text_only else config.eval_image_folder or config.image_folder,
+                                            **outside)
     if config.loss == "weighted-dpo":
         unweighted = [record.id for record in records + eval_records if record.weight is None]
         if unweighted:

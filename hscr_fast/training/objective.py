@@ -99,6 +99,19 @@ def sample_weights(items, objective: Objective, device) -> torch.Tensor | None:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+def whole_head_weight(vlm) -> torch.Tensor:
+    """The lm_head weight [V, D] that the fused kernels read directly (the listwise forward never calls lm_head's
+    forward, where DeepSpeed would gather it). Under ZeRO-3 the parameter is an empty placeholder and each rank holds
+    a shard, so a whole copy is gathered; the head is frozen, so the copy serves the backward pass as well."""
+    weight = vlm.lm_head_weight
+    if not hasattr(weight, "ds_id"):
+        return weight
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight]):
+        return weight.detach().clone()
+
+
 def score_batch(vlm, items, reference: dict[str, list[float]], objective: Objective, device) -> ScoredBatch:
     """One listwise forward over `items` (a micro-batch of tokenised preference lists); differentiable in the policy
     log-probs and the token KL."""
@@ -109,7 +122,8 @@ def score_batch(vlm, items, reference: dict[str, list[float]], objective: Object
 
     packed = pack_examples(vlm.embed_tokens, to_examples(vlm, items))
     hidden = answer_hidden_states(vlm, packed)
-    policy_logps = sum_by_slot(fused_linear_logprobs(hidden, vlm.lm_head_weight, packed.score_labels), packed)
+    head = whole_head_weight(vlm)
+    policy_logps = sum_by_slot(fused_linear_logprobs(hidden, head, packed.score_labels), packed)
     weights = sample_weights(items, objective, device)
     token_kl = None
     if objective.token_kl_weight > 0:
@@ -120,7 +134,7 @@ def score_batch(vlm, items, reference: dict[str, list[float]], objective: Object
         covered = packed.score_slots % packed.num_slots == 0
         if objective.token_kl_scope == "marked":
             covered &= packed.score_flags if packed.score_flags is not None else torch.zeros_like(covered)
-        per_token = fused_token_kl(hidden, reference_hidden, vlm.lm_head_weight, lam=objective.token_kl_lambda,
+        per_token = fused_token_kl(hidden, reference_hidden, head, lam=objective.token_kl_lambda,
                                    mask=covered)
         token_kl = sum_by_slot(per_token, packed)[:, 0]
     return ScoredBatch(policy_logps, reference_tensor(reference, items, packed.num_slots, device), packed.valid,
