@@ -197,8 +197,8 @@ def test_bad_input_gives_one_line_and_changes_nothing(name, world, capsys):
 def test_images_outside_the_folder_are_accepted_with_the_opt_out(world):
     """--allow-images-outside-folder (here its library form): the same records load, images resolved as given."""
     from hscr_fast.data.images import image_in_folder
-    from hscr_fast.evaluate import load_eval_records
-    from hscr_fast.preferences import validate_preferences
+    from hscr_fast.evaluation.run import load_eval_records
+    from hscr_fast.training.data import validate_preferences
 
     escaping_preferences(world, "../outside.png")
     records = validate_preferences(world.root / "escape.jsonl", world.images, allow_images_outside_folder=True)
