@@ -322,7 +322,7 @@ def test_perturbation_a_family_cannot_express_is_refused_before_the_model_loads(
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_arguments_are_refused(tmp_path, capsys):
+def test_bad_arguments_are_refused(tmp_path, capsys, tiny_model_dir):
     assert generate.main(["--model", str(tmp_path), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert re.search("both --model and --data", capsys.readouterr().err)
     assert generate.main(["--batch-size", "0", "--out", str(tmp_path / "x.jsonl")]) == 2
@@ -335,7 +335,7 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
                           "--out", str(tmp_path / "x.jsonl")]) == 2
     assert re.search("no such directory", capsys.readouterr().err)
     (tmp_path / "sft.json").write_text('{"id": 1}')
-    assert generate.main(["--model", str(tmp_path), "--data", str(tmp_path / "sft.json"), "--out",
+    assert generate.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "sft.json"), "--out",
                           str(tmp_path / "x.jsonl")]) == 2
     assert "sft.json: expected a JSON list" in capsys.readouterr().err
 
