@@ -117,7 +117,7 @@ CASES = {
         "train", lambda w: train_argv(w, "--out", str(w.preferences)), r"--out .*prefs\.jsonl is a file; give a folder"),
     "train-deepspeed-not-a-file": Case(
         "train", lambda w: train_argv(w, "--deepspeed", "zero9"),
-        r"--deepspeed 'zero9': not 'zero2', 'none' or an existing DeepSpeed JSON file"),
+        r"--deepspeed 'zero9': not 'zero2', 'zero3', 'none' or an existing DeepSpeed JSON file"),
     "train-deepspeed-malformed-json": Case(
         "train", lambda w: train_argv(w, "--deepspeed", str(w.root / "ds.json")),
         r"--deepspeed .*ds\.json: not valid JSON \(Expecting",

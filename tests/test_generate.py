@@ -315,6 +315,9 @@ def test_perturbation_a_family_cannot_express_is_refused_before_the_model_loads(
     model = tmp_path / "llava-next"
     model.mkdir()
     (model / "config.json").write_text('{"architectures": ["LlavaNextForConditionalGeneration"]}')
+    from safetensors.torch import save_file
+
+    save_file({"stand_in": torch.zeros(1)}, model / "model.safetensors")  # complete files: the flag is what fails
     (tmp_path / "sft.json").write_text("[]")
     code = generate.main(["--model", str(model), "--data", str(tmp_path / "sft.json"), "--perturbation", "patch",
                           "--out", str(tmp_path / "out" / "x.jsonl")])
