@@ -110,7 +110,10 @@ def lipo_lambda_at_zero_rewards(size):
                                               ("lipo-lambda", lipo_lambda_at_zero_rewards(3))])
 def test_listwise_losses_train_a_text_model(llama_dir, tmp_path, loss, first_loss):
     lists = write_lists(tmp_path / "lists.jsonl", 6, sizes=(3,))
-    train(config_for(llama_dir, lists, tmp_path / "run", loss=loss, epochs=3))
+    # Through the command line, as the ablation harness sets it.
+    assert main(["--model", str(llama_dir), "--preferences", str(lists), "--out", str(tmp_path / "run"),
+                 "--loss", loss, "--epochs", "3", "--learning-rate", "2e-3", "--per-device-batch-size", "2",
+                 "--deepspeed", "none", "--warmup-ratio", "0.1"]) == 0
     rows = read_metrics(tmp_path / "run")
     # At step 1 the policy is the reference: the loss is the formula's value at zero rewards.
     assert rows[0]["loss"] == pytest.approx(first_loss, rel=1e-5)
