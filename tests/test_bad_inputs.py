@@ -114,7 +114,8 @@ CASES = {
                                "--out", str(w.sft / "eval"), "--no-progress"],
         r"--out .*sft\.json/eval: .*sft\.json is a file, so no folder can be made under it"),
     "train-out-is-a-file": Case(
-        "train", lambda w: train_argv(w, "--out", str(w.preferences)), r"--out .*prefs\.jsonl is a file; give a folder"),
+        "train", lambda w: train_argv(w, "--out", str(w.preferences)),
+        r"--out .*prefs\.jsonl is a file; give a folder"),
     "train-deepspeed-not-a-file": Case(
         "train", lambda w: train_argv(w, "--deepspeed", "zero9"),
         r"--deepspeed 'zero9': not 'zero2', 'zero3', 'none' or an existing DeepSpeed JSON file"),

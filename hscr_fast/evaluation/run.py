@@ -101,8 +101,9 @@ def load_eval_records(data: str | Path, image_folder: str | Path | None = None, 
                       limit: int | None = None, allow_images_outside_folder: bool = False) -> list[VQARecord]:
     """The questions of a LLaVA-Med JSON evaluation set (the first `limit` of them), every one with an answer type.
 
-    With `image_folder`, every image must exist under it (inside it, unless `allow_images_outside_folder`). A record without `answer_type` gets the PathVQA convention
-    (yes/no answers CLOSED, the rest OPEN), with a warning: the published numbers split by the data's own types.
+    With `image_folder`, every image must exist under it (inside it, unless `allow_images_outside_folder`). A record
+    without `answer_type` gets the PathVQA convention (yes/no answers CLOSED, the rest OPEN), with a warning: the
+    published numbers split by the data's own types.
     Raises `DataFormatError` naming the file and record for anything malformed.
     """
     from hscr_fast.data.convert import infer_answer_type

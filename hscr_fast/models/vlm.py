@@ -128,7 +128,8 @@ def read_architecture(model_dir: str | Path) -> str:
     return architecture
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_weight_files(model_dir: str | Path) -> None:

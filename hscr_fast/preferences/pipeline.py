@@ -13,7 +13,8 @@ Files, for `--out prefs.jsonl`:
   answer_type when the data has one, and args_fingerprint;
 - `prefs.skipped.jsonl`: every sample left out, {id, image, stage, reason, message, args_fingerprint}: stage "input"
   for records the data reader rejects (empty answer, no question, duplicate id, ...), "generate" for the rest
-  (image_outside_folder, missing_image, unreadable_image, too_long, no_sensitive_positions, and Stage 2's no_variant_differs_from_preferred);
+  (image_outside_folder, missing_image, unreadable_image, too_long, no_sensitive_positions, and Stage 2's
+  no_variant_differs_from_preferred);
 - `prefs.summary.json`: counts (read, selected, written, skipped by reason, not selected), mean k, samples/s, args.
 
 Resuming. Records are appended and flushed one by one; a re-run with the same arguments reads the finished ids

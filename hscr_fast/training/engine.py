@@ -127,7 +127,8 @@ def resolve_deepspeed_config(setting: str, *, micro_batch: int, accumulation: in
     if bf16_block.get("enabled", "auto") == "auto":
         bf16_block["enabled"] = bf16
     elif bool(bf16_block["enabled"]) != bf16:
-        problems.append(f"bf16.enabled is {bf16_block['enabled']!r} but --dtype gives {'bfloat16' if bf16 else 'float32'}")
+        dtype = "bfloat16" if bf16 else "float32"
+        problems.append(f"bf16.enabled is {bf16_block['enabled']!r} but --dtype gives {dtype}")
     if (config.get("fp16") or {}).get("enabled") not in (None, False, "auto"):
         problems.append("fp16 is enabled: the model runs in float32 or bfloat16 (--dtype), where an overflow is a "
                         "divergence, not something a loss scale fixes; remove the fp16 block")
