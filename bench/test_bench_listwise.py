@@ -60,7 +60,12 @@ def build_model(device: torch.device, shape: str):
     """(VisionLanguageModel with LoRA, dtype). CPU: a tiny LLaVA widened to `shape`; CUDA: LLaVA-Med-7B-shaped (CLIP
     ViT-L/14@336 + Mistral-7B, 576 image tokens) with random weights, bf16."""
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        MistralConfig,
+    )
 
     from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
     from hscr_fast.models.vlm import VisionLanguageModel

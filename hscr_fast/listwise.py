@@ -20,9 +20,9 @@ response's first token is the prefix's last one, shared by all responses.
 
 Mask choice: on decoders that run flex attention, a FlexAttention BlockMask of the same visibility
 (listwise_attention.py), which skips the masked blocks. Otherwise a dense bool mask, which transformers hands to SDPA
-unchanged (`attn_implementation="sdpa"`; eager gets it converted to additive form). It costs B·L² bytes (one per bool:
-18 MB for two rows of LLaVA-NeXT's ~3,000 tokens)
-and lets SDPA use its memory-efficient kernel. It is exact and backend-independent, and it works with gradient
+unchanged (`attn_implementation="sdpa"`; eager gets it converted to additive form). It costs B·L² bytes (one per
+bool: 18 MB for two rows of LLaVA-NeXT's ~3,000 tokens) and lets SDPA use its memory-efficient kernel. It is exact and
+backend-independent, and it works with gradient
 checkpointing (no KV cache is carried between layers).
 
 Entry points: `pack_examples` builds the row; `listwise_logprobs(model, batch)` runs any model that has

@@ -81,3 +81,28 @@ def attention_mask_for(model, batch):
     if batch.block_mask is None:
         batch.block_mask = listwise_block_mask(batch.segment_ids, batch.attendable)
     return batch.block_mask
+
+
+ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "eager")
+
+
+def loading_attention(choice: str) -> str:
+    """The implementation to load the model with for `choice`: flex attention is switched on afterwards, for the
+    decoder only (`apply_attention_choice`), so the vision tower keeps SDPA."""
+    return "sdpa" if choice in ("auto", FLEX_ATTENTION) else choice
+
+
+def apply_attention_choice(model, choice: str, device) -> str:
+    """Puts the decoder on flex attention for `choice` "flex_attention", and for "auto" on CUDA where transformers
+    offers it for this decoder; any other choice was applied at loading. Returns the decoder's implementation."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention implementation {choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+    if choice == FLEX_ATTENTION:
+        if torch.device(device).type == "cpu":
+            raise ValueError("flex_attention has no backward on CPU in torch; train on CPU with sdpa (or auto)")
+        if not flex_attention_supported(model):
+            raise ValueError(f"transformers offers no flex attention for the {model.family} decoder; use sdpa "
+                             "(or auto)")
+    if choice == FLEX_ATTENTION or (choice == "auto" and flex_attention_preferred(model, device)):
+        decoder_of(model).set_attn_implementation(FLEX_ATTENTION)
+    return model.config.get_text_config()._attn_implementation

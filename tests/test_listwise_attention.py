@@ -11,13 +11,20 @@ import pytest
 import torch
 from torch.nn.attention import flex_attention as torch_flex
 
-from hscr_fast.listwise import ListwiseExample, listwise_attention_mask, listwise_logprobs, pack_examples
+from hscr_fast.listwise import (
+    ListwiseExample,
+    listwise_attention_mask,
+    listwise_logprobs,
+    pack_examples,
+)
 from hscr_fast.listwise_attention import (
     FLEX_ATTENTION,
+    apply_attention_choice,
     attention_mask_for,
     flex_attention_preferred,
     flex_attention_supported,
     listwise_block_mask,
+    loading_attention,
 )
 from hscr_fast.models.dropout import visual_dropout
 
@@ -134,3 +141,22 @@ def test_qwen2_vl_keeps_the_dense_path():
         vlm.language_model.set_attn_implementation(FLEX_ATTENTION)
     assert flex_attention_supported(_build("llava")) and flex_attention_supported(_build("llava-next"))
     assert not flex_attention_preferred(_build("llava"), torch.device("cpu"))
+
+
+def test_the_training_choice_puts_only_a_supporting_decoder_on_flex_attention_and_only_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    llava = _build("llava")
+    assert loading_attention("auto") == loading_attention(FLEX_ATTENTION) == "sdpa"
+    assert loading_attention("eager") == "eager"
+    assert apply_attention_choice(llava, "auto", cpu) == "sdpa"  # dense path on CPU
+    assert apply_attention_choice(llava, "sdpa", cuda) == "sdpa"
+    with pytest.raises(ValueError, match="no backward on CPU"):
+        apply_attention_choice(llava, FLEX_ATTENTION, cpu)
+    assert apply_attention_choice(llava, "auto", cuda) == FLEX_ATTENTION  # (the choice needs no GPU to be made)
+    assert llava.llava.config.vision_config._attn_implementation == "sdpa"  # the vision tower is left alone
+    qwen = _build("qwen2-vl")
+    assert apply_attention_choice(qwen, "auto", cuda) == "sdpa"
+    with pytest.raises(ValueError, match="no flex attention for the qwen2_vl decoder"):
+        apply_attention_choice(qwen, FLEX_ATTENTION, cuda)
+    with pytest.raises(ValueError, match="choose one of"):
+        apply_attention_choice(llava, "flash_attention_2", cuda)

@@ -60,9 +60,12 @@ class TrainConfig:
                                    "DeepSpeed JSON file")
     gradient_checkpointing: bool = _arg(False, "recompute decoder activations in backward (less memory)")
     dtype: str = _arg("auto", "auto (bf16 on GPU, fp32 on CPU), float32 or bfloat16")
-    attn_implementation: str = _arg("sdpa", "attention kernel for the decoder. The listwise forward gives every row "
-                                            "a 4D prefix-sharing mask, which flash-attention's kernels cannot take",
-                                    choices=("sdpa", "eager"))
+    attn_implementation: str = _arg("auto", "attention kernel for the decoder: auto (flex_attention on CUDA where "
+                                            "transformers offers it for the decoder, which skips the masked blocks of "
+                                            "the listwise mask; sdpa elsewhere), sdpa (a dense 4D mask), "
+                                            "flex_attention or eager. flash-attention's kernels cannot take the "
+                                            "listwise mask",
+                                    choices=("auto", "sdpa", "flex_attention", "eager"))
     max_answer_tokens: int = _arg(512, "longest response accepted, in tokens")
     save_steps: int = _arg(50, "checkpoint every N optimizer steps (and at the end)")
     save_total_limit: int = _arg(2, "checkpoints kept")

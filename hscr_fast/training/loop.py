@@ -83,6 +83,7 @@ def _mean_across_ranks(values: dict[str, float], world_size: int) -> dict[str, f
 def train(config: TrainConfig) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
+    from hscr_fast.listwise_attention import apply_attention_choice, loading_attention
     from hscr_fast.models.causal_lm import load_causal_lm
     from hscr_fast.models.vlm import check_weight_files, load_vlm, preflight_model, read_architecture
     from hscr_fast.runtime.io import check_writable
@@ -140,7 +141,8 @@ def train(config: TrainConfig) -> TrainResult:
     # 2. Model + LoRA.
     torch.manual_seed(config.seed)
     vlm = (load_causal_lm if text_only else load_vlm)(config.model, dtype=dtype, device=device,
-                                                      attn_implementation=config.attn_implementation)
+                                                      attn_implementation=loading_attention(config.attn_implementation))
+    say(f"[hscr] decoder attention: {apply_attention_choice(vlm, config.attn_implementation, device)}")
     trainable = attach_lora(vlm, config, config.model)
     say(f"[hscr] trainable parameters: {sum(p.numel() for p in trainable.values()):,} "
         f"(LoRA r={config.lora_r}{' + projector' if config.train_projector else ''})")
