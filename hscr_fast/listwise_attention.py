@@ -22,7 +22,13 @@ from __future__ import annotations
 
 import torch
 
+from hscr_fast.runtime.errors import HscrError
+
 FLEX_ATTENTION = "flex_attention"
+
+
+class AttentionChoiceError(HscrError):
+    """An attention implementation this decoder or device cannot train with."""
 
 
 def uses_flex_attention(model) -> bool:
@@ -96,12 +102,12 @@ def apply_attention_choice(model, choice: str, device) -> str:
     """Puts the decoder on flex attention for `choice` "flex_attention", and for "auto" on CUDA where transformers
     offers it for this decoder; any other choice was applied at loading. Returns the decoder's implementation."""
     if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"attention implementation {choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+        raise AttentionChoiceError(f"attention implementation {choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
     if choice == FLEX_ATTENTION:
         if torch.device(device).type == "cpu":
-            raise ValueError("flex_attention has no backward on CPU in torch; train on CPU with sdpa (or auto)")
+            raise AttentionChoiceError("flex_attention has no backward on CPU in torch; train on CPU with sdpa (or auto)")
         if not flex_attention_supported(model):
-            raise ValueError(f"transformers offers no flex attention for the {model.family} decoder; use sdpa "
+            raise AttentionChoiceError(f"transformers offers no flex attention for the {model.family} decoder; use sdpa "
                              "(or auto)")
     if choice == FLEX_ATTENTION or (choice == "auto" and flex_attention_preferred(model, device)):
         decoder_of(model).set_attn_implementation(FLEX_ATTENTION)

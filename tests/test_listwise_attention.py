@@ -19,6 +19,7 @@ from hscr_fast.listwise import (
 )
 from hscr_fast.listwise_attention import (
     FLEX_ATTENTION,
+    AttentionChoiceError,
     apply_attention_choice,
     attention_mask_for,
     flex_attention_preferred,
@@ -150,13 +151,13 @@ def test_the_training_choice_puts_only_a_supporting_decoder_on_flex_attention_an
     assert loading_attention("eager") == "eager"
     assert apply_attention_choice(llava, "auto", cpu) == "sdpa"  # dense path on CPU
     assert apply_attention_choice(llava, "sdpa", cuda) == "sdpa"
-    with pytest.raises(ValueError, match="no backward on CPU"):
+    with pytest.raises(AttentionChoiceError, match="no backward on CPU"):
         apply_attention_choice(llava, FLEX_ATTENTION, cpu)
     assert apply_attention_choice(llava, "auto", cuda) == FLEX_ATTENTION  # (the choice needs no GPU to be made)
     assert llava.llava.config.vision_config._attn_implementation == "sdpa"  # the vision tower is left alone
     qwen = _build("qwen2-vl")
     assert apply_attention_choice(qwen, "auto", cuda) == "sdpa"
-    with pytest.raises(ValueError, match="no flex attention for the qwen2_vl decoder"):
+    with pytest.raises(AttentionChoiceError, match="no flex attention for the qwen2_vl decoder"):
         apply_attention_choice(qwen, FLEX_ATTENTION, cuda)
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(AttentionChoiceError, match="choose one of"):
         apply_attention_choice(llava, "flash_attention_2", cuda)
