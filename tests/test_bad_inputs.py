@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from helpers import write_preference_lists
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # see conftest
 
@@ -28,12 +29,12 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path, tiny_model_dir, make_images, preference_lists):
+def world(tmp_path, tiny_model_dir):
     import shutil
 
     root = tmp_path / "world"
     root.mkdir()
-    preference_lists(root, {"prefs.jsonl": 4})
+    write_preference_lists(root, {"prefs.jsonl": 4})
     model = root / "model"
     shutil.copytree(tiny_model_dir, model)
     records = [{"id": f"q{index}", "image": f"img{index}.png",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import write_preference_lists
 
 POISON = """
 import sys, torch
@@ -111,7 +112,7 @@ def train_arguments(model_dir, data, out, engine):
             "--deepspeed", engine, "--save-steps", "1", "--out", str(out)]
 
 
-def test_non_finite_gradient_stops_before_the_step_plain_engine(tiny_model_dir, preference_lists, tmp_path,
+def test_non_finite_gradient_stops_before_the_step_plain_engine(tiny_model_dir, tmp_path,
                                                                 monkeypatch, capsys):
     """In this process (the plain engine needs no process group); the named checkpoint resumes to the end."""
     from hscr_fast.train import main
@@ -119,7 +120,7 @@ def test_non_finite_gradient_stops_before_the_step_plain_engine(tiny_model_dir, 
     namespace = {}
     exec(POISON, namespace)  # the same poisoned batch_loss as the DeepSpeed run's
     monkeypatch.setattr("hscr_fast.training.objective.batch_loss", namespace["poisoned_batch_loss"](3))
-    data, out = preference_lists(tmp_path, {"prefs.jsonl": 8}, seed=3), tmp_path / "run"
+    data, out = write_preference_lists(tmp_path, {"prefs.jsonl": 8}, seed=3), tmp_path / "run"
     arguments = train_arguments(tiny_model_dir, data, out, "none")
     check_stopped_run(out, main([*arguments, "--stop-after-steps", "3"]), capsys.readouterr().err)
     monkeypatch.setattr("hscr_fast.training.objective.batch_loss", namespace["poisoned_batch_loss"](0))
@@ -127,9 +128,9 @@ def test_non_finite_gradient_stops_before_the_step_plain_engine(tiny_model_dir, 
 
 
 @pytest.mark.slow  # ~2 min on a loaded 2-core machine: two interpreters importing DeepSpeed
-def test_non_finite_gradient_stops_before_the_step_deepspeed(tiny_model_dir, preference_lists, tmp_path):
+def test_non_finite_gradient_stops_before_the_step_deepspeed(tiny_model_dir, tmp_path):
     """ZeRO-2 in fp32: DeepSpeed's "overflow, skipping step" is a divergence, reported like the plain engine's."""
-    data, out = preference_lists(tmp_path, {"prefs.jsonl": 8}, seed=3), tmp_path / "run"
+    data, out = write_preference_lists(tmp_path, {"prefs.jsonl": 8}, seed=3), tmp_path / "run"
     arguments = train_arguments(tiny_model_dir, data, out, "zero2")
     stopped = run_train([*arguments, "--stop-after-steps", "3"], tmp_path)
     check_stopped_run(out, stopped.returncode, stopped.stderr)

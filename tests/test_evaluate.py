@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import make_images
 
 import hscr_fast.evaluation.generation as generation
 from hscr_fast.data.records import VQARecord, write_llava_med_json
@@ -47,7 +48,7 @@ def _write_set(folder, images, questions=QUESTIONS):
 
 
 @pytest.fixture(scope="module")
-def eval_set(tmp_path_factory, make_images):
+def eval_set(tmp_path_factory):
     return _write_set(tmp_path_factory.mktemp("eval_set"), make_images(4, seed=5))
 
 
@@ -465,7 +466,7 @@ def test_demo_world_is_the_default(tmp_path, monkeypatch, tiny_model_dir, eval_s
     assert metrics["run"]["data"] == str(data.resolve())
 
 
-def test_unreadable_test_image_is_skipped_named_and_counted(tmp_path, tiny_model_dir, make_images, capsys):
+def test_unreadable_test_image_is_skipped_named_and_counted(tmp_path, tiny_model_dir, capsys):
     """One corrupt image (asked about by q1 and q5) does not stop the run: the other questions are answered and scored,
     the two are named and counted in metrics.json and in the summary."""
     data, image_folder = _write_set(tmp_path / "set", make_images(4, seed=5))

@@ -1,5 +1,6 @@
 """Batched greedy generation: identical to one-at-a-time generation and to a cache-free reference loop."""
 import torch
+from helpers import make_images
 
 from hscr_fast.evaluation.generation import GenerationPrompt, greedy_generate
 from hscr_fast.models.dropout import visual_dropout
@@ -26,7 +27,7 @@ def reference_greedy(vlm, item, max_new_tokens):
     return tokens
 
 
-def test_batched_equals_unbatched_and_reference(tiny_vlm, make_images):
+def test_batched_equals_unbatched_and_reference(tiny_vlm):
     questions = ["Is there a lesion?", "Where is the abnormality in the left lung of this patient?", "How many?"]
     visual = tiny_vlm.encode_images(tiny_vlm.preprocess_images(make_images(3, seed=2))).detach()
     masked = visual_dropout(visual.shape[1], 0.7, global_seed=0, sample_id="q2", mode="mask")

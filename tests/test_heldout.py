@@ -6,6 +6,7 @@ import types
 
 import pytest
 import torch
+from helpers import write_preference_lists
 
 from hscr_fast import HscrError
 from hscr_fast.data.records import DataFormatError
@@ -15,9 +16,9 @@ from hscr_fast.training.loop import train
 
 
 @pytest.fixture(scope="module")
-def lists(tmp_path_factory, preference_lists):
+def lists(tmp_path_factory):
     """prefs.jsonl (10 lists) and heldout.jsonl (5 more lists: other images and questions)."""
-    return preference_lists(tmp_path_factory.mktemp("heldout"), {"prefs.jsonl": 10, "heldout.jsonl": 5}, seed=5)
+    return write_preference_lists(tmp_path_factory.mktemp("heldout"), {"prefs.jsonl": 10, "heldout.jsonl": 5}, seed=5)
 
 
 def read_rows(out):

@@ -1,9 +1,9 @@
 """hscr_fast.kernels.contrastive_select(_from_hidden): torch and Triton forms against a float64 reference.
 
-Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set below, at import time, before
-the first Triton-path call builds the kernels (the kernels module imports triton lazily). Random inputs are drawn so
-that exact ties have probability ~0 and selections must equal the reference exactly; the tie rules (lowest token id,
-lowest position) get their own constructed test.
+Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set by tests/kernel_backends.py, at
+import time, before the first Triton-path call builds the kernels (the kernels module imports triton lazily). Random
+inputs are drawn so that exact ties have probability ~0 and selections must equal the reference exactly; the tie rules
+(lowest token id, lowest position) get their own constructed test.
 
 Every reference comparison runs with the default candidate rule (deprived-side cut alpha_drop = alpha) and with
 alpha_drop=0 (the paper's literal rule) in the torch form; the Triton form, slow in the interpreter, runs each test
@@ -11,22 +11,14 @@ once, with the cut in most tests and without it in a few (`cut_cases`).
 """
 import importlib
 import math
-import os
 
 import pytest
 import torch
+from helpers import LargestTensor, assert_compiles_for_hopper
+from hscr_fast.kernels import ContrastiveSelection, contrastive_select, contrastive_select_from_hidden
+from hscr_fast.kernels._common import linear_logits_fp32, triton_available
+from kernel_backends import BACKENDS, DEVICE, NEEDS_TRITON
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-from hscr_fast.kernels import ContrastiveSelection, contrastive_select, contrastive_select_from_hidden  # noqa: E402
-from hscr_fast.kernels._common import linear_logits_fp32, triton_available, triton_interpret_mode  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
-NEEDS_TRITON = pytest.mark.skipif(not TRITON_RUNNABLE, reason="triton missing, or CPU without TRITON_INTERPRET=1")
-BACKENDS = ["torch", pytest.param("triton", marks=NEEDS_TRITON)]
 CUT, LITERAL = None, 0.0  # alpha_drop: the default deprived-side cut (= alpha), and none (the paper's literal rule)
 
 
@@ -205,8 +197,7 @@ def test_alpha_drop_apart_from_alpha_matches_reference(backend, options):
 
 @pytest.mark.parametrize("backend,alpha_drop,chunk_size",
                          rule_cases({"one-chunk": None, "chunks": 300}, triton_literal={"chunks"}))
-def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alpha_drop, chunk_size,
-                                                                   largest_tensor):
+def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alpha_drop, chunk_size):
     rows, vocab, dim = 21, 1031, 45
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn(vocab, dim, generator=generator) * 0.5).to(DEVICE)
@@ -216,7 +207,7 @@ def test_from_hidden_matches_reference_and_never_forms_full_logits(backend, alph
     labels[4] = -100
     expected = reference_contrastive_select(hidden_full.double() @ weight.double().T,
                                             hidden_drop.double() @ weight.double().T, labels, alpha_drop=alpha_drop)
-    with largest_tensor() as largest:
+    with LargestTensor() as largest:
         ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, alpha_drop=alpha_drop,
                                               backend=backend, chunk_size=chunk_size)
     assert_same_selection(ours, expected)
@@ -533,7 +524,7 @@ def test_bad_inputs_raise_specific_errors():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_kernels_compile_for_hopper(compiles_for_hopper):
+def test_triton_kernels_compile_for_hopper():
     """The interpreter does not type-check like the compiler: build both kernels for sm_90 (no GPU needed)."""
     script = """
 import importlib, triton
@@ -556,4 +547,4 @@ for dtype in ("bf16", "fp32"):
         source = triton.compiler.ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs)
         assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
 """
-    compiles_for_hopper(script)
+    assert_compiles_for_hopper(script)

@@ -1,30 +1,18 @@
 """hscr_fast.kernels.fused_linear_logprobs: the torch form and the Triton form against a float64 reference.
 
-Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set below, at import time, before the
-first Triton-path call builds the kernels (the kernels module imports triton lazily, so the order of test-module
-imports does not matter). Shapes are odd on purpose: N not a multiple of any block or chunk, prime V = 1031, D odd,
-and one V = 32000 case.
+Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set by tests/kernel_backends.py, at
+import time, before the first Triton-path call builds the kernels (the kernels module imports triton lazily, so the
+order of test-module imports does not matter). Shapes are odd on purpose: N not a multiple of any block or chunk, prime
+V = 1031, D odd, and one V = 32000 case.
 """
 import importlib.util
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-from hscr_fast.kernels import fused_linear_logprobs  # noqa: E402
-from hscr_fast.kernels._common import triton_available, triton_interpret_mode  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE,
-                                                    reason="triton missing, or CPU without TRITON_INTERPRET=1")),
-]
+from helpers import LargestTensor, assert_compiles_for_hopper
+from hscr_fast.kernels import fused_linear_logprobs
+from hscr_fast.kernels._common import triton_available
+from kernel_backends import BACKENDS, DEVICE, TRITON_RUNNABLE
 
 
 def reference_fused_linear_logprobs(hidden, weight, labels, ignore_index=-100):
@@ -102,9 +90,17 @@ def test_values_and_gradients_match_float64_reference(backend, weight_grad, rows
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_is_float32_and_needs_no_graph_under_no_grad(backend):
     hidden, weight, labels, _ = make_inputs(9, 1031, 17)
-    with torch.no_grad():
-        out = fused_linear_logprobs(hidden.requires_grad_(True), weight, labels, backend=backend)
-    assert out.dtype == torch.float32 and not out.requires_grad
+    hidden.requires_grad_(True)
+    assert fused_linear_logprobs(hidden, weight, labels, backend=backend).requires_grad  # with grad: a graph
+    saved = []
+
+    def record(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
+        out = fused_linear_logprobs(hidden, weight, labels, backend=backend)
+    assert out.dtype == torch.float32 and not out.requires_grad and saved == []  # nothing kept for a backward
     expected = reference_fused_linear_logprobs(hidden, weight, labels)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
 
@@ -164,12 +160,12 @@ def test_low_precision_error_is_within_a_small_multiple_of_pytorchs_own(backend,
 
 
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
-def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad, largest_tensor):
+def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad):
     rows, vocab, dim, chunk = 300, 1031, 40, 64
     hidden, weight, labels, upstream = make_inputs(rows, vocab, dim)
     hidden.requires_grad_(True)
     weight.requires_grad_(weight_grad)
-    with largest_tensor() as largest:
+    with LargestTensor() as largest:
         fused_linear_logprobs(hidden, weight, labels, chunk_size=chunk, backend="torch").backward(upstream)
     assert largest.numel <= max(chunk * vocab, vocab * dim) < rows * vocab
 
@@ -216,7 +212,7 @@ def test_bad_inputs_raise_specific_errors():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_kernel_compiles_for_hopper(compiles_for_hopper):
+def test_triton_kernel_compiles_for_hopper():
     """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin; no GPU)."""
     script = """
 import importlib, triton
@@ -232,7 +228,7 @@ for has_lse, write_grad, has_scale in [(False, False, False), (False, True, Fals
                                        constexprs=constexprs)
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
 """
-    compiles_for_hopper(script)
+    assert_compiles_for_hopper(script)
 
 
 

@@ -1,30 +1,18 @@
 """hscr_fast.kernels.fused_token_kl: the torch form and the Triton form against a float64 reference.
 
-Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set below, at import time, before the
-first Triton-path call builds the kernel (the kernels module imports triton lazily, so the order of test-module imports
-does not matter). Shapes are odd on purpose: N not a multiple of any block or chunk, prime V = 1031, D odd, and one
-V = 32000 case. The reference materialises both distributions in float64 and gets its gradients from autograd, so the
-kernel's hand-derived gradient is checked against an independent computation.
+Without CUDA the Triton form runs in Triton's interpreter: TRITON_INTERPRET=1 is set by tests/kernel_backends.py, at
+import time, before the first Triton-path call builds the kernel (the kernels module imports triton lazily, so the order
+of test-module imports does not matter). Shapes are odd on purpose: N not a multiple of any block or chunk, prime V =
+1031, D odd, and one V = 32000 case. The reference materialises both distributions in float64 and gets its gradients
+from autograd, so the kernel's hand-derived gradient is checked against an independent computation.
 """
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-from hscr_fast.kernels import fused_token_kl  # noqa: E402
-from hscr_fast.kernels._common import triton_available, triton_interpret_mode  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TRITON_RUNNABLE = triton_available() and (DEVICE.type == "cuda" or triton_interpret_mode())
-BACKENDS = [
-    "torch",
-    pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNNABLE,
-                                                    reason="triton missing, or CPU without TRITON_INTERPRET=1")),
-]
+from helpers import LargestTensor, assert_compiles_for_hopper
+from hscr_fast.kernels import fused_token_kl
+from hscr_fast.kernels._common import triton_available
+from kernel_backends import BACKENDS, DEVICE
 
 
 def token_kl_from_logits(policy_logits, reference_logits, lam):
@@ -245,12 +233,12 @@ def test_output_is_float32_and_reference_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
-def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad, largest_tensor):
+def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad):
     rows, vocab, dim, chunk = 150, 1031, 40, 32
     policy, reference, weight, mask, upstream = make_inputs(rows, vocab, dim, masked=(5, 6))
     policy.requires_grad_(True)
     weight.requires_grad_(weight_grad)
-    with largest_tensor() as largest:
+    with LargestTensor() as largest:
         fused_token_kl(policy, reference, weight, mask=mask, chunk_size=chunk, backend="torch").backward(upstream)
     assert largest.numel <= max(chunk * vocab, vocab * dim) < rows * vocab
 
@@ -292,7 +280,7 @@ def test_bad_inputs_raise_specific_errors():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_kernel_compiles_for_hopper(compiles_for_hopper):
+def test_triton_kernel_compiles_for_hopper():
     """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin, no GPU)."""
     script = """
 import importlib, triton
@@ -308,4 +296,4 @@ for has_stats, write_grad, has_scale in [(False, False, False), (False, True, Fa
                                        constexprs=constexprs)
     assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
 """
-    compiles_for_hopper(script)
+    assert_compiles_for_hopper(script)

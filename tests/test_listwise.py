@@ -2,6 +2,7 @@
 every gradient, with responses of different lengths and k varying inside a batch."""
 import pytest
 import torch
+from helpers import assert_gradients_match, make_images
 
 from hscr_fast.listwise import ListwiseExample, listwise_attention_mask, listwise_logprobs, pack_examples
 from hscr_fast.models.dropout import visual_dropout
@@ -57,7 +58,7 @@ MODELS = {"mistral": "tiny_vlm", "llama": "tiny_llama_vlm", "llava-next": "tiny_
 
 @pytest.mark.parametrize("dropout_mode, model", [(None, "mistral"), ("remove", "mistral"), ("mask", "mistral"),
                                                  ("mask", "llama"), (None, "llava-next"), ("remove", "llava-next")])
-def test_listwise_equals_independent_forwards_values_and_gradients(request, make_images, gradients_match,
+def test_listwise_equals_independent_forwards_values_and_gradients(request,
                                                                    dropout_mode, model):
     vlm = request.getfixturevalue(MODELS[model])
     prompts = [vlm.prompt_tokens(q) for q in QUESTIONS]
@@ -93,10 +94,10 @@ def test_listwise_equals_independent_forwards_values_and_gradients(request, make
     assert torch.equal(batch.valid.cpu(), valid)
     torch.testing.assert_close(listwise.detach() * valid, reference.detach() * valid, rtol=1e-5, atol=1e-4)
     # vision tower, projector, decoder layers, embeddings all received gradients
-    assert gradients_match(listwise_grads, reference_grads) > 20
+    assert assert_gradients_match(listwise_grads, reference_grads) > 20
 
 
-def test_packed_length_is_prefix_plus_answers(tiny_vlm, make_images):
+def test_packed_length_is_prefix_plus_answers(tiny_vlm):
     vlm = tiny_vlm
     prompt = vlm.prompt_tokens(QUESTIONS[2])
     responses = [vlm.answer_tokens(prompt, a) for a in ANSWERS[2]]
@@ -124,7 +125,7 @@ def test_attention_mask_structure():
     assert torch.equal(mask, expected)
 
 
-def test_responses_under_different_images_share_a_prefix_only_per_image(tiny_vlm, make_images):
+def test_responses_under_different_images_share_a_prefix_only_per_image(tiny_vlm):
     """Image-side dispreference: one list, responses 0 and 2 under image A, response 1 under image B. Two packed
     examples feed one output row; each response's log-prob equals its own independent forward."""
     vlm = tiny_vlm

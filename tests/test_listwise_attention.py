@@ -9,6 +9,7 @@ BlockMask handed to every layer). On CUDA the same tests run the compiled kernel
 """
 import pytest
 import torch
+from helpers import assert_gradients_match, make_images
 from torch.nn.attention import flex_attention as torch_flex
 
 from hscr_fast.listwise import (
@@ -108,7 +109,7 @@ def _logps_and_gradients(vlm, pixels, prompts, responses, dropouts, upstream):
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("family", ["llava", "llava-next"])
-def test_flex_attention_equals_dense_values_and_gradients(flex_runnable, make_images, gradients_match, family,
+def test_flex_attention_equals_dense_values_and_gradients(flex_runnable, family,
                                                           checkpointing):
     vlm = _build(family)
     vlm.model.train()  # checkpointing recomputes only in training mode; the tiny models have no dropout
@@ -129,7 +130,7 @@ def test_flex_attention_equals_dense_values_and_gradients(flex_runnable, make_im
     assert isinstance(flex_batch.block_mask, torch_flex.BlockMask)  # the flex path really ran
 
     torch.testing.assert_close(flex_logps, dense_logps, rtol=1e-5, atol=1e-5)
-    assert gradients_match(flex_grads, dense_grads) > 10
+    assert assert_gradients_match(flex_grads, dense_grads) > 10
 
 
 def test_qwen2_vl_keeps_the_dense_path():

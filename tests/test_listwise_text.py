@@ -3,6 +3,7 @@ per-response log-probs and every gradient equal transformers' own forward of eac
 in a batch; through a stock model, through the wrapper, and from hidden states + head weight."""
 import pytest
 import torch
+from helpers import assert_gradients_match
 
 from hscr_fast.listwise import ListwiseExample, listwise_logprobs, pack_examples, response_logprobs
 from hscr_fast.models.causal_lm import CausalLanguageModel, as_listwise_model, text_example
@@ -42,7 +43,7 @@ def gradients(model, value):
 
 
 @pytest.mark.parametrize("entry", ["stock model", "wrapper", "hidden states + head weight"])
-def test_text_listwise_equals_transformers_forwards_values_and_gradients(tiny_text_lm, gradients_match, entry):
+def test_text_listwise_equals_transformers_forwards_values_and_gradients(tiny_text_lm, entry):
     decoder, model, tokenizer = tiny_text_lm
     lm = CausalLanguageModel(model, tokenizer)
     assert lm.options.prompt_format == ("chat-template" if decoder == "qwen2" else "plain")
@@ -72,7 +73,7 @@ def test_text_listwise_equals_transformers_forwards_values_and_gradients(tiny_te
     reference_grads = gradients(model, (reference * upstream * valid).sum())
     torch.testing.assert_close(packed.detach() * valid, reference.detach() * valid, rtol=1e-5, atol=1e-4)
     # Embeddings (tied to the head in Qwen2), every decoder layer, the final norm: all received gradients.
-    assert gradients_match(packed_grads, reference_grads) == sum(1 for _ in model.parameters())
+    assert assert_gradients_match(packed_grads, reference_grads) == sum(1 for _ in model.parameters())
 
 
 def test_text_example_tokenises_like_the_whole_conversation(tiny_text_lm):

@@ -5,6 +5,7 @@ test_listwise.py; generate → train → evaluate in test_model_families.py.)
 """
 import pytest
 import torch
+from helpers import make_images
 
 from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
 from hscr_fast.models.vlm import AnyResPixels, load_vlm
@@ -26,7 +27,7 @@ def next_vlm(next_model_dir):
     return load_vlm(next_model_dir)
 
 
-def test_pieces_agree_with_transformers_and_counts_are_announced(next_vlm, make_images):
+def test_pieces_agree_with_transformers_and_counts_are_announced(next_vlm):
     vlm = next_vlm
     assert vlm.is_anyres and vlm.options.image_aspect_ratio == "crop"  # anyres tiles the image as it is
     with pytest.raises(TypeError, match="visual_token_counts"):

@@ -6,6 +6,7 @@ end-to-end runs are in test_generate.py, test_train.py and test_evaluate.py.)"""
 import json
 
 import pytest
+from helpers import make_images
 
 from hscr_fast import evaluate, generate
 from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
@@ -29,7 +30,7 @@ def model_dir(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vqa_set(tmp_path_factory, make_images):
+def vqa_set(tmp_path_factory):
     """LLaVA-Med JSON: 12 questions on 6 images of different sizes (so different visual token counts)."""
     root = tmp_path_factory.mktemp("family-data")
     (root / "images").mkdir()

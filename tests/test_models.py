@@ -4,6 +4,7 @@ from re import escape as re_escape
 
 import pytest
 import torch
+from helpers import make_images
 
 from hscr_fast.models.dropout import sample_seed, visual_dropout
 from hscr_fast.models.prompting import format_prompt, strip_image_tag, tokenize_answer, tokenize_prompt
@@ -79,7 +80,7 @@ def test_prompt_requires_exactly_one_image(tiny_vlm):
     assert strip_image_tag("<image>\nWhat is shown?") == "What is shown?"
 
 
-def test_encode_images_shape_and_batch_independence(tiny_vlm, make_images):
+def test_encode_images_shape_and_batch_independence(tiny_vlm):
     images = make_images(3)
     pixels = tiny_vlm.preprocess_images(images)
     visual = tiny_vlm.encode_images(pixels)
@@ -88,7 +89,7 @@ def test_encode_images_shape_and_batch_independence(tiny_vlm, make_images):
     torch.testing.assert_close(visual[1:2], single, rtol=1e-5, atol=1e-5)
 
 
-def test_decoder_hidden_states_match_llava_logits(tiny_vlm, make_images):
+def test_decoder_hidden_states_match_llava_logits(tiny_vlm):
     """Our pieces (splice visual tokens, hidden states, lm_head) reproduce transformers' own Llava forward."""
     model, tokenizer = tiny_vlm.llava, tiny_vlm.tokenizer
     prompt = tokenize_prompt(tokenizer, format_prompt("What organ is shown?", tokenizer))
@@ -104,7 +105,7 @@ def test_decoder_hidden_states_match_llava_logits(tiny_vlm, make_images):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_load_vlm_roundtrip(tiny_model_dir, tiny_vlm, make_images):
+def test_load_vlm_roundtrip(tiny_model_dir, tiny_vlm):
     loaded = load_vlm(tiny_model_dir)
     pixels = loaded.preprocess_images(make_images(2))
     torch.testing.assert_close(loaded.encode_images(pixels), tiny_vlm.encode_images(pixels))

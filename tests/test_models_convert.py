@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import make_images
 from safetensors.torch import save_file
 
 from hscr_fast.models.convert import main as convert_main
@@ -94,7 +95,7 @@ def tiny_llama_llava():
     (True, "mistral", "mlp2x_gelu"), (False, "mistral", "mlp2x_gelu"), (False, "llama", "mlp2x_gelu"),
     (True, "llama", "linear")], ids=["llava-med-v1.5-vision-in-checkpoint", "llava-med-v1.5-vision-from-clip-dir",
                                      "llama-mlp2x", "llama-linear-projector"])
-def test_converted_checkpoint_gives_original_logits(tmp_path, tiny_llava, tiny_llama_llava, make_images,
+def test_converted_checkpoint_gives_original_logits(tmp_path, tiny_llava, tiny_llama_llava,
                                                     embed_vision, text_model, projector):
     src, dst = tmp_path / "llava-med", tmp_path / "converted"
     vision_dir = write_original_layout(tiny_llava if text_model == "mistral" else tiny_llama_llava, src,

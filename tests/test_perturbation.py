@@ -11,6 +11,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_images
 
 from hscr_fast.models.perturbation import (
     ImagePerturbation,
@@ -27,7 +28,7 @@ SEED, SAMPLE_IDS = 3, ["s0", "s1"]
 
 
 @pytest.fixture(scope="module")
-def pixels(tiny_vlm, make_images):
+def pixels(tiny_vlm):
     return tiny_vlm.preprocess_images(make_images(2, seed=4))
 
 

@@ -10,6 +10,7 @@
 """
 import pytest
 import torch
+from helpers import assert_gradients_match, make_images
 
 from hscr_fast.listwise import ListwiseExample, listwise_logprobs, pack_examples
 from hscr_fast.models.positions import prefix_positions, text_positions
@@ -38,7 +39,7 @@ def transformers_logits(vlm, prompt, answer_ids, pixels: GridPixels, index: int)
                      mm_token_type_ids=token_types).logits[0]
 
 
-def test_pieces_with_3d_positions_give_transformers_logits(qwen, make_images):
+def test_pieces_with_3d_positions_give_transformers_logits(qwen):
     vlm = qwen
     assert vlm.uses_mrope and vlm.options.prompt_format == "chat-template"
     pixels = vlm.preprocess_images(make_images(len(IMAGE_SIZES), seed=1, sizes=IMAGE_SIZES))
@@ -60,7 +61,7 @@ def test_pieces_with_3d_positions_give_transformers_logits(qwen, make_images):
             assert (flat - theirs).abs().max() > 1e-3  # 1D positions are not what Qwen2-VL was trained with
 
 
-def test_listwise_equals_transformers_forwards_values_and_gradients(qwen, make_images, gradients_match):
+def test_listwise_equals_transformers_forwards_values_and_gradients(qwen):
     vlm = qwen
     prompts = [vlm.prompt_tokens(q) for q in QUESTIONS]
     responses = [[vlm.answer_tokens(p, a) for a in answers] for p, answers in zip(prompts, ANSWERS)]
@@ -90,7 +91,7 @@ def test_listwise_equals_transformers_forwards_values_and_gradients(qwen, make_i
     torch.testing.assert_close(listwise.detach() * batch.valid, reference.detach() * batch.valid, rtol=1e-5,
                                atol=1e-4)
     # vision tower, merger, decoder layers, embeddings all received gradients
-    assert gradients_match(listwise_grads, reference_grads) > 20
+    assert assert_gradients_match(listwise_grads, reference_grads) > 20
 
 
 @pytest.mark.parametrize("family, projector", [("llava", "multi_modal_projector"), ("qwen2-vl", "merger")])
@@ -105,7 +106,7 @@ def test_lora_targets_the_decoder_and_train_projector_the_right_module(family, p
     assert any(f".{projector}." in name and "lora_" not in name for name in trainable)
 
 
-def test_removed_visual_tokens_leave_the_others_at_their_own_3d_positions(qwen, make_images):
+def test_removed_visual_tokens_leave_the_others_at_their_own_3d_positions(qwen):
     """Dropout in `remove` mode: the packed forward equals a plain forward whose positions are transformers' own
     (`get_rope_index` over the whole, undropped prompt) with the dropped tokens' columns deleted."""
     from hscr_fast.models.dropout import visual_dropout

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import make_images
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -16,7 +17,7 @@ def library_example(marker: str) -> str:
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2-vl"])
-def test_the_library_example_runs(tmp_path, make_images, family):
+def test_the_library_example_runs(tmp_path, family):
     from hscr_fast.models.tiny import TinyLlavaSpec, build_tiny_llava
 
     model, processor = build_tiny_llava(TinyLlavaSpec(family=family))

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import make_images
 
 from hscr_fast.models.dropout import visual_dropout
 from hscr_fast.models.vlm import VisionLanguageModel
@@ -108,7 +109,7 @@ def reference_replacement(logits_full_row, logits_drop_row, label, *, beta, alph
 
 
 @pytest.fixture(scope="module")
-def images(make_images):
+def images():
     return make_images(len(SAMPLES), seed=3)
 
 

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from helpers import make_images
 
 from hscr_fast.models.prompting import split_marked_spans
 from hscr_fast.preferences.minimal_edits import main as minimal_edits_main
@@ -47,7 +48,7 @@ def test_minimal_edit_command(tmp_path):
     assert len(out.read_text().splitlines()) == 1
 
 
-def test_token_kl_term_in_training(tiny_model_dir, tmp_path, make_images):
+def test_token_kl_term_in_training(tiny_model_dir, tmp_path):
     from hscr_fast.training.config import TrainConfig
     from hscr_fast.training.loop import train
 

@@ -8,18 +8,16 @@ import sys
 
 import pytest
 import torch
+from helpers import PREFERENCE_ANSWERS, make_images, write_preference_lists
 
 from hscr_fast import HscrError
 from hscr_fast.training.config import TrainConfig
 from hscr_fast.training.loop import TrainingDiverged, train
 
-ANSWER_POOL = ["yes", "no", "left upper lobe", "right lower lobe", "two lesions", "one", "a small nodule",
-               "the chest", "none seen", "a large mass in the right lung"]
-
 
 @pytest.fixture(scope="module")
-def preference_data(tmp_path_factory, preference_lists):
-    return preference_lists(tmp_path_factory.mktemp("prefs"), {"prefs.jsonl": 10}, seed=11)
+def preference_data(tmp_path_factory):
+    return write_preference_lists(tmp_path_factory.mktemp("prefs"), {"prefs.jsonl": 10}, seed=11)
 
 
 def read_metrics(out):
@@ -124,10 +122,13 @@ def test_deepspeed_zero2_two_processes_match_one(tiny_model_dir, preference_data
     assert len(one) == len(two) == 2 * (8 // 4)  # 8 lists train, 2 held out; a training and an eval row per step
     for a, b in zip(one, two):
         assert a["step"] == b["step"]
-        for name, rel in (("loss", 1e-4), ("margin_explicit", 1e-3), ("eval_loss", 1e-4),
-                          ("eval_margin_explicit", 1e-3)):
-            if name in a:
-                assert b[name] == pytest.approx(a[name], rel=rel, abs=1e-6), name
+        # A row is a training row or a held-out row; each must carry its own metrics in both runs.
+        held_out = "eval_loss" in a
+        names = (("eval_loss", 1e-4), ("eval_margin_explicit", 1e-3)) if held_out else \
+            (("loss", 1e-4), ("margin_explicit", 1e-3))
+        for name, rel in names:
+            assert name in a and name in b, (name, a, b)
+            assert b[name] == pytest.approx(a[name], rel=rel, abs=1e-6), name
     assert [row["eval_lists"] for row in two if "eval_lists" in row] == [2, 2]
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -158,7 +159,7 @@ def test_gradient_checkpointing_matches_and_merged_model_equals_adapter(tiny_mod
 
 
 @pytest.fixture(scope="module")
-def image_preference_data(tmp_path_factory, make_images):
+def image_preference_data(tmp_path_factory):
     """Image-side dispreference lists: the same answer under the clean and a corrupted image, with MMedPO weights."""
     root = tmp_path_factory.mktemp("image_prefs")
     (root / "images").mkdir()
@@ -166,7 +167,7 @@ def image_preference_data(tmp_path_factory, make_images):
     for index, image in enumerate(make_images(8, seed=21)):
         image.save(root / "images" / f"clean{index}.png")
         image.rotate(90).save(root / "images" / f"noisy{index}.png")
-        answer = ANSWER_POOL[index % len(ANSWER_POOL)]
+        answer = PREFERENCE_ANSWERS[index % len(PREFERENCE_ANSWERS)]
         lines.append(json.dumps({"id": f"i{index}", "image": f"clean{index}.png", "prompt": "What is seen?",
                                  "responses": [answer, answer], "weight": 0.5 + index / 8,
                                  "response_images": [f"clean{index}.png", f"noisy{index}.png"],
