@@ -105,10 +105,11 @@ def apply_attention_choice(model, choice: str, device) -> str:
         raise AttentionChoiceError(f"attention implementation {choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
     if choice == FLEX_ATTENTION:
         if torch.device(device).type == "cpu":
-            raise AttentionChoiceError("flex_attention has no backward on CPU in torch; train on CPU with sdpa (or auto)")
+            raise AttentionChoiceError("flex_attention has no backward on CPU in torch; train on CPU with sdpa "
+                                       "(or auto)")
         if not flex_attention_supported(model):
-            raise AttentionChoiceError(f"transformers offers no flex attention for the {model.family} decoder; use sdpa "
-                             "(or auto)")
+            raise AttentionChoiceError(f"transformers offers no flex attention for the {model.family} decoder; use "
+                                       "sdpa (or auto)")
     if choice == FLEX_ATTENTION or (choice == "auto" and flex_attention_preferred(model, device)):
         decoder_of(model).set_attn_implementation(FLEX_ATTENTION)
     return model.config.get_text_config()._attn_implementation
