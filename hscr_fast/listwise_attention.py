@@ -102,7 +102,8 @@ def apply_attention_choice(model, choice: str, device) -> str:
     """Puts the decoder on flex attention for `choice` "flex_attention", and for "auto" on CUDA where transformers
     offers it for this decoder; any other choice was applied at loading. Returns the decoder's implementation."""
     if choice not in ATTENTION_CHOICES:
-        raise AttentionChoiceError(f"attention implementation {choice!r}: choose one of {', '.join(ATTENTION_CHOICES)}")
+        raise AttentionChoiceError(f"attention implementation {choice!r}: choose one of "
+                                   f"{', '.join(ATTENTION_CHOICES)}")
     if choice == FLEX_ATTENTION:
         if torch.device(device).type == "cpu":
             raise AttentionChoiceError("flex_attention has no backward on CPU in torch; train on CPU with sdpa "
