@@ -180,14 +180,52 @@ def test_rerun_of_finished_output_changes_nothing_and_other_args_are_refused(ref
     assert paths.skipped.read_bytes() == reference.skipped.read_bytes()
     assert json.loads(paths.summary.read_text())["processed_this_run"] == 0
     assert generate.main(argv(tiny_model_dir, dataset, out, "--beta", "0.5")) == 2
-    assert re.search("different arguments", capsys.readouterr().err)
+    assert re.search("other settings: beta 0.9 then, 0.5 now", capsys.readouterr().err)
     # the rule, the threshold and the perturbation are part of the fingerprint; naming the defaults changes nothing
     assert generate.main(argv(tiny_model_dir, dataset, out, "--replacement", "pdiff-ascending-cut",
                               "--perturbation", "visual-token", "--min-sensitivity", "0")) == 0
     assert out.read_bytes() == reference.out.read_bytes()
     for flags in (["--replacement", "deprived-contrast"], ["--literal-top-n"], ["--perturbation", "patch"]):
         assert generate.main(argv(tiny_model_dir, dataset, out, *flags)) == 2
-        assert re.search("different arguments", capsys.readouterr().err)
+        assert re.search("other settings: ", capsys.readouterr().err)
+
+
+def test_resume_refuses_other_settings_or_edited_records_and_names_them(tmp_path, tiny_model_dir, dataset,
+                                                                       cached_similarity, capsys):
+    """A rerun into the same --out with another image folder, batch size or an edited input record would mix two
+    runs' results in one file: refused before the model loads, naming what differs, with nothing changed. More
+    samples (--num-samples) are new work, not a conflict."""
+    import shutil
+
+    data = tmp_path / "sft.json"
+    wanted = {f"g{index}" for index in range(6)}
+    entries = json.loads(json.dumps([entry for entry in dataset["entries"] if entry["id"] in wanted][:6]))
+    data.write_text(json.dumps(entries))
+    out = tmp_path / "prefs.jsonl"
+    base = ["--model", str(tiny_model_dir), "--data", str(data), "--image-folder", str(dataset["images"]),
+            "--out", str(out), "--batch-size", "4", "--max-length", str(dataset["max_length"])]
+    assert generate.main([*base, "--num-samples", "4"]) == 0
+    paths = pipeline.OutputPaths(out)
+    before = {path: path.read_bytes() for path in (paths.out, paths.skipped, paths.settings)}
+
+    copied = shutil.copytree(dataset["images"], tmp_path / "other-images")
+    refusals = [(["--image-folder", str(copied)], r"image_folder '.*images' then, '.*other-images' now"),
+                (["--batch-size", "2"], "batch_size 4 then, 2 now")]
+    for flags, named in refusals:
+        assert generate.main([*base, "--num-samples", "4", *flags]) == 2
+        error = capsys.readouterr().err
+        assert re.search(f"{out} was made with other settings: {named}", error), error
+    entries[2]["conversations"][1]["value"] = "an edited answer"
+    data.write_text(json.dumps(entries))
+    assert generate.main([*base, "--num-samples", "4"]) == 2
+    assert re.search(r"1 input record\(s\) changed since they were processed \('g2'\)", capsys.readouterr().err)
+    assert {path: path.read_bytes() for path in before} == before
+
+    entries[2] = dataset["entries"][2]
+    data.write_text(json.dumps(entries))
+    assert generate.main([*base, "--num-samples", "6"]) == 0  # two more samples: resumed, not refused
+    summary = json.loads(paths.summary.read_text())
+    assert summary["processed_this_run"] == 2 and summary["selected"] == 6
 
 
 def test_sequential_mode_show_and_num_samples(tmp_path, tiny_model_dir, dataset, cached_similarity, capsys):

@@ -21,10 +21,11 @@ Resuming. Records are appended and flushed one by one; a re-run with the same ar
 (written or skipped), drops a torn last line, and computes only what is missing. Batches are fixed slices of the input
 (batch b = selected samples [b·B, (b+1)·B)); a batch with any missing sample is recomputed whole and only the missing
 lines are written, so every sample is always computed in the same batch and a resumed file is byte-identical to an
-uninterrupted one. Arguments that change a record's content are hashed into `args_fingerprint`; resuming a file made
-with other arguments is refused. A sample skipped at the generate stage counts as finished: to retry it (say, after
-restoring its image), delete its line from the skip file. --batch-size changes which samples share a batch, hence
-the last bits of the numbers: resume with the batch size you started with.
+uninterrupted one. The settings that decide a record's content (the method's arguments, model, data file, image folder
+and batch size, which changes the last bits of the numbers) go into `prefs.settings.json` with a content hash of each
+selected input record, and their hash onto every line (`args_fingerprint`); a rerun with another setting or an edited
+record is refused, naming what differs. A sample skipped at the generate stage counts as finished: to retry it (say,
+after restoring its image), delete its line from the skip file.
 
 Several processes (torchrun, WORLD_SIZE > 1; gloo on CPU, nccl on GPU): batch b goes to rank b % world (sharding by
 batch rather than by sample keeps every batch's composition, hence every number, independent of the world size).
@@ -55,6 +56,7 @@ from hscr_fast.runtime.io import (
     fingerprint_of,
     refuse_outputs_over_inputs,
 )
+from hscr_fast.runtime.resume import check_same_settings, content_hash, record_settings
 
 FINGERPRINT_ARGS = ("seed", "perturbation", "drop_ratio", "dropout_mode", "sensitivity", "min_sensitivity", "beta",
                     "top_n", "alpha", "replacement", "num_alternatives",
@@ -102,11 +104,14 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def args_fingerprint(args, model_dir, data_path) -> str:
-    """16 hex digits identifying everything that decides a record's content (not batch size, device or --out)."""
+def output_settings(args, model_dir, data_path, image_folder) -> dict:
+    """Everything that decides a record's content: the method's arguments, the model, the data file, the image
+    folder, and the batch size (which samples share a batch changes the last bits of their numbers). Not the device,
+    --num-samples or --out."""
     values = {name: getattr(args, name) for name in FINGERPRINT_ARGS}
-    values.update(model=str(Path(model_dir).resolve()), data=str(Path(data_path).resolve()))
-    return fingerprint_of(values)
+    values.update(model=str(Path(model_dir).resolve()), data=str(Path(data_path).resolve()),
+                  image_folder=str(Path(image_folder).resolve()), batch_size=args.batch_size)
+    return values
 
 
 def finished_ids(paths: OutputPaths, fingerprint: str) -> set[str]:
@@ -361,9 +366,16 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
     refuse_outputs_over_inputs({"--out": paths.out, "the skip file of --out": paths.skipped,
                                 "the summary of --out": paths.summary},
                                {"--data": data_path, "--image-folder": image_folder, "--model": model_dir})
-    fingerprint = args_fingerprint(args, model_dir, data_path)
+    # Resuming: the settings file names any setting or input record that differs from the run that made OUT; the
+    # lines' fingerprint covers outputs from before that file existed.
+    settings = output_settings(args, model_dir, data_path, image_folder)
+    record_hashes = {record.id: content_hash(record.to_llava_med()) for record in selected}
+    check_same_settings(paths.settings, paths.out, settings, record_hashes)
+    fingerprint = fingerprint_of(settings)
     done = finished_ids(paths, fingerprint)
-    group.barrier()  # every rank has read the finished ids before any rank appends
+    if group.rank == 0:
+        record_settings(paths.settings, settings, record_hashes)
+    group.barrier()  # every rank has read the finished ids (and the settings are recorded) before any rank appends
 
     batches = [batch for number, batch in enumerate(batches_of(selected, args.batch_size))
                if number % group.world == group.rank and any(record.id not in done for record in batch)]

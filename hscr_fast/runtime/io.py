@@ -316,7 +316,7 @@ def _fsync_file(path: Path) -> None:
 @dataclass(frozen=True)
 class OutputFiles:
     """A resumable command's files for `--out OUT.jsonl`: the records, `OUT.skipped.jsonl` (what was left out and
-    why) and `OUT.summary.json`."""
+    why), `OUT.settings.json` (what a resumed run must match) and `OUT.summary.json`."""
 
     out: Path
 
@@ -327,6 +327,11 @@ class OutputFiles:
     @property
     def skipped(self) -> Path:
         return self.stem.with_name(self.stem.name + ".skipped.jsonl")
+
+    @property
+    def settings(self) -> Path:
+        """What a rerun must match to resume (`hscr_fast.runtime.resume`)."""
+        return self.stem.with_name(self.stem.name + ".settings.json")
 
     @property
     def summary(self) -> Path:
