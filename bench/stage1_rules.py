@@ -42,6 +42,8 @@ CONFIGURATIONS = {
     "deprived-contrast, sequential": ["--replacement", "deprived-contrast", "--mode", "sequential"],
     "deprived-contrast-uncut": ["--replacement", "deprived-contrast-uncut"],
     "deprived-contrast-uncut, sequential": ["--replacement", "deprived-contrast-uncut", "--mode", "sequential"],
+    "deprived-contrast-uncut, no alternatives": ["--replacement", "deprived-contrast-uncut", "--num-alternatives",
+                                                 "0"],
 }
 
 
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=list(CONFIGURATIONS), help="run these configurations")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--readme", action="store_true", help="only rewrite the README table from --out")
+    parser.add_argument("--merge", action="store_true",
+                        help="add the configurations run now to those already in --out (same world and sample count)")
     args = parser.parse_args(argv)
     if args.readme:
         write_readme_table(json.loads(args.out.read_text()))
@@ -188,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
                                "explicit_pairs", "implicit_pairs", "seconds")}), file=sys.stderr, flush=True)
     result = {"world": {"fingerprint": world.fingerprint, "version": WORLD_VERSION}, "num_samples": args.num_samples,
               "date": time.strftime("%Y-%m-%d"), "cpu_threads": os.cpu_count(), "configurations": configurations}
+    if args.merge and args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        if (earlier["world"], earlier["num_samples"]) != (result["world"], result["num_samples"]):
+            raise SystemExit(f"{args.out}: measured on another world or sample count; run without --merge")
+        result["configurations"] = {**earlier["configurations"], **configurations}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))

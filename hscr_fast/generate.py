@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage1.add_argument("--literal-top-n", action="store_true",
                         help="take the top-n tokens by s_t whatever its sign (the paper's wording, read literally)")
     stage1.add_argument("--alpha", type=float, default=0.1, help="plausibility cut p_full >= alpha * max p_full")
-    stage1.add_argument("--replacement", choices=REPLACEMENT_RULES, default="pdiff-ascending-cut",
+    stage1.add_argument("--replacement", choices=REPLACEMENT_RULES, default="deprived-contrast-uncut",
                         help="replacement rule: pdiff-ascending = lowest P_diff among the image-deprived top "
                              "--num-candidates and the tokens plausible with the image; pdiff-ascending-cut = the same "
                              "with deprived-side tokens also plausible without the image; deprived-contrast = highest "

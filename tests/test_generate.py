@@ -129,7 +129,7 @@ def test_records_ladders_and_skips_lose_nothing(reference_run, dataset):
     assert summary["skipped"] == expected_counts
     assert summary["mean_k"] == pytest.approx(np.mean([line["k"] for line in written]))
     assert summary["samples_per_s"] > 0
-    assert summary["args"]["replacement"] == "pdiff-ascending-cut" and summary["args"]["min_sensitivity"] == 0.0
+    assert summary["args"]["replacement"] == "deprived-contrast-uncut" and summary["args"]["min_sensitivity"] == 0.0
     # what the lists are: pairs for each MLPO term, and who was skipped, by answer kind
     ks = [line["k"] for line in written]
     assert summary["explicit_pairs"] == sum(ks) and summary["implicit_pairs"] == sum(k * (k - 1) // 2 for k in ks)
@@ -182,7 +182,7 @@ def test_rerun_of_finished_output_changes_nothing_and_other_args_are_refused(ref
     assert generate.main(argv(tiny_model_dir, dataset, out, "--beta", "0.5")) == 2
     assert re.search("other settings: beta 0.9 then, 0.5 now", capsys.readouterr().err)
     # the rule, the threshold and the perturbation are part of the fingerprint; naming the defaults changes nothing
-    assert generate.main(argv(tiny_model_dir, dataset, out, "--replacement", "pdiff-ascending-cut",
+    assert generate.main(argv(tiny_model_dir, dataset, out, "--replacement", "deprived-contrast-uncut",
                               "--perturbation", "visual-token", "--min-sensitivity", "0")) == 0
     assert out.read_bytes() == reference.out.read_bytes()
     for flags in (["--replacement", "deprived-contrast"], ["--literal-top-n"], ["--perturbation", "patch"]):
@@ -326,7 +326,7 @@ def test_stage1_flags_reach_the_config_and_the_kernel(tiny_vlm, cached_similarit
 
     monkeypatch.setattr(kernel_module, "contrastive_select_from_hidden", recording_kernel)
     record = VQARecord(id="g0", image="g0.png", question=QA[1][0], answer=QA[1][1])
-    for flags, expected in (([], ("pdiff", None, 0.0)),
+    for flags, expected in (([], ("deprived", 0.0, 0.0)),
                             (["--replacement", "pdiff-ascending", "--min-sensitivity", "0.3"], ("pdiff", 0.0, 0.3)),
                             (["--replacement", "deprived-contrast", "--literal-top-n"], ("deprived", None, None))):
         args = generate.build_parser().parse_args(flags)

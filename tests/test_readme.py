@@ -77,3 +77,17 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci_lines = (README.parent / ".ci" / "run").read_text().strip().splitlines()
     assert "ruff check ." in command and "pytest" in command
     assert ci_lines[-1].strip() == command
+
+
+def test_the_stage1_table_is_the_committed_measurement():
+    """The README's stage-1 table is generated from bench/results/stage1-rules.json, never typed."""
+    import importlib.util
+    import json
+
+    root = README.parent
+    spec = importlib.util.spec_from_file_location("stage1_rules", root / "bench" / "stage1_rules.py")
+    stage1_rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage1_rules)
+    result = json.loads((root / "bench" / "results" / "stage1-rules.json").read_text())
+    block = README.read_text().split(stage1_rules.TABLE_BEGIN, 1)[1].split(stage1_rules.TABLE_END, 1)[0]
+    assert block.strip() == stage1_rules.table(result).strip()

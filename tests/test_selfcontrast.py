@@ -204,6 +204,7 @@ def test_sequential_mode_rescores_after_each_replacement(tiny_vlm, images):
             replacement = reference_replacement(logits_full[position], logits_drop[position], current[position],
                                                 beta=config.beta, alpha=config.alpha,
                                                 num_candidates=config.num_candidates,
+                                                replacement=config.replacement,
                                                 excluded=tiny_vlm.tokenizer.all_special_ids)
             expected.append((position, replacement))
             current[position] = replacement
@@ -274,7 +275,9 @@ def test_closed_yes_answer_turns_into_no(tiny_llava, images):
     logits_full = reference_logits(vlm, "Is there a lesion in the left lung?", sample.answer_ids, images[0])
     dropout = contrast.dropout_for("closed", vlm.num_visual_tokens)
     logits_drop = reference_logits(vlm, "Is there a lesion in the left lung?", sample.answer_ids, images[0], dropout)
-    assert reference_replacement(logits_full[0], logits_drop[0], yes, beta=0.9, alpha=0.1, num_candidates=8) == no
+    for rule in ("pdiff-ascending-cut", "deprived-contrast-uncut"):
+        assert reference_replacement(logits_full[0], logits_drop[0], yes, beta=0.9, alpha=0.1, num_candidates=8,
+                                     replacement=rule) == no
 
 
 def test_confident_model_replacements_obey_candidate_rule(tiny_llava, images):
@@ -377,7 +380,8 @@ def test_short_answers_get_next_best_single_swaps(tiny_vlm, images):
             for alternative in token.alternative_ids:
                 expected = reference_replacement(logits_full[token.position], logits_drop[token.position],
                                                  token.token_id, beta=config.beta, alpha=config.alpha,
-                                                 num_candidates=config.num_candidates, excluded=[*special, *taken])
+                                                 num_candidates=config.num_candidates, excluded=[*special, *taken],
+                                                 replacement=config.replacement)
                 assert alternative == expected, (sid, token)
                 taken.append(alternative)
                 checked += 1

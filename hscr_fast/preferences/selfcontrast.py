@@ -83,7 +83,7 @@ class SelfContrastConfig:
     beta: float = 0.9
     top_n: int = 10
     alpha: float = 0.1
-    replacement: str = "pdiff-ascending-cut"
+    replacement: str = "deprived-contrast-uncut"  # measured: docs/method.md
     num_candidates: int = 8
     num_variants: int = 5
     num_alternatives: int = 2  # next-best replacements per sensitive position when cumulative variants run short
