@@ -31,7 +31,14 @@ def throwaway_home():
     yield TEST_HOME
     shutil.rmtree(TEST_HOME, ignore_errors=True)
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Each pytest-xdist worker gets its share of the cores (the README's test command runs one worker per core): two
+# workers of two OpenMP threads each on a 2-core machine spin-wait for each other. Subprocesses (torchrun, the
+# commands) inherit the same share through OMP_NUM_THREADS.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+CPU_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(CPU_THREADS))
+torch.set_num_threads(CPU_THREADS)
 
 
 def shared_data_dir() -> Path | None:
