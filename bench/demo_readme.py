@@ -33,13 +33,13 @@ def _latest(pattern: str) -> Path | None:
     return files[-1] if files else None
 
 
-def record(demo_report: Path, world: Path, out: Path = RESULTS) -> Path:
+def record(demo_report: Path, world: Path, out: Path = RESULTS, commit: str | None = None) -> Path:
     sys.path.insert(0, str(ROOT))
     from hscr_fast.demo.ablations import _commit, _versions
 
     manifest = json.loads((world / "world.json").read_text())
     summary_path = demo_report.parent / "preferences.summary.json"
-    result = {"date": datetime.date.today().isoformat(), "commit": _commit(), "versions": _versions(),
+    result = {"date": datetime.date.today().isoformat(), "commit": commit or _commit(), "versions": _versions(),
               "world": {"fingerprint": manifest["fingerprint"], "preset": manifest["preset"],
                         "sft_report": manifest["sft_report"]},
               "demo_report": json.loads(demo_report.read_text()),
@@ -64,6 +64,15 @@ def demo_block(demo: dict, demo_name: str) -> list[str]:
             m = conditions[key]
             lines.append(f"| {split} | {label} | {_pct(m['closed_accuracy'])} | {_pct(m['open_recall'])} | "
                          f"{_pct(m.get('report_hallucination_rate'))} |")
+    agreeing = splits["prior-agreeing"]["with_visual_tokens"]
+    conflicting = splits["prior-conflicting"]["with_visual_tokens"]
+    lines += ["", f"What the SFT model gets wrong: with the same scans and questions, a contradicting history raises the "
+                  f"share of its reports that state a lesion the scan does not have from "
+                  f"{_pct(agreeing['report_hallucination_rate'])}% to {_pct(conflicting['report_hallucination_rate'])}% "
+                  f"and lowers its coverage of the true findings from {_pct(agreeing['finding_coverage'])}% to "
+                  f"{_pct(conflicting['finding_coverage'])}%; closed accuracy moves from "
+                  f"{_pct(agreeing['closed_accuracy'])} to {_pct(conflicting['closed_accuracy'])} and open recall from "
+                  f"{_pct(agreeing['open_recall'])} to {_pct(conflicting['open_recall'])}."]
     lists = report["preference_lists"]
     lines += ["", f"Stage 1-2 built {lists['count']} preference lists (k = number of dispreferred responses: "
                   + ", ".join(f"{k}: {n}" for k, n in lists["k_counts"].items())
@@ -137,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     recording = commands.add_parser("record")
     recording.add_argument("--demo-report", type=Path, default=Path("runs/hscr-demo/demo_report.json"))
     recording.add_argument("--world", type=Path, required=True, help="the demo world folder (holds world.json)")
+    recording.add_argument("--commit", help="the commit the run was made with (default: this checkout's HEAD)")
     rendering = commands.add_parser("render")
     rendering.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "record":
-        print(f"wrote {record(args.demo_report, args.world)}")
+        print(f"wrote {record(args.demo_report, args.world, commit=args.commit)}")
         return 0
     text = replaced(README.read_text(), render())
     if args.check:

@@ -177,8 +177,11 @@ class Runner:
 
         folder = self.work / "lists" / f"{row.lists}-{row.perturbation}-{row.drop_ratio:g}-seed{seed}"
         folder.mkdir(parents=True, exist_ok=True)
-        hscr = folder / "preferences.jsonl"
-        if row.lists in ("hscr", "token-level") and not (folder / "preferences.summary.json").is_file():
+        if row.lists == "token-level":  # minimal edits of the very HSCR lists the HSCR row trains on
+            hscr = self.lists(dataclasses.replace(row, lists="hscr"), seed)
+        else:
+            hscr = folder / "preferences.jsonl"
+        if row.lists == "hscr" and not (folder / "preferences.summary.json").is_file():
             argv = ["--model", str(self.world.model_dir), "--data", str(self.world.train_json), "--image-folder",
                     str(self.world.image_folder), "--out", str(hscr), "--num-samples", str(self.settings.num_samples),
                     "--batch-size", "16", "--seed", str(seed), "--drop-ratio", str(row.drop_ratio)]
