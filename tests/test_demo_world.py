@@ -238,3 +238,35 @@ def test_quick_ablations_run_every_selected_row_and_record_the_rest(smoke_world,
     with pytest.raises(FileExistsError, match="--overwrite"):
         main(["--quick", "--rows", "SFT", "--world", str(world.root), "--work", str(tmp_path / "work"),
               "--out", str(tmp_path / "results")])
+
+
+def test_demo_report_json_has_exactly_the_documented_keys(tmp_path):
+    from hscr_fast.demo.pipeline import demo_report_json
+    from hscr_fast.evaluation.report import WITH_VISUAL, WITHOUT_VISUAL
+
+    train = [{"id": "a", "lesions": []}, {"id": "b", "lesions": [{"side": "left"}]}, {"id": "c", "lesions": []}]
+    (tmp_path / "train.json").write_text(json.dumps(train))
+    lists = [{"id": "a", "responses": ["x", "y"]}, {"id": "b", "responses": ["x", "y", "z"]},
+             {"id": "c", "responses": ["x", "y", "z"]}]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lists))
+
+    def metrics(closed, recall, hallucination=None):
+        out = {"closed_accuracy": closed, "open_recall": recall}
+        return out if hallucination is None else {**out, "report_hallucination_rate": hallucination}
+
+    measured = {model: {split: {WITH_VISUAL: metrics(80.0 + offset, 90.0, 5.0), WITHOUT_VISUAL: metrics(60.0, None)}
+                        for offset, split in enumerate(("prior-agreeing", "prior-conflicting"))}
+                for model in ("before", "after")}
+    report = demo_report_json(measured, preferences=tmp_path / "prefs.jsonl", train_json=tmp_path / "train.json")
+    assert set(report) == {"preference_lists", "prior_conflicting_split", "results"}
+    assert report["preference_lists"] == {"count": 3, "k_counts": {"1": 1, "2": 2}, "normal_scan_lists": 2}
+    assert report["prior_conflicting_split"] == "prior-conflicting"
+    assert len(report["results"]) == 8
+    for row in report["results"]:
+        assert set(row) == {"model", "split", "visual_tokens", "closed_accuracy", "open_recall", "hallucination_rate"}
+    first = report["results"][:4]
+    assert [(r["model"], r["split"], r["visual_tokens"]) for r in first] == [
+        ("before", "prior-agreeing", True), ("before", "prior-agreeing", False),
+        ("before", "prior-conflicting", True), ("before", "prior-conflicting", False)]
+    assert first[2]["closed_accuracy"] == 81.0 and first[0]["hallucination_rate"] == 5.0
+    assert first[1]["open_recall"] is None and first[1]["hallucination_rate"] is None  # null where not applicable
