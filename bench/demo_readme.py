@@ -66,9 +66,10 @@ def demo_block(demo: dict, demo_name: str) -> list[str]:
                          f"{_pct(m.get('report_hallucination_rate'))} |")
     agreeing = splits["prior-agreeing"]["with_visual_tokens"]
     conflicting = splits["prior-conflicting"]["with_visual_tokens"]
-    lines += ["", f"What the SFT model gets wrong: with the same scans and questions, a contradicting history raises the "
-                  f"share of its reports that state a lesion the scan does not have from "
-                  f"{_pct(agreeing['report_hallucination_rate'])}% to {_pct(conflicting['report_hallucination_rate'])}% "
+    lines += ["", f"What the SFT model gets wrong: with the same scans and questions, a contradicting history raises "
+                  f"the share of its reports that state a lesion the scan does not have from "
+                  f"{_pct(agreeing['report_hallucination_rate'])}% to "
+                  f"{_pct(conflicting['report_hallucination_rate'])}% "
                   f"and lowers its coverage of the true findings from {_pct(agreeing['finding_coverage'])}% to "
                   f"{_pct(conflicting['finding_coverage'])}%; closed accuracy moves from "
                   f"{_pct(agreeing['closed_accuracy'])} to {_pct(conflicting['closed_accuracy'])} and open recall from "
