@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from hscr_fast.evaluation.run import (
-    DTYPES,
     VISUAL_MODES,
     EvaluationError,
     VisualCondition,
@@ -31,6 +30,7 @@ from hscr_fast.evaluation.run import (
 from hscr_fast.models.vlm import preflight_model
 from hscr_fast.runtime.errors import exit_code_of
 from hscr_fast.runtime.io import check_writable, refuse_outputs_over_inputs
+from hscr_fast.runtime.precision import DTYPE_NAMES
 
 
 def _demo_world():
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
                         help="auto = bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--limit", type=int, help="evaluate only the first N questions of the data")
     parser.add_argument("--visual", default="full", choices=VISUAL_MODES,

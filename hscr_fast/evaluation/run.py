@@ -36,13 +36,13 @@ from hscr_fast.runtime.io import JsonlAppender, atomic_write_json, parse_jsonl_l
 if TYPE_CHECKING:  # only for annotations: the generation code is imported where it runs
     from hscr_fast.evaluation.generation import GenerationPrompt
 from hscr_fast.runtime.errors import HscrError
+from hscr_fast.runtime.precision import resolve_dtype, torch_dtype
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 RUN_FILE = "run.json"
 VISUAL_MODES = ("full", "none")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Settings that change the generated text: a resumed run must match the earlier run on all of them.
 ANSWER_DETERMINING_SETTINGS = ("model", "adapter", "data", "visual", "drop_ratio", "dropout_mode", "seed",
                                "max_new_tokens", "dtype")
@@ -185,11 +185,7 @@ def score_predictions(records: list[VQARecord], predictions: dict[str, tuple[int
 def resolve_device_and_dtype(device: str | None, dtype: str) -> tuple[str, str]:
     """`None` → cuda when available, else cpu; dtype `auto` → bfloat16 on cuda, float32 elsewhere."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if dtype not in DTYPES:
-        raise EvaluationError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-    return device, dtype
+    return device, resolve_dtype(dtype, device)
 
 
 def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *, device: str = "cpu",
@@ -197,7 +193,7 @@ def load_model(model_dir: str | Path, adapter_dir: str | Path | None = None, *, 
     """The checkpoint in `model_dir` as a `VisionLanguageModel`, with the LoRA adapter in `adapter_dir` applied."""
     from hscr_fast.models.vlm import load_vlm
 
-    vlm = load_vlm(model_dir, dtype=DTYPES[dtype], device=device)
+    vlm = load_vlm(model_dir, dtype=torch_dtype(dtype), device=device)
     if adapter_dir is not None:
         apply_adapter(vlm, adapter_dir, model_dir)
     return vlm

@@ -56,6 +56,7 @@ from hscr_fast.runtime.io import (
     fingerprint_of,
     refuse_outputs_over_inputs,
 )
+from hscr_fast.runtime.precision import resolve_dtype
 from hscr_fast.runtime.resume import check_same_settings, content_hash, record_settings
 
 FINGERPRINT_ARGS = ("seed", "perturbation", "drop_ratio", "dropout_mode", "sensitivity", "min_sensitivity", "beta",
@@ -355,8 +356,7 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
     from hscr_fast.preferences.rerank import SentenceSimilarity
 
     refuse_unexpressible_perturbation(args.perturbation, model_dir)
-    if args.dtype == "auto":
-        args.dtype = "bfloat16" if group.device.type == "cuda" else "float32"
+    args.dtype = resolve_dtype(args.dtype, group.device)  # the effective value goes into the fingerprint
     if args.literal_top_n:  # one name for the rule in the fingerprint and the summary's args
         args.min_sensitivity = None
     records, input_skips = load_llava_med_json(data_path, on_error="skip")

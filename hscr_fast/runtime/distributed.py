@@ -29,15 +29,26 @@ def init_distributed(use_deepspeed: bool) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 or use_deepspeed:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if use_deepspeed:
-            import deepspeed
-
-            deepspeed.init_distributed(dist_backend=backend)
-        elif not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend=backend)
+        join_process_group(device, use_deepspeed=use_deepspeed)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     return rank, world_size, device
+
+
+def join_process_group(device: torch.device, *, use_deepspeed: bool = False) -> bool:
+    """The one way every command starts the process group: nccl on CUDA, gloo on CPU; through DeepSpeed when it runs
+    the training. A group a caller already started (the demo pipeline runs generate inside train's) is joined, not
+    started again. Returns whether this call started it (its owner destroys it)."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if use_deepspeed:
+        import deepspeed
+
+        started = not torch.distributed.is_initialized()
+        deepspeed.init_distributed(dist_backend=backend)
+        return started
+    if torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group(backend=backend)
+    return True
 
 
 
@@ -46,8 +57,6 @@ class ProcessGroup:
     """torchrun's ranks (WORLD_SIZE > 1), or a single process where every collective is a no-op."""
 
     def __init__(self, device_request: str):
-        import torch
-
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -61,12 +70,8 @@ class ProcessGroup:
         self._dist = None
         self._owns_group = False
         if self.world > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():  # a caller (e.g. the demo pipeline) may have set one up already
-                dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-                self._owns_group = True
-            self._dist = dist
+            self._owns_group = join_process_group(self.device)
+            self._dist = torch.distributed
 
     def barrier(self) -> None:
         if self._dist is not None:

@@ -17,6 +17,7 @@ import torch
 
 from hscr_fast.runtime.distributed import init_distributed
 from hscr_fast.runtime.errors import HscrError, TrainingDiverged
+from hscr_fast.runtime.precision import resolve_dtype, torch_dtype
 from hscr_fast.training.config import TrainConfig
 
 LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
@@ -117,8 +118,7 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         preflight_model(config.model)
     check_writable(config.out, "--out", folder=True)
-    dtype = (torch.bfloat16 if torch.cuda.is_available() else torch.float32) if config.dtype == "auto" \
-        else getattr(torch, config.dtype)
+    dtype = torch_dtype(resolve_dtype(config.dtype, "cuda" if torch.cuda.is_available() else "cpu"))
     ds_config = resolve_deepspeed_config(
         config.deepspeed, micro_batch=config.per_device_batch_size, accumulation=config.gradient_accumulation_steps,
         max_grad_norm=config.max_grad_norm, bf16=dtype == torch.bfloat16,
