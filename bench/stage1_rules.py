@@ -44,6 +44,10 @@ CONFIGURATIONS = {
     "deprived-contrast-uncut, sequential": ["--replacement", "deprived-contrast-uncut", "--mode", "sequential"],
     "deprived-contrast-uncut, no alternatives": ["--replacement", "deprived-contrast-uncut", "--num-alternatives",
                                                  "0"],
+    # the paper's other perturbations (Table 5) under the default rule
+    "deprived-contrast-uncut, pixel-level": ["--replacement", "deprived-contrast-uncut", "--perturbation", "pixel"],
+    "deprived-contrast-uncut, patch-level": ["--replacement", "deprived-contrast-uncut", "--perturbation", "patch"],
+    "deprived-contrast-uncut, latent-level": ["--replacement", "deprived-contrast-uncut", "--perturbation", "latent"],
 }
 
 
