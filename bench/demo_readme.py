@@ -113,6 +113,8 @@ def ablation_block(ablations: dict, name: str) -> list[str]:
         lines.append(f"| {row['name']} | {row['table']} | {lr} | {_stat(test['prior-conflicting']['primary'])} | "
                      f"{_stat(test['prior-agreeing']['primary'])} | "
                      f"{_stat(test['prior-conflicting']['hallucination_rate'])} |")
+    if ablations.get("note"):
+        lines += ["", f"Note: {ablations['note']}"]
     missing = [row for row in ablations["rows"] if row["status"] != "run"]
     if missing:
         lines += ["", "Not in this run: " + "; ".join(f"{row['name']} ({row['status']}: {row['reason']})"

@@ -352,6 +352,8 @@ def ablations_markdown(result: dict[str, Any]) -> str:
               "finding."), "",
              ("| row | paper table | lr | conflicting: primary | agreeing: primary | conflicting: hallucination | "
               "agreeing: hallucination |"), "|---|---|---:|---:|---:|---:|---:|"]
+    if result.get("note"):
+        lines[1:1] = ["", f"Note: {result['note']}"]
     for row in result["rows"]:
         if row["status"] != "run":
             lines.append(f"| {row['name']} | {row['table']} | – | {row['status']}: {row['reason']} | | | |")
@@ -421,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", help="demo world folder (default: $HSCR_DEMO_DIR or the cache; --quick: a smoke "
                                         "world under --work)")
     parser.add_argument("--overwrite", action="store_true", help="replace result files of the same date")
+    parser.add_argument("--note", help="a sentence stored in the result file and shown under its table, e.g. which "
+                                       "code version made artifacts reused from --work")
     args = parser.parse_args(argv)
     settings = dataclasses.replace(QUICK if args.quick else Settings())
     if args.seeds:
@@ -439,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     # The quick run's smoke world never goes to $HSCR_DEMO_DIR, which holds the full world.
     world = Path(args.world) if args.world else (work / "world" if args.quick else None)
     result = run_ablations(rows, settings, work=work, world_root=world)
+    if args.note:
+        result["note"] = args.note
     for path in write_results(result, Path(args.out), overwrite=args.overwrite):
         print(f"wrote {path}")
     print(ablations_markdown(result))
