@@ -20,6 +20,10 @@ os.environ.update(HOME=str(TEST_HOME), XDG_CACHE_HOME=str(TEST_HOME / ".cache"),
                   XDG_CONFIG_HOME=str(TEST_HOME / ".config"), HF_HOME=str(TEST_HOME / ".cache" / "huggingface"),
                   HSCR_DEMO_DIR=str(TEST_HOME / "hscr-demo"), TRITON_CACHE_DIR=str(TEST_HOME / ".triton"),
                   TORCHINDUCTOR_CACHE_DIR=str(TEST_HOME / "torchinductor"), MPLCONFIGDIR=str(TEST_HOME / ".mpl"))
+# DeepSpeed compiles a C++ op (shared-memory collectives) the first time a CPU process group starts: minutes on a
+# loaded 2-core machine. Built once per machine into the system's temporary folder, not once per session (and never
+# into ~/.cache).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / "hscr-tests-torch-extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
