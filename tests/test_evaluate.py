@@ -62,8 +62,10 @@ def _predictions(out):
 
 
 def _scores(out):
+    """A run's scores, without what only a generating run records: its settings and the images it could not read."""
     metrics = json.loads((out / "metrics.json").read_text())
     metrics.pop("run")
+    metrics.pop("skipped_unreadable_images", None)
     return metrics
 
 
