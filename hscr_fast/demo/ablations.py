@@ -214,6 +214,8 @@ class Runner:
         config = TrainConfig(model=str(self.world.model_dir), preferences=str(self.lists(row, seed)),
                              image_folder=str(self.world.image_folder), out=str(out), seed=seed,
                              learning_rate=learning_rate, overwrite=True,  # only an unfinished run of this row is there
+                             # MMedPO's corrupted images are written beside the run, outside the world's image folder
+                             allow_images_outside_folder=row.lists == "mmedpo",
                              **{**TRAINING, "epochs": self.settings.epochs}, **overrides)
         return train(config).adapter_dir
 

@@ -95,6 +95,7 @@ def run_method(method: str, out_root: Path, *, learning_rate: float) -> Path:
         config.preferences = str(with_lesion_weights(image_dispreference_records(world, out, mode="replace"),
                                                      out / "mmedpo.jsonl"))
         config.loss = "weighted-dpo"
+        config.allow_images_outside_folder = True  # the corrupted images live beside the run, not in the world
     else:
         config.preferences = str(token_level_records(world, out))
         config.loss = "dpo"
