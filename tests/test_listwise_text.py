@@ -106,3 +106,23 @@ def test_as_listwise_model_refuses_what_it_cannot_run():
 def test_an_empty_prompt_is_refused():
     with pytest.raises(ValueError, match="at least one token"):
         ListwiseExample([], [[1, 2]])
+
+
+def test_eager_attention_gets_the_listwise_mask_as_scores_to_add(tiny_text_lm):
+    """Eager attention adds its mask to the scores: the wrapper turns the listwise boolean mask into -inf/0 for it, so
+    log-probs under eager equal transformers' own forward of each prompt + response (a boolean mask passed as it is
+    would be added as 0/1)."""
+    _, model, tokenizer = tiny_text_lm
+    lm = CausalLanguageModel(model, tokenizer)
+    examples = [text_example(tokenizer, prompt, answers) for prompt, answers in zip(PROMPTS, ANSWERS)]
+    batch = pack_examples(model.get_input_embeddings(), examples)
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            packed = listwise_logprobs(lm, batch)
+            reference = transformers_logps(model, [list(e.prompt.before_image) + list(e.prompt.after_image)
+                                                   for e in examples], [e.responses for e in examples])
+    finally:
+        model.set_attn_implementation(before)
+    torch.testing.assert_close(packed * batch.valid, reference * batch.valid, rtol=1e-5, atol=1e-4)

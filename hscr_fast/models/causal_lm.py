@@ -14,7 +14,6 @@ as it is; `text_example(tokenizer, prompt, responses)` tokenises one ranked list
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,10 @@ import torch
 from hscr_fast.models.prompting import (
     TEXT_PROMPT_FORMATS,
     PromptTokens,
-    answer_separator,
     format_text_prompt,
-    tokenize_answer,
-    tokenize_marked_answer,
     tokenize_text_prompt,
 )
+from hscr_fast.models.wrapper import ModelWrapper, mask_for_attention, unwrapped
 from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.io import read_json_file
 
@@ -65,7 +62,7 @@ class TextModelOptions:
         (Path(model_dir) / SIDECAR_NAME).write_text(json.dumps(self.__dict__, indent=2) + "\n")
 
 
-class CausalLanguageModel:
+class CausalLanguageModel(ModelWrapper):
     def __init__(self, model, tokenizer=None, options: TextModelOptions | None = None):
         self.model = model
         self.tokenizer = tokenizer
@@ -73,13 +70,12 @@ class CausalLanguageModel:
         self.options = options or TextModelOptions()
         if self.options.prompt_format is None and tokenizer is not None:
             self.options.prompt_format = "chat-template" if getattr(tokenizer, "chat_template", None) else "plain"
-        self._answer_separator: str | None = None
 
     # -- the underlying modules (looked up on every call, so peft's in-place edits are seen) -----------------------
     @property
     def base_model(self):
         """The `...ForCausalLM` module, also when wrapped by peft."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrapped(self.model)
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -90,32 +86,12 @@ class CausalLanguageModel:
         return self.base_model.config
 
     @property
-    def device(self) -> torch.device:
-        return self.lm_head_weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head_weight.dtype
-
-    @property
     def family(self) -> str:
         return self.config.model_type
 
-    # -- text -------------------------------------------------------------------------------------------------------
-    def prompt_tokens(self, prompt: str) -> PromptTokens:
-        if self.tokenizer is None:
-            raise TypeError("this CausalLanguageModel was built without a tokenizer; pass one to tokenise text")
-        if self._answer_separator is None:
-            self._answer_separator = answer_separator(self.tokenizer, self.options.prompt_format)
+    def _tokenize_prompt(self, prompt: str) -> PromptTokens:
         text = format_text_prompt(prompt, self.tokenizer, self.options.prompt_format)
-        return tokenize_text_prompt(self.tokenizer, text, self._answer_separator)
-
-    def answer_tokens(self, prompt: PromptTokens, answer: str) -> list[int]:
-        """Answer tokens (EOS included) exactly as the model would generate them after `prompt`."""
-        return tokenize_answer(self.tokenizer, prompt, answer)
-
-    def marked_answer_tokens(self, prompt: PromptTokens, answer: str) -> tuple[list[int], list[bool]]:
-        return tokenize_marked_answer(self.tokenizer, prompt, answer)
+        return tokenize_text_prompt(self.tokenizer, text, self.answer_separator)
 
     # -- the pieces of the listwise forward -------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -125,24 +101,10 @@ class CausalLanguageModel:
                               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states [B, L, D] (after the decoder's last norm); a 4D bool mask (True = attend) goes to the
         attention kernel as it is, which is how the listwise forward gives each response its own view."""
-        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
-                and attention_mask.dtype == torch.bool and self.config._attn_implementation == "eager"):
-            # eager attention adds the mask to the scores
-            attention_mask = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype,
-                                         device=attention_mask.device).masked_fill(
-                ~attention_mask, torch.finfo(inputs_embeds.dtype).min)
+        attention_mask = mask_for_attention(attention_mask, inputs_embeds.dtype, self.config._attn_implementation)
         outputs = self.base_model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                                 position_ids=position_ids, use_cache=False, return_dict=True)
         return outputs.last_hidden_state
-
-    @contextlib.contextmanager
-    def adapter_disabled(self):
-        """The reference model: the base model with every LoRA adapter switched off (a no-op without peft)."""
-        if hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield
-        else:
-            yield
 
 
 def as_listwise_model(model):
@@ -150,7 +112,7 @@ def as_listwise_model(model):
     `CausalLanguageModel` around it when it is a transformers causal LM (peft-wrapped or not)."""
     if hasattr(model, "decoder_hidden_states") and hasattr(model, "lm_head_weight"):
         return model
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped(model)
     if hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings") \
             and base.get_output_embeddings() is not None:
         return CausalLanguageModel(model)

@@ -24,7 +24,6 @@ place, so the same wrapper keeps working on the adapted model (`adapter_disabled
 """
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +35,10 @@ from hscr_fast.models.prompting import (
     IMAGE_PLACEHOLDER,
     PROMPT_FORMATS,
     PromptTokens,
-    answer_separator,
     format_prompt,
-    tokenize_answer,
-    tokenize_marked_answer,
     tokenize_prompt,
 )
+from hscr_fast.models.wrapper import ModelWrapper, mask_for_attention, unwrapped
 from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.io import read_json_file
 
@@ -228,7 +225,7 @@ class TextAndImageProcessor:
         self.image_processor.save_pretrained(directory)
 
 
-class VisionLanguageModel:
+class VisionLanguageModel(ModelWrapper):
     def __init__(self, model, processor, options: ModelOptions | None = None):
         self.model = model
         self.processor = processor
@@ -239,13 +236,12 @@ class VisionLanguageModel:
             self.options.image_aspect_ratio = "pad" if self.family == "llava" else "crop"
         if self.options.prompt_format is None:
             self.options.prompt_format = "chat-template" if self.uses_mrope else "llava-med"
-        self._answer_separator: str | None = None  # read off the prompt format on first use
 
     # -- the underlying modules (looked up on every call, so peft's in-place edits are seen) -----------------------
     @property
     def llava(self):
         """The `...ForConditionalGeneration` module, also when wrapped by peft."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrapped(self.model)
 
     @property
     def language_model(self):
@@ -258,14 +254,6 @@ class VisionLanguageModel:
     @property
     def config(self):
         return self.llava.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head_weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head_weight.dtype
 
     @property
     def hidden_size(self) -> int:
@@ -298,21 +286,11 @@ class VisionLanguageModel:
         return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
 
     # -- text -------------------------------------------------------------------------------------------------------
-    def prompt_tokens(self, question: str) -> PromptTokens:
-        """The question in this checkpoint's prompt format, tokenised around its image placeholder."""
-        if self._answer_separator is None:
-            self._answer_separator = answer_separator(self.tokenizer, self.options.prompt_format)
+    def _tokenize_prompt(self, question: str) -> PromptTokens:
+        """The question around its image placeholder, in the family's image markup."""
         text = format_prompt(question, self.tokenizer, self.options.prompt_format,
                              image_markup=IMAGE_MARKUP.get(self.family, IMAGE_PLACEHOLDER + "\n"))
-        return tokenize_prompt(self.tokenizer, text, self._answer_separator)
-
-    def answer_tokens(self, prompt: PromptTokens, answer: str) -> list[int]:
-        """Answer tokens (EOS included) exactly as the model would generate them after `prompt`."""
-        return tokenize_answer(self.tokenizer, prompt, answer)
-
-    def marked_answer_tokens(self, prompt: PromptTokens, answer: str) -> tuple[list[int], list[bool]]:
-        """Answer tokens and, per token, whether it lies in a `<mask>…</mask>` span (the marks are not tokens)."""
-        return tokenize_marked_answer(self.tokenizer, prompt, answer)
+        return tokenize_prompt(self.tokenizer, text, self.answer_separator)
 
     # -- the pieces -------------------------------------------------------------------------------------------------
     def preprocess_images(self, images) -> torch.Tensor | AnyResPixels | GridPixels:
@@ -377,34 +355,14 @@ class VisionLanguageModel:
         `attention_mask` may be 2D (padding) or a prepared 4D mask (bool, True = attend), which transformers passes
         to the attention kernel unchanged; that is how the listwise forward gives each response its own view.
         With `use_cache`, returns (hidden, past_key_values)."""
-        attention_mask = self._adapt_mask(attention_mask, inputs_embeds.dtype)
+        attention_mask = mask_for_attention(attention_mask, inputs_embeds.dtype,
+                                            self.config.text_config._attn_implementation)
         outputs = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                       position_ids=position_ids, past_key_values=past_key_values,
                                       use_cache=use_cache, return_dict=True)
         if use_cache:
             return outputs.last_hidden_state, outputs.past_key_values
         return outputs.last_hidden_state
-
-    def _adapt_mask(self, attention_mask, dtype):
-        # sdpa takes a boolean 4D mask as is, and flex attention a BlockMask (listwise_attention.py); eager attention
-        # adds the mask to the scores.
-        if (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4
-                or attention_mask.dtype != torch.bool):
-            return attention_mask
-        if self.config.text_config._attn_implementation == "eager":
-            return torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-                ~attention_mask, torch.finfo(dtype).min)
-        return attention_mask
-
-    # -- adapters ---------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def adapter_disabled(self):
-        """The reference model: the base model with every LoRA adapter switched off (a no-op without peft)."""
-        if hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield
-        else:
-            yield
 
 
 def pad_to_square(image, background_rgb_mean):
