@@ -1,10 +1,10 @@
-"""Shared by the kernel ops: backend choice, the fp32-output linear layer, input checks, and the chunking and
-backward shared by the two ops on logits = hidden @ weight.T (fused_linear_logprobs, fused_token_kl).
+"""Shared by the kernel ops: backend choice, the fp32-output linear layer, chunk sizes and input checks.
 
 Every op has a Triton form (CUDA tensors) and a chunked PyTorch form with the same memory behaviour (CPU, and CUDA
 without triton). `backend="auto"` picks by device; `backend="triton"` on CPU tensors runs the Triton kernels in
-Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment before the op's kernels are first built
-(they are built lazily, on the first Triton-path call, so a test module can set it at import time).
+Triton's interpreter, which needs TRITON_INTERPRET=1 in the environment before the op's kernels are first built.
+The kernels live in `_triton/`, imported only when an op takes its Triton path (that package says why), so a test
+module can still set TRITON_INTERPRET at its import time.
 """
 from __future__ import annotations
 
@@ -93,30 +93,6 @@ def default_chunk_rows(rows: int, vocab: int, dtype: torch.dtype, logit_blocks: 
     return max(1, min(rows, budget // bytes_per_row))
 
 
-def rescale_direction(direction: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """Frozen-weight backward: the per-row gradient direction kept by forward, times the upstream gradient [N].
-    fp32 multiply, one rounding into the hidden dtype; `out=` avoids an fp32 [N, D] temporary."""
-    return torch.mul(direction, grad_out.float()[:, None], out=torch.empty_like(direction))
-
-
-def recompute_linear_grads(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int, hidden_needs_grad: bool,
-                           grad_factor_of) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Trained-weight backward of a chunked op on logits = hidden @ weight.T: (grad_hidden or None, grad_weight).
-
-    `grad_factor_of(chunk)` recomputes the chunk's dOut/dlogits [rows, V] in the weight dtype. grad_weight is
-    accumulated in the weight dtype, one rounding per chunk (as Liger does): an fp32 accumulator would add a full fp32
-    [V, D] copy of the weight to the peak."""
-    grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if hidden_needs_grad else None
-    grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    for start in range(0, hidden.shape[0], chunk_rows):
-        chunk = slice(start, start + chunk_rows)
-        grad_factor = grad_factor_of(chunk)
-        if hidden_needs_grad:
-            torch.mm(grad_factor, weight, out=grad_hidden[chunk])
-        grad_weight.addmm_(grad_factor.T, hidden[chunk])
-    return grad_hidden, grad_weight
-
-
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for bf16/fp16/fp32 inputs, fp64 kept for fp64 inputs (useful in gradient checks)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -136,3 +112,39 @@ def check_labels(labels: torch.Tensor, rows: int, vocab: int, ignore_index: int,
             f"{op}: {name}[{position}] = {int(labels[position])} is outside the vocabulary [0, {vocab}) and is not "
             f"ignore_index={ignore_index}; check the tokenizer/lm_head pairing or mask the position with ignore_index"
         )
+
+
+def _listing(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def check_head_inputs(op: str, hidden: dict[str, torch.Tensor], weight: torch.Tensor, *, rows: str = "N",
+                      on_same_device: dict[str, torch.Tensor] | None = None) -> None:
+    """Checks shared by the ops on logits = hidden @ weight.T: every tensor of `hidden` (name -> tensor) is
+    [rows, D] and all have one shape, weight is [V, D] with V > 0, all share one floating dtype, and they share one
+    device with the tensors of `on_same_device` (labels)."""
+    states, names = list(hidden.values()), list(hidden)
+    first = states[0]
+    if first.dim() != 2 or weight.dim() != 2 or any(state.shape != first.shape for state in states):
+        both = "both " if len(states) == 2 else ""
+        raise ValueError(f"{op}: {_listing(names)} must {both}be [{rows}, D] and weight [V, D], got "
+                         f"{_listing(str(list(tensor.shape)) for tensor in (*states, weight))}")
+    if first.shape[1] != weight.shape[1]:
+        subject = f"{names[0]} has" if len(states) == 1 else "hidden states have"
+        raise ValueError(f"{op}: {subject} D={first.shape[1]} but weight has D={weight.shape[1]} (weight is [V, D])")
+    if not weight.is_floating_point() or any(state.dtype != weight.dtype for state in states):
+        raise TypeError(f"{op}: {_listing([*names, 'weight'])} must share one floating dtype, got "
+                        f"{_listing(str(tensor.dtype) for tensor in (*states, weight))}")
+    others = on_same_device or {}
+    tensors = (*states, weight, *others.values())
+    if any(tensor.device != weight.device for tensor in tensors):
+        raise ValueError(f"{op}: {_listing([*names, 'weight', *others])} must be on one device, got "
+                         f"{_listing(str(tensor.device) for tensor in tensors)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight has an empty vocabulary")
+
+
+def check_chunk_rows(chunk_size: int | None, op: str) -> None:
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size}")

@@ -11,126 +11,29 @@ gradient factor [C, V] in the weight dtype that feeds the next GEMM) are the onl
 [N, V] logits are never stored, in forward or backward. C defaults to the rows that fit in 1/8 of what the
 materialised logits would take (at least 32 MiB).
 
-Gradient strategy, chosen in forward from which inputs need a gradient:
-  * weight frozen, hidden needs grad (LoRA) -> precompute. out_n is a per-row scalar, so the upstream gradient only
-    rescales row n: grad_h_n = g_n · (e_{y_n} − p_n) W, and the direction (e_{y_n} − p_n) W does not depend on g.
-    Forward forms it while p is at hand (a second GEMM per chunk) and keeps it, [N, D] in the hidden dtype, cheaper
-    than any vocabulary-sized tensor; backward is one multiply. 2 GEMMs in all, as many as autograd through
-    materialised logits, and no recompute.
-  * weight needs grad -> recompute. grad_W = Σ_n g_n (e_{y_n} − p_n)ᵀ h_n weighs every row by its upstream gradient
-    before summing over rows, so it cannot be formed before g is known without keeping p [N, V]. Forward keeps lse [N]
-    only; backward recomputes each chunk's logits, turns them into g_n (e_{y_n} − p_n) in one pass (lse is known) and
-    runs the two gradient GEMMs. 4 GEMMs against autograd's 3: one extra GEMM buys O(C·V) memory instead of O(N·V).
-  * nothing needs grad -> forward only, 1 GEMM.
+Gradient strategy (`_chunked_rows` says why each): weight frozen, hidden needs grad (LoRA) -> precompute the
+direction (e_{y_n} − p_n) W in forward, 2 GEMMs in all, as many as autograd through materialised logits; weight needs
+grad -> keep lse [N] and recompute, 4 GEMMs against autograd's 3 (one extra GEMM buys O(C·V) memory instead of
+O(N·V)); nothing needs grad -> 1 GEMM.
 
-Triton form (CUDA): the GEMMs go to cuBLAS through torch.mm with fp32 output; they are nearly all of the FLOPs and
-cuBLAS runs them near peak. `_logprob_rows_kernel` does the vocabulary-wide row work, one program per row:
-  pass 1 (forward): online logsumexp over V in BLOCK_V tiles + the label logit: reads 4·V bytes, writes 8 bytes;
-  pass 2 (gradient wanted): scale·(e_y − p) from the logits and lse: reads 4·V bytes, writes V·itemsize bytes
-  (in place over the logits when the weight is fp32).
-Torch form (CPU, or no triton): the same chunks with torch.logsumexp and in-place exp on the chunk buffer.
+The GEMMs go to cuBLAS (or the CPU BLAS) through torch.mm with fp32 output; they are nearly all of the FLOPs. The row
+work between them, over V: on CUDA the Triton kernel in `_triton/logprob_rows.py` (one program per row), otherwise
+the same chunks with torch.logsumexp and an in-place exp on the chunk buffer.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._chunked_rows import ChunkedLinearRowsFunction
 from ._common import (
+    check_chunk_rows,
+    check_head_inputs,
     check_labels,
-    compute_dtype,
     default_chunk_rows,
     linear_logits_fp32,
-    recompute_linear_grads,
-    rescale_direction,
     resolve_backend,
 )
-
-_MAX_BLOCK_V = 4096
-
-# triton.language and the kernel, bound by _triton_kernels() on first use (see there).
-tl = None
-_logprob_rows_kernel = None
-
-
-@functools.cache
-def _triton_kernels():
-    """Import triton and define the kernel on the first Triton-path call, not at module import.
-
-    `import hscr_fast.kernels` must work where triton is not installed (macOS), and Triton decides between compiling
-    and interpreting (TRITON_INTERPRET) when a kernel is decorated, so tests can still set it at their import time.
-    The names are module globals (`global`) because Triton resolves a kernel's names through its module's globals.
-    """
-    global tl, _logprob_rows_kernel
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _logprob_rows_kernel(
-        logits_ptr, logits_row_stride, labels_ptr, lse_ptr, scale_ptr, logp_ptr, grad_ptr, grad_row_stride,
-        n_cols, ignore_index,
-        HAS_LSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        # int64 row offsets: rows * V exceeds 2**31 at a few tens of thousands of rows.
-        row = tl.program_id(0).to(tl.int64)
-        logits_row = logits_ptr + row * logits_row_stride
-        label = tl.load(labels_ptr + row)
-        valid = label != ignore_index
-        if HAS_LSE:
-            lse = tl.load(lse_ptr + row)
-        else:
-            running_max = float("-inf")
-            running_sum = 0.0
-            for start in range(0, n_cols, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                x = tl.load(logits_row + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-                new_max = tl.maximum(running_max, tl.max(x, 0))
-                # a row that is -inf so far must not turn into nan through (-inf) - (-inf)
-                shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-                running_sum = running_sum * tl.exp(running_max - shift) + tl.sum(tl.exp(x - shift), 0)
-                running_max = new_max
-            lse = running_max + tl.log(running_sum)
-            label_logit = tl.load(logits_row + label, mask=valid, other=0.0).to(tl.float32)
-            tl.store(logp_ptr + row, tl.where(valid, label_logit - lse, 0.0))
-            tl.store(lse_ptr + row, lse)
-        if WRITE_GRAD:
-            if HAS_SCALE:
-                scale = tl.load(scale_ptr + row).to(tl.float32)
-            else:
-                scale = 1.0
-            grad_row = grad_ptr + row * grad_row_stride
-            for start in range(0, n_cols, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                in_row = cols < n_cols
-                p = tl.exp(tl.load(logits_row + cols, mask=in_row, other=0.0).to(tl.float32) - lse)
-                grad = tl.where(cols == label, 1.0 - p, -p) * scale
-                grad = tl.where(valid, grad, 0.0)
-                tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
-
-    return _logprob_rows_kernel
-
-
-def _logprob_rows_triton(logits, labels, ignore_index, *, lse=None, grad_scale=None, grad_dtype=None):
-    """Triton form of `_logprob_rows_torch` (same arguments and results)."""
-    import triton
-
-    kernel = _triton_kernels()
-    rows, vocab = logits.shape
-    logp = logits.new_empty(rows, dtype=torch.float32)
-    lse_buffer = lse if lse is not None else logits.new_empty(rows, dtype=torch.float32)
-    if grad_dtype is None or grad_dtype == logits.dtype:
-        grad = logits  # written in place (or not at all): the chunk's logits are not needed afterwards
-    else:
-        grad = logits.new_empty(rows, vocab, dtype=grad_dtype)
-    block = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    kernel[(rows,)](
-        logits, logits.stride(0), labels, lse_buffer, grad_scale if grad_scale is not None else logp, logp,
-        grad, grad.stride(0), vocab, ignore_index,
-        HAS_LSE=lse is not None, WRITE_GRAD=grad_dtype is not None, HAS_SCALE=grad_scale is not None,
-        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
-    )
-    return (logp if lse is None else None), lse_buffer, (grad if grad_dtype is not None else None)
 
 
 def _logprob_rows_torch(logits, labels, ignore_index, *, lse=None, grad_scale=None, grad_dtype=None):
@@ -155,50 +58,33 @@ def _logprob_rows_torch(logits, labels, ignore_index, *, lse=None, grad_scale=No
 
 
 def _logprob_rows(backend, *args, **kwargs):
-    return (_logprob_rows_triton if backend == "triton" else _logprob_rows_torch)(*args, **kwargs)
+    if backend == "triton":
+        from ._triton.logprob_rows import logprob_rows  # triton is imported on this path only (see _triton)
+
+        return logprob_rows(*args, **kwargs)
+    return _logprob_rows_torch(*args, **kwargs)
 
 
-class _FusedLinearLogprobs(torch.autograd.Function):
+class FusedLinearLogprobsFunction(ChunkedLinearRowsFunction):
+    """Rows: (hidden, labels); setting: ignore_index; statistics: lse [N]."""
+
+    @staticmethod
+    def chunk_rows(backend, weight, rows, ignore_index, *, stats=None, grad_scale=None, grad_dtype=None):
+        hidden, labels = rows
+        return _logprob_rows(backend, linear_logits_fp32(hidden, weight), labels, ignore_index, lse=stats,
+                             grad_scale=grad_scale, grad_dtype=grad_dtype)
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, backend):
-        hidden_needs_grad, weight_needs_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        precompute = hidden_needs_grad and not weight_needs_grad
-        rows = hidden.shape[0]
-        logp = hidden.new_empty(rows, dtype=torch.float32)
-        lse = hidden.new_empty(rows, dtype=torch.float32 if backend == "triton" else compute_dtype(hidden.dtype))
-        direction = torch.empty_like(hidden, memory_format=torch.contiguous_format) if precompute else None
-        for start in range(0, rows, chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            logits = linear_logits_fp32(hidden[chunk], weight)
-            logp[chunk], lse[chunk], grad_factor = _logprob_rows(
-                backend, logits, labels[chunk], ignore_index, grad_dtype=weight.dtype if precompute else None
-            )
-            if precompute:
-                torch.mm(grad_factor, weight, out=direction[chunk])
-        ctx.strategy = "precompute" if precompute else ("recompute" if weight_needs_grad else "none")
-        ctx.ignore_index, ctx.chunk_rows, ctx.backend = ignore_index, chunk_rows, backend
-        if precompute:
-            ctx.save_for_backward(direction)
-        elif weight_needs_grad:
-            ctx.save_for_backward(hidden, weight, labels, lse)
-        return logp
+        return FusedLinearLogprobsFunction.chunked_forward(
+            ctx, (hidden, labels), weight, ignore_index, chunk_rows, backend,
+            hidden_needs_grad=ctx.needs_input_grad[0], weight_needs_grad=ctx.needs_input_grad[1],
+        )
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_logp):
-        if ctx.strategy == "precompute":
-            (direction,) = ctx.saved_tensors
-            return rescale_direction(direction, grad_logp), None, None, None, None, None
-        hidden, weight, labels, lse = ctx.saved_tensors
-        grad_logp = grad_logp.float().contiguous()
-
-        def grad_factor_of(chunk):
-            return _logprob_rows(ctx.backend, linear_logits_fp32(hidden[chunk], weight), labels[chunk],
-                                 ctx.ignore_index, lse=lse[chunk], grad_scale=grad_logp[chunk],
-                                 grad_dtype=weight.dtype)[2]
-
-        grad_hidden, grad_weight = recompute_linear_grads(hidden, weight, ctx.chunk_rows, ctx.needs_input_grad[0],
-                                                          grad_factor_of)
+        grad_hidden, grad_weight = FusedLinearLogprobsFunction.chunked_backward(ctx, grad_logp)
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -220,21 +106,10 @@ def fused_linear_logprobs(
     (Triton on CUDA, torch otherwise), "triton" or "torch".
     """
     op = "fused_linear_logprobs"
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"{op}: hidden must be [N, D] and weight [V, D], got {list(hidden.shape)} and "
-                         f"{list(weight.shape)}")
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{op}: hidden has D={hidden.shape[1]} but weight has D={weight.shape[1]} (weight is [V, D])")
-    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
-        raise TypeError(f"{op}: hidden and weight must share one floating dtype, got {hidden.dtype} and {weight.dtype}")
-    if hidden.device != weight.device or labels.device != hidden.device:
-        raise ValueError(f"{op}: hidden, weight and labels must be on one device, got "
-                         f"{hidden.device}, {weight.device}, {labels.device}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{op}: weight has an empty vocabulary")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size}")
+    check_head_inputs(op, {"hidden": hidden}, weight, on_same_device={"labels": labels})
+    check_chunk_rows(chunk_size, op)
     check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index, op=op)
     backend = resolve_backend(backend, hidden.device)
     chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype, logit_blocks=1)
-    return _FusedLinearLogprobs.apply(hidden, weight, labels.long().contiguous(), ignore_index, chunk_rows, backend)
+    return FusedLinearLogprobsFunction.apply(hidden, weight, labels.long().contiguous(), ignore_index, chunk_rows,
+                                             backend)

@@ -34,158 +34,29 @@ only vocabulary-sized buffers alive. [N, V] is never stored, in forward or backw
 in 1/8 of what one materialised logits tensor would take (at least 32 MiB). With a mask, only the selected rows are
 gathered and computed: masked-out rows cost no GEMM, for one host sync (the count of selected rows).
 
-Gradient strategy, as in fused_linear_logprobs, chosen in forward from which inputs need a gradient:
-  * weight frozen, policy needs grad (LoRA) -> precompute. out_n is a per-row scalar, so the upstream gradient only
-    rescales row n; forward forms the direction G_n W while π and ρ are at hand (a third GEMM per chunk) and keeps it,
-    [N, D] in the hidden dtype; backward is one multiply. 3 GEMMs in all, as many as autograd through materialised
-    logits (2 forward, 1 backward), and no recompute.
-  * weight needs grad -> recompute. Σ_n g_n G_nᵀ h_n weighs rows by g before summing, so forward keeps per-row
-    statistics only (lse(a), lse(b), E_π[gap]: [3, N]); backward recomputes both logit chunks and runs the two
-    gradient GEMMs. 6 GEMMs against autograd's 4: two extra GEMMs buy O(C·V) memory instead of O(N·V).
-  * nothing needs grad -> forward only, 2 GEMMs.
+Gradient strategy (`_chunked_rows` says why each): weight frozen, policy needs grad (LoRA) -> precompute the
+direction G_n W in forward, 3 GEMMs in all, as many as autograd through materialised logits (2 forward, 1 backward);
+weight needs grad -> keep per-row statistics only (lse(a), lse(b), E_π[gap]: [3, N]) and recompute both logit chunks
+in backward, 6 GEMMs against autograd's 4 (two extra GEMMs buy O(C·V) memory instead of O(N·V)); nothing needs grad
+-> 2 GEMMs.
 
-Triton form (CUDA): the GEMMs go to cuBLAS through torch.mm with fp32 output. `_token_kl_rows_kernel` does the
-vocabulary-wide row work, one program per row, int64 row offsets:
-  pass 1 (forward): online maxima and sums of both rows: reads 2·4·V bytes, writes 16 bytes (value + statistics);
-  pass 2 (gradient wanted): g_n·G_n from both rows and the statistics: reads 2·4·V bytes, writes V·itemsize bytes
-  (in place over the policy logits when the weight is fp32).
-Torch form (CPU, or no triton): the same chunks with in-place max/exp/sum and blocked row-wise dot products.
+The GEMMs go to cuBLAS (or the CPU BLAS) through torch.mm with fp32 output. The row work between them, over V: on
+CUDA the Triton kernel in `_triton/token_kl_rows.py` (one program per row, one pass for the value), otherwise the same
+chunks with in-place max/exp/sum and blocked row-wise dot products.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._common import (
-    compute_dtype,
-    default_chunk_rows,
-    linear_logits_fp32,
-    recompute_linear_grads,
-    rescale_direction,
-    resolve_backend,
-)
+from ._chunked_rows import ChunkedLinearRowsFunction
+from ._common import check_chunk_rows, check_head_inputs, default_chunk_rows, linear_logits_fp32, resolve_backend
 
 # two logit blocks (policy, reference) and one scratch block in the torch form
 _LOGIT_BLOCKS = 3
-_MAX_BLOCK_V = 4096
 _DOT_COLUMNS = 8192  # vocabulary columns per product block in the torch form's row-wise dot products
-
-# triton.language and the kernel, bound by _triton_kernels() on first use (see there).
-tl = None
-_token_kl_rows_kernel = None
-
-
-@functools.cache
-def _triton_kernels():
-    """Import triton and define the kernel on the first Triton-path call, not at module import.
-
-    `import hscr_fast.kernels` must work where triton is not installed (macOS), and Triton decides between compiling
-    and interpreting (TRITON_INTERPRET) when a kernel is decorated, so tests can still set it at their import time.
-    The names are module globals (`global`) because Triton resolves a kernel's names through its module's globals.
-    """
-    global tl, _token_kl_rows_kernel
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _token_kl_rows_kernel(
-        policy_ptr, policy_row_stride, reference_ptr, reference_row_stride, stats_ptr, stats_stride,
-        kl_ptr, scale_ptr, grad_ptr, grad_row_stride, n_cols, lam,
-        HAS_STATS: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        # int64 row offsets: rows * V exceeds 2**31 at a few tens of thousands of rows.
-        row = tl.program_id(0).to(tl.int64)
-        policy_row = policy_ptr + row * policy_row_stride
-        reference_row = reference_ptr + row * reference_row_stride
-        if HAS_STATS:
-            lse_policy = tl.load(stats_ptr + row)
-            lse_reference = tl.load(stats_ptr + stats_stride + row)
-            mean_gap = tl.load(stats_ptr + 2 * stats_stride + row)
-        else:
-            # Logits come from a linear layer, so they are finite, and the first tile is never empty: the running
-            # maxima are finite from the first tile on and exp(m_old − m_new) is exp(−inf) = 0 exactly once.
-            max_policy = float("-inf")
-            sum_policy = 0.0
-            gap_sum_policy = 0.0  # Σ exp(a − max_policy)·(a − b)
-            max_reference = float("-inf")
-            sum_reference = 0.0
-            gap_sum_reference = 0.0  # Σ exp(b − max_reference)·(a − b)
-            for start in range(0, n_cols, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                in_row = cols < n_cols
-                a = tl.load(policy_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                b = tl.load(reference_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                gap = a - b  # 0 in the padding
-                # -inf padding for the max and the exp weights (exp(-inf) = 0), kept out of `gap`: no nan
-                a = tl.where(in_row, a, float("-inf"))
-                b = tl.where(in_row, b, float("-inf"))
-
-                new_max = tl.maximum(max_policy, tl.max(a, 0))
-                rescale = tl.exp(max_policy - new_max)
-                weights = tl.exp(a - new_max)
-                sum_policy = sum_policy * rescale + tl.sum(weights, 0)
-                gap_sum_policy = gap_sum_policy * rescale + tl.sum(weights * gap, 0)
-                max_policy = new_max
-
-                new_max = tl.maximum(max_reference, tl.max(b, 0))
-                rescale = tl.exp(max_reference - new_max)
-                weights = tl.exp(b - new_max)
-                sum_reference = sum_reference * rescale + tl.sum(weights, 0)
-                gap_sum_reference = gap_sum_reference * rescale + tl.sum(weights * gap, 0)
-                max_reference = new_max
-            lse_policy = max_policy + tl.log(sum_policy)
-            lse_reference = max_reference + tl.log(sum_reference)
-            mean_gap = gap_sum_policy / sum_policy  # E_π[a − b]
-            mean_gap_reference = gap_sum_reference / sum_reference  # E_ρ[a − b]
-            log_ratio = (max_policy - max_reference) + tl.log(sum_policy / sum_reference)  # Δ, see the docstring
-            kl = (1.0 - lam) * mean_gap - lam * mean_gap_reference + (2.0 * lam - 1.0) * log_ratio
-            tl.store(kl_ptr + row, tl.maximum(kl, 0.0))
-            tl.store(stats_ptr + row, lse_policy)
-            tl.store(stats_ptr + stats_stride + row, lse_reference)
-            tl.store(stats_ptr + 2 * stats_stride + row, mean_gap)
-        if WRITE_GRAD:
-            if HAS_SCALE:
-                scale = tl.load(scale_ptr + row).to(tl.float32)
-            else:
-                scale = 1.0
-            grad_row = grad_ptr + row * grad_row_stride
-            for start in range(0, n_cols, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                in_row = cols < n_cols
-                a = tl.load(policy_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                b = tl.load(reference_row + cols, mask=in_row, other=0.0).to(tl.float32)
-                policy_prob = tl.exp(a - lse_policy)
-                reference_prob = tl.exp(b - lse_reference)
-                grad = lam * (policy_prob - reference_prob) + (1.0 - lam) * policy_prob * ((a - b) - mean_gap)
-                tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
-
-    return _token_kl_rows_kernel
-
-
-def _token_kl_rows_triton(policy_logits, reference_logits, lam, *, stats=None, grad_scale=None, grad_dtype=None):
-    """Triton form of `_token_kl_rows_torch` (same arguments and results)."""
-    import triton
-
-    kernel = _triton_kernels()
-    rows, vocab = policy_logits.shape
-    kl = policy_logits.new_empty(rows, dtype=torch.float32)
-    stats_buffer = stats if stats is not None else policy_logits.new_empty(3, rows, dtype=torch.float32)
-    if grad_dtype is None or grad_dtype == policy_logits.dtype:
-        grad = policy_logits  # written in place (or not at all): each tile is read before it is overwritten
-    else:
-        grad = policy_logits.new_empty(rows, vocab, dtype=grad_dtype)
-    block = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    kernel[(rows,)](
-        policy_logits, policy_logits.stride(0), reference_logits, reference_logits.stride(0),
-        stats_buffer, stats_buffer.stride(0), kl, grad_scale if grad_scale is not None else kl,
-        grad, grad.stride(0), vocab, lam,
-        HAS_STATS=stats is not None, WRITE_GRAD=grad_dtype is not None, HAS_SCALE=grad_scale is not None,
-        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
-    )
-    return (kl if stats is None else None), stats_buffer, (grad if grad_dtype is not None else None)
 
 
 def _max_and_sumexp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,80 +109,48 @@ def _token_kl_rows_torch(policy_logits, reference_logits, lam, *, stats=None, gr
 
 
 def _token_kl_rows(backend, *args, **kwargs):
-    return (_token_kl_rows_triton if backend == "triton" else _token_kl_rows_torch)(*args, **kwargs)
+    if backend == "triton":
+        from ._triton.token_kl_rows import token_kl_rows  # triton is imported on this path only (see _triton)
+
+        return token_kl_rows(*args, **kwargs)
+    return _token_kl_rows_torch(*args, **kwargs)
 
 
-class _FusedTokenKL(torch.autograd.Function):
+class FusedTokenKLFunction(ChunkedLinearRowsFunction):
+    """Rows: (policy_hidden, reference_hidden); setting: lam; statistics: lse(a), lse(b), E_π[gap] [3, N]."""
+
+    stats_shape = (3,)
+
+    @staticmethod
+    def chunk_rows(backend, weight, rows, lam, *, stats=None, grad_scale=None, grad_dtype=None):
+        policy_hidden, reference_hidden = rows
+        return _token_kl_rows(backend, linear_logits_fp32(policy_hidden, weight),
+                              linear_logits_fp32(reference_hidden, weight), lam, stats=stats, grad_scale=grad_scale,
+                              grad_dtype=grad_dtype)
+
     @staticmethod
     def forward(ctx, policy_hidden, reference_hidden, weight, lam, chunk_rows, backend):
-        policy_needs_grad, weight_needs_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        precompute = policy_needs_grad and not weight_needs_grad
-        rows = policy_hidden.shape[0]
-        kl = policy_hidden.new_empty(rows, dtype=torch.float32)
-        # per-row lse(a), lse(b), E_π[gap]: what backward needs to rebuild π, ρ and the gradient factor
-        stats = policy_hidden.new_empty(
-            3, rows, dtype=torch.float32 if backend == "triton" else compute_dtype(policy_hidden.dtype)
+        return FusedTokenKLFunction.chunked_forward(
+            ctx, (policy_hidden, reference_hidden), weight, lam, chunk_rows, backend,
+            hidden_needs_grad=ctx.needs_input_grad[0], weight_needs_grad=ctx.needs_input_grad[2],
         )
-        direction = torch.empty_like(policy_hidden, memory_format=torch.contiguous_format) if precompute else None
-        for start in range(0, rows, chunk_rows):
-            chunk = slice(start, start + chunk_rows)
-            kl[chunk], stats[:, chunk], grad_factor = _token_kl_rows(
-                backend, linear_logits_fp32(policy_hidden[chunk], weight),
-                linear_logits_fp32(reference_hidden[chunk], weight), lam,
-                grad_dtype=weight.dtype if precompute else None,
-            )
-            if precompute:
-                torch.mm(grad_factor, weight, out=direction[chunk])
-        ctx.strategy = "precompute" if precompute else ("recompute" if weight_needs_grad else "none")
-        ctx.lam, ctx.chunk_rows, ctx.backend = lam, chunk_rows, backend
-        if precompute:
-            ctx.save_for_backward(direction)
-        elif weight_needs_grad:
-            ctx.save_for_backward(policy_hidden, reference_hidden, weight, stats)
-        return kl
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_kl):
-        if ctx.strategy == "precompute":
-            (direction,) = ctx.saved_tensors
-            return rescale_direction(direction, grad_kl), None, None, None, None, None
-        policy_hidden, reference_hidden, weight, stats = ctx.saved_tensors
-        grad_kl = grad_kl.float().contiguous()
-
-        def grad_factor_of(chunk):
-            return _token_kl_rows(ctx.backend, linear_logits_fp32(policy_hidden[chunk], weight),
-                                  linear_logits_fp32(reference_hidden[chunk], weight), ctx.lam, stats=stats[:, chunk],
-                                  grad_scale=grad_kl[chunk], grad_dtype=weight.dtype)[2]
-
-        grad_policy, grad_weight = recompute_linear_grads(policy_hidden, weight, ctx.chunk_rows,
-                                                          ctx.needs_input_grad[0], grad_factor_of)
+        grad_policy, grad_weight = FusedTokenKLFunction.chunked_backward(ctx, grad_kl)
         return grad_policy, None, grad_weight, None, None, None
 
 
 def _check_inputs(policy_hidden, reference_hidden, weight, lam, mask, chunk_size, op):
-    if policy_hidden.dim() != 2 or weight.dim() != 2 or reference_hidden.shape != policy_hidden.shape:
-        raise ValueError(f"{op}: policy_hidden and reference_hidden must both be [N, D] and weight [V, D], got "
-                         f"{list(policy_hidden.shape)}, {list(reference_hidden.shape)} and {list(weight.shape)}")
-    if policy_hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{op}: hidden states have D={policy_hidden.shape[1]} but weight has D={weight.shape[1]} "
-                         "(weight is [V, D])")
-    if not weight.is_floating_point() or not policy_hidden.dtype == reference_hidden.dtype == weight.dtype:
-        raise TypeError(f"{op}: policy_hidden, reference_hidden and weight must share one floating dtype, got "
-                        f"{policy_hidden.dtype}, {reference_hidden.dtype} and {weight.dtype}")
-    if not policy_hidden.device == reference_hidden.device == weight.device:
-        raise ValueError(f"{op}: policy_hidden, reference_hidden and weight must be on one device, got "
-                         f"{policy_hidden.device}, {reference_hidden.device}, {weight.device}")
-    if weight.shape[0] == 0:
-        raise ValueError(f"{op}: weight has an empty vocabulary")
+    check_head_inputs(op, {"policy_hidden": policy_hidden, "reference_hidden": reference_hidden}, weight)
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and 0.0 <= lam <= 1.0):
         raise ValueError(f"{op}: lam weighs KL(ref‖π) against KL(π‖ref) and must be a number in [0, 1], got {lam!r}")
     if mask is not None and (mask.dtype != torch.bool or mask.shape != (policy_hidden.shape[0],)
                              or mask.device != policy_hidden.device):
         raise ValueError(f"{op}: mask must be a bool tensor of shape [{policy_hidden.shape[0]}] on "
                          f"{policy_hidden.device}, got {mask.dtype} {list(mask.shape)} on {mask.device}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"{op}: chunk_size must be a positive number of rows, got {chunk_size}")
+    check_chunk_rows(chunk_size, op)
 
 
 def fused_token_kl(
@@ -342,12 +181,12 @@ def fused_token_kl(
     if mask is None:
         chunk_rows = chunk_size or default_chunk_rows(policy_hidden.shape[0], weight.shape[0], weight.dtype,
                                                       _LOGIT_BLOCKS)
-        return _FusedTokenKL.apply(policy_hidden, reference_hidden, weight, float(lam), chunk_rows, backend)
+        return FusedTokenKLFunction.apply(policy_hidden, reference_hidden, weight, float(lam), chunk_rows, backend)
     # Gather the selected rows so masked-out positions cost no GEMM; index_select and index_copy carry the gradient
     # back to the selected rows of policy_hidden (zeros elsewhere).
     selected = mask.nonzero().squeeze(1)
     chunk_rows = chunk_size or default_chunk_rows(selected.shape[0], weight.shape[0], weight.dtype, _LOGIT_BLOCKS)
-    kl_selected = _FusedTokenKL.apply(policy_hidden.index_select(0, selected),
+    kl_selected = FusedTokenKLFunction.apply(policy_hidden.index_select(0, selected),
                                       reference_hidden.index_select(0, selected), weight, float(lam), chunk_rows,
                                       backend)
     return kl_selected.new_zeros(policy_hidden.shape[0]).index_copy(0, selected, kl_selected)

@@ -176,7 +176,8 @@ def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad):
 def test_frozen_weight_keeps_the_gradient_direction_and_trained_weight_keeps_only_lse():
     rows, vocab, dim = 50, 1031, 24
     hidden, weight, labels, _ = make_inputs(rows, vocab, dim)
-    for weight_grad, expected_shapes in ((False, [(rows, dim)]), (True, [(rows, dim), (vocab, dim), (rows,), (rows,)])):
+    # trained weight: hidden, labels, weight, lse
+    for weight_grad, expected_shapes in ((False, [(rows, dim)]), (True, [(rows, dim), (rows,), (vocab, dim), (rows,)])):
         saved = []
         def record(tensor, saved=saved):
             saved.append(tuple(tensor.shape))
@@ -218,10 +219,9 @@ def test_bad_inputs_raise_specific_errors():
 def test_triton_kernel_compiles_for_hopper():
     """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin; no GPU)."""
     script = """
-import importlib, triton
+import triton
 from triton.backends.compiler import GPUTarget
-module = importlib.import_module("hscr_fast.kernels.fused_linear_logprobs")
-kernel = module._triton_kernels()
+from hscr_fast.kernels._triton.logprob_rows import logprob_rows_kernel as kernel
 signature = {"logits_ptr": "*fp32", "logits_row_stride": "i32", "labels_ptr": "*i64", "lse_ptr": "*fp32",
              "scale_ptr": "*fp32", "logp_ptr": "*fp32", "grad_ptr": "*bf16", "grad_row_stride": "i32",
              "n_cols": "i32", "ignore_index": "i32"}

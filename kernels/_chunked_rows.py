@@ -1,0 +1,93 @@
+"""The autograd base of the ops whose value is one number per row of logits = hidden @ weight.T, computed a chunk of
+rows at a time (fused_linear_logprobs, fused_token_kl).
+
+An op supplies only its row work (`chunk_rows`): from one chunk of rows, the value per row, the per-row statistics
+backward needs to rebuild the chunk's gradient, and, when asked, G = dValue/dlogits [C, V] scaled by the upstream
+gradient. The base runs the chunk loop, chooses the gradient strategy and keeps what backward needs, so every op has
+the same memory behaviour: the chunk's logits (and G) are the only vocabulary-sized buffers alive, in forward and in
+backward; the [N, V] logits are never stored.
+
+Gradient strategy, chosen in forward from which inputs need a gradient:
+  * hidden needs grad, weight frozen (LoRA) -> precompute. The value is one number per row, so the upstream gradient
+    g only rescales row n: grad_h_n = g_n · G_n W, and the direction G_n W does not depend on g. Forward forms it
+    while G is at hand (one more GEMM per chunk) and keeps it, [N, D] in the hidden dtype, cheaper than anything
+    vocabulary-sized; backward is one multiply, and nothing is recomputed.
+  * weight needs grad -> recompute. grad_W = Σ_n g_n G_nᵀ h_n weighs every row by g before summing over rows, so it
+    cannot be formed before g is known without keeping [N, V]. Forward keeps the row statistics only; backward
+    recomputes each chunk's logits, turns them into g·G in one pass and runs the two gradient GEMMs.
+  * nothing needs grad -> forward only.
+
+A subclass's `forward` and `backward` hand their arguments to `chunked_forward` and `chunked_backward`, as Liger's
+chunked-loss base classes are used.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import compute_dtype
+
+
+class ChunkedLinearRowsFunction(torch.autograd.Function):
+    # Leading dimensions of the per-row statistics forward keeps for backward, [*stats_shape, N]: () for one number
+    # per row.
+    stats_shape: tuple[int, ...] = ()
+
+    @staticmethod
+    def chunk_rows(backend: str, weight: torch.Tensor, rows: tuple[torch.Tensor, ...], setting, *, stats=None,
+                   grad_scale=None, grad_dtype=None):
+        """Row work on one chunk; `rows` is the chunk of the op's row tensors, rows[0] the hidden states that get
+        the gradient. Without `stats` (forward): (value [C] float32, statistics [*stats_shape, C], gradient factor
+        or None). With `stats` (backward): (None, stats, gradient factor). The gradient factor, in `grad_dtype`
+        (None: not wanted), is G per row times `grad_scale` (the upstream gradient; 1 when None)."""
+        raise NotImplementedError
+
+    @classmethod
+    def chunked_forward(cls, ctx, rows: tuple[torch.Tensor, ...], weight: torch.Tensor, setting, chunk_rows: int,
+                        backend: str, *, hidden_needs_grad: bool, weight_needs_grad: bool) -> torch.Tensor:
+        hidden = rows[0]
+        count = hidden.shape[0]
+        precompute = hidden_needs_grad and not weight_needs_grad
+        value = hidden.new_empty(count, dtype=torch.float32)
+        # the Triton row kernels work in fp32; the torch form keeps fp64 statistics for fp64 inputs (gradient checks)
+        stats = hidden.new_empty(*cls.stats_shape, count,
+                                 dtype=torch.float32 if backend == "triton" else compute_dtype(hidden.dtype))
+        direction = torch.empty_like(hidden, memory_format=torch.contiguous_format) if precompute else None
+        for start in range(0, count, chunk_rows):
+            chunk = slice(start, start + chunk_rows)
+            value[chunk], stats[..., chunk], grad_factor = cls.chunk_rows(
+                backend, weight, tuple(row[chunk] for row in rows), setting,
+                grad_dtype=weight.dtype if precompute else None,
+            )
+            if precompute:
+                torch.mm(grad_factor, weight, out=direction[chunk])
+        ctx.precompute, ctx.hidden_needs_grad = precompute, hidden_needs_grad
+        ctx.setting, ctx.chunk_rows, ctx.backend = setting, chunk_rows, backend
+        if precompute:
+            ctx.save_for_backward(direction)
+        elif weight_needs_grad:
+            ctx.save_for_backward(*rows, weight, stats)
+        return value
+
+    @classmethod
+    def chunked_backward(cls, ctx, grad_value: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(grad of rows[0] or None, grad of weight or None)."""
+        if ctx.precompute:
+            (direction,) = ctx.saved_tensors
+            # fp32 multiply, one rounding into the hidden dtype; `out=` avoids an fp32 [N, D] temporary
+            return torch.mul(direction, grad_value.float()[:, None], out=torch.empty_like(direction)), None
+        *rows, weight, stats = ctx.saved_tensors
+        hidden = rows[0]
+        grad_value = grad_value.float().contiguous()
+        grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if ctx.hidden_needs_grad else None
+        # accumulated in the weight dtype, one rounding per chunk (as Liger does): an fp32 accumulator would add a full
+        # fp32 [V, D] copy of the weight to the peak
+        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            chunk = slice(start, start + ctx.chunk_rows)
+            _, _, grad_factor = cls.chunk_rows(ctx.backend, weight, tuple(row[chunk] for row in rows), ctx.setting,
+                                               stats=stats[..., chunk], grad_scale=grad_value[chunk],
+                                               grad_dtype=weight.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad_factor, weight, out=grad_hidden[chunk])
+            grad_weight.addmm_(grad_factor.T, hidden[chunk])
+        return grad_hidden, grad_weight
