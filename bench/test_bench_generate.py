@@ -13,7 +13,6 @@ extra_info is that projection from the measured rate.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from hscr_fast.data.records import VQARecord
-from hscr_fast.generate import build_parser
+from hscr_fast.preferences.config import GenerateConfig
 from hscr_fast.preferences.pipeline import PreferenceBuilder, prefetched
 
 QUESTIONS_AND_ANSWERS = [
@@ -125,10 +124,10 @@ def test_generation_throughput(benchmark, tmp_path, record_bench_result):
     try:
         vlm, model_name = build_vlm(device)
         batch_size, num_samples = (32, 256) if device.type == "cuda" else (8, 32)
-        args: argparse.Namespace = build_parser().parse_args(["--batch-size", str(batch_size)])
+        config = GenerateConfig.from_args(["--batch-size", str(batch_size)])
         records = make_records(tmp_path, num_samples)
         similarity, similarity_name = similarity_model(device, tmp_path)
-        builder = PreferenceBuilder(args, vlm, similarity, tmp_path, "bench")
+        builder = PreferenceBuilder(config, vlm, similarity, tmp_path, "bench")
         batches = [records[start:start + batch_size] for start in range(0, num_samples, batch_size)]
 
         def generate_all():
@@ -152,7 +151,7 @@ def test_generation_throughput(benchmark, tmp_path, record_bench_result):
         "prompt_text_tokens": prompt.num_text_tokens, "mean_answer_tokens": float(np.mean(answer_tokens)),
         "vocab": int(vlm.lm_head_weight.shape[0]), "decoder_width": vlm.hidden_size,
         "decoder_layers": vlm.config.text_config.num_hidden_layers, "batch_size": batch_size,
-        "samples": num_samples, "written": written, "mode": args.mode, "drop_ratio": args.drop_ratio,
+        "samples": num_samples, "written": written, "mode": config.stage1.mode, "drop_ratio": config.stage1.drop_ratio,
         "samples_per_second": samples_per_second, "projected_seconds_2000": 2000 / samples_per_second,
     }
     benchmark.extra_info.update(result)

@@ -12,15 +12,14 @@ flags, falls back to the demo world when given no --model/--data, and maps error
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from hscr_fast.evaluation.config import EvaluateConfig, build_parser  # noqa: F401  (the parser, for callers)
 from hscr_fast.evaluation.run import (
-    VISUAL_MODES,
     EvaluationError,
     VisualCondition,
     compare_runs,
@@ -30,7 +29,6 @@ from hscr_fast.evaluation.run import (
 from hscr_fast.models.vlm import preflight_model
 from hscr_fast.runtime.errors import exit_code_of
 from hscr_fast.runtime.io import check_writable, refuse_outputs_over_inputs
-from hscr_fast.runtime.precision import DTYPE_NAMES
 
 
 def _demo_world():
@@ -52,41 +50,8 @@ def _default_demo_out(adapter: str | None, visual: VisualCondition) -> Path:
     return Path("hscr_fast_runs") / "evaluate-demo" / name
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hscr_fast.evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="transformers LLaVA checkpoint directory (default: the demo model)")
-    parser.add_argument("--adapter", help="PEFT LoRA adapter directory to apply to --model")
-    parser.add_argument("--data", help="LLaVA-Med JSON test set (default: the phantom test set)")
-    parser.add_argument("--image-folder", help="folder the data's image paths are relative to")
-    parser.add_argument("--allow-images-outside-folder", action="store_true",
-                        help="accept image paths that lead outside --image-folder (absolute, '..', symlinks out); "
-                             "refused by default")
-    parser.add_argument("--out", help="output folder (predictions.jsonl, metrics.json, metrics.md)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (default 8)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens (default 64)")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
-                        help="auto = bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N questions of the data")
-    parser.add_argument("--visual", default="full", choices=VISUAL_MODES,
-                        help="none = the prompt with the image removed (accuracy without visual tokens)")
-    parser.add_argument("--drop-ratio", type=float, default=0.0,
-                        help="drop this fraction of each image's visual tokens")
-    parser.add_argument("--dropout-mode", default="remove", choices=["remove", "mask"])
-    parser.add_argument("--seed", type=int, default=0, help="seed of the visual token dropout")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--predictions", help="score this LLaVA-Med answer file ({question_id, text} JSONL) against "
-                                             "--data; loads no model")
-    modes.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="bar chart of the metrics of these runs")
-    return parser
-
-
-def run_command(args: argparse.Namespace) -> str:
+def run_command(args: EvaluateConfig) -> str:
     """Carries out the parsed command; returns the summary to print."""
-    if args.limit is not None and args.limit < 1:
-        raise EvaluationError(f"--limit must be at least 1, got {args.limit}")
     if args.compare:
         md_path, png_path = compare_runs(args.compare, args.out or ".")
         return f"wrote {md_path} and {png_path}"
@@ -143,9 +108,8 @@ def skipped_line(metrics: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return exit_code_of(lambda: print(run_command(args)))
+    return exit_code_of(lambda: print(run_command(EvaluateConfig.from_args(argv))))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,18 @@ CASES = {
         r"enabled: .*; zero_optimization.stage is 0: .*use --deepspeed none",
         prepare=lambda w: (w.root / "ds.json").write_text(json.dumps(
             {"train_micro_batch_size_per_gpu": 4, "fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}))),
+    # A flag value the command cannot take: one line from every command, before anything is read.
+    "generate-flag-not-a-number": Case(
+        "generate", lambda w: ["--model", str(w.model), "--data", str(w.sft), "--top-n", "ten"],
+        r"argument --top_n/--top-n: invalid int value: 'ten' \(all flags: python -m hscr_fast.generate --help\)"),
+    "evaluate-flag-not-a-choice": Case(
+        "evaluate", lambda w: ["--model", str(w.model), "--data", str(w.sft), "--visual", "partly"],
+        r"argument --visual: invalid choice: 'partly'"),
+    "train-unknown-flag": Case(
+        "train", lambda w: train_argv(w, "--learning-rte", "1e-5"), r"unrecognized arguments: --learning-rte 1e-5"),
+    "generate-setting-out-of-range": Case(
+        "generate", lambda w: ["--model", str(w.model), "--data", str(w.sft), "--drop-ratio", "1.5"],
+        r"--drop-ratio must be in \[0, 1\), got 1.5"),
 }
 
 

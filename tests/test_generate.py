@@ -329,15 +329,13 @@ def test_stage1_flags_reach_the_config_and_the_kernel(tiny_vlm, cached_similarit
     for flags, expected in (([], ("deprived", 0.0, 0.0)),
                             (["--replacement", "pdiff-ascending", "--min-sensitivity", "0.3"], ("pdiff", 0.0, 0.3)),
                             (["--replacement", "deprived-contrast", "--literal-top-n"], ("deprived", None, None))):
-        args = generate.build_parser().parse_args(flags)
-        if args.literal_top_n:  # as _run resolves it
-            args.min_sensitivity = None
-        builder = pipeline.PreferenceBuilder(args, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
+        config = generate.GenerateConfig.from_args(flags)
+        builder = pipeline.PreferenceBuilder(config, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
         seen.clear()
         builder.build(builder.load([record]))
         assert seen and set(seen) == {expected}
-    args = generate.build_parser().parse_args(["--perturbation", "latent", "--drop-ratio", "0.5"])
-    builder = pipeline.PreferenceBuilder(args, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
+    config = generate.GenerateConfig.from_args(["--perturbation", "latent", "--drop-ratio", "0.5"])
+    builder = pipeline.PreferenceBuilder(config, tiny_vlm, cached_similarity, dataset["images"], "fingerprint")
     assert builder.contrast.perturb.perturbation == "latent" and builder.contrast.perturb.drop_ratio == 0.5
     assert builder.build(builder.load([record])).records  # the latent-masked condition scores and lists
 
@@ -392,9 +390,8 @@ def test_special_tokens_are_never_replacements(tiny_llava, tiny_model_dir, datas
 
     model, processor = tiny_llava
     vlm = VisionLanguageModel(copy.deepcopy(model), processor)
-    args = generate.build_parser().parse_args(["--top-n", "1", "--num-variants", "1", "--literal-top-n"])
-    args.min_sensitivity = None
-    builder = pipeline.PreferenceBuilder(args, vlm, cached_similarity, dataset["images"], "fingerprint")
+    config = generate.GenerateConfig.from_args(["--top-n", "1", "--num-variants", "1", "--literal-top-n"])
+    builder = pipeline.PreferenceBuilder(config, vlm, cached_similarity, dataset["images"], "fingerprint")
     record = VQARecord(id="closed", image="g0.png", question="Is there a lesion in the left lung?", answer="yes")
     loaded = builder.load([record])
     sample = builder.contrast.prepare(record.id, record.question, record.answer)

@@ -30,6 +30,7 @@ import torch
 
 from hscr_fast.data.images import ImageLoadError, load_image
 from hscr_fast.data.records import DataFormatError, VQARecord, load_llava_med_json
+from hscr_fast.evaluation.config import VISUAL_MODES
 from hscr_fast.evaluation.metrics import BREAKDOWN_KEYS, compute_metrics
 from hscr_fast.runtime.io import JsonlAppender, atomic_write_json, parse_jsonl_line, read_json_file
 
@@ -42,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.jsonl"
 RUN_FILE = "run.json"
-VISUAL_MODES = ("full", "none")
 # Settings that change the generated text: a resumed run must match the earlier run on all of them.
 ANSWER_DETERMINING_SETTINGS = ("model", "adapter", "data", "visual", "drop_ratio", "dropout_mode", "seed",
                                "max_new_tokens", "dtype")

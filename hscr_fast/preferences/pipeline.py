@@ -43,8 +43,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from hscr_fast.preferences.config import GenerateConfig
 from hscr_fast.runtime.distributed import ProcessGroup
-from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.io import (
     JsonlAppender,
     JsonlError,
@@ -105,13 +105,14 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def output_settings(args, model_dir, data_path, image_folder) -> dict:
-    """Everything that decides a record's content: the method's arguments, the model, the data file, the image
-    folder, and the batch size (which samples share a batch changes the last bits of their numbers). Not the device,
-    --num-samples or --out."""
-    values = {name: getattr(args, name) for name in FINGERPRINT_ARGS}
+def output_settings(config: GenerateConfig, dtype: str, model_dir, data_path, image_folder) -> dict:
+    """Everything that decides a record's content: the method's arguments (with the dtype `auto` resolved to), the
+    model, the data file, the image folder, and the batch size (which samples share a batch changes the last bits of
+    their numbers). Not the device, --num-samples or --out."""
+    flags = {**config.flags(), "dtype": dtype}
+    values = {name: flags[name] for name in FINGERPRINT_ARGS}
     values.update(model=str(Path(model_dir).resolve()), data=str(Path(data_path).resolve()),
-                  image_folder=str(Path(image_folder).resolve()), batch_size=args.batch_size)
+                  image_folder=str(Path(image_folder).resolve()), batch_size=config.execution.batch_size)
     return values
 
 
@@ -154,22 +155,16 @@ class BatchOutput:
 class PreferenceBuilder:
     """Stages 1 and 2 for batches of `VQARecord`s, producing output records and skip lines."""
 
-    def __init__(self, args, vlm, similarity, image_folder: Path, fingerprint: str):
-        from hscr_fast.preferences.selfcontrast import SelfContrast, SelfContrastConfig
+    def __init__(self, config: GenerateConfig, vlm, similarity, image_folder: Path, fingerprint: str):
+        from hscr_fast.preferences.selfcontrast import SelfContrast
 
-        self.args = args
+        self.config = config
         self.vlm = vlm
         self.similarity = similarity
         self.image_folder = image_folder
         self.fingerprint = fingerprint
-        self.contrast = SelfContrast(vlm, SelfContrastConfig(
-            seed=args.seed, perturbation=args.perturbation, drop_ratio=args.drop_ratio,
-            dropout_mode=args.dropout_mode, sensitivity=args.sensitivity, min_sensitivity=args.min_sensitivity,
-            beta=args.beta, top_n=args.top_n, alpha=args.alpha, replacement=args.replacement,
-            num_candidates=args.num_candidates, num_variants=args.num_variants,
-            num_alternatives=args.num_alternatives, mode=args.mode, include_punctuation=args.include_punctuation,
-            backend=args.kernel_backend))
-        self.max_length = args.max_length or vlm.config.text_config.max_position_embeddings
+        self.contrast = SelfContrast(vlm, config.stage1)
+        self.max_length = config.limits.max_length or vlm.config.text_config.max_position_embeddings
 
     def facts(self, record, num_content: int | None = None) -> dict:
         """The answer's kind and whether the image is a normal scan (None where the data does not say)."""
@@ -193,7 +188,7 @@ class PreferenceBuilder:
         for record in batch:
             try:
                 image_path = image_in_folder(self.image_folder, record.image,
-                                             allow_outside=self.args.allow_images_outside_folder)
+                                             allow_outside=self.config.inputs.allow_images_outside_folder)
             except ImageOutsideFolderError as error:
                 skips.append(self.skip(record, "image_outside_folder", str(error)))
                 continue
@@ -236,8 +231,8 @@ class PreferenceBuilder:
                                        "no content token the image supports could be replaced", result.num_content))
         reranked = rerank_batch([record.answer for record, _ in scored],
                                 [[variant.text for variant in result.variants] for _, result in scored],
-                                self.similarity, num_dispreferred=self.args.num_dispreferred,
-                                min_gap=self.args.min_gap)
+                                self.similarity, num_dispreferred=self.config.rerank.num_dispreferred,
+                                min_gap=self.config.rerank.min_gap)
         records, shown = [], []
         for (record, result), ranking in zip(scored, reranked):
             if ranking.skip_reason is not None:
@@ -304,24 +299,6 @@ def prefetched(builder: PreferenceBuilder, batches: list[list]):
             yield loaded
 
 
-def validate_args(args) -> None:
-    problems = []
-    if args.batch_size < 1:
-        problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.num_samples < 0:
-        problems.append(f"--num-samples must be >= 0, got {args.num_samples}")
-    if args.show < 0:
-        problems.append(f"--show must be >= 0, got {args.show}")
-    if args.max_length is not None and args.max_length < 1:
-        problems.append(f"--max-length must be >= 1, got {args.max_length}")
-    if args.num_alternatives < 0:
-        problems.append(f"--num-alternatives must be >= 0, got {args.num_alternatives}")
-    if not 0.0 <= args.drop_ratio < 1.0:
-        problems.append(f"--drop-ratio must be in [0, 1), got {args.drop_ratio}")
-    if problems:
-        raise HscrError("; ".join(problems))
-
-
 def refuse_unexpressible_perturbation(perturbation: str, model_dir: Path) -> None:
     """Before the model loads: a perturbation the checkpoint's family cannot express is refused with the reason."""
     if perturbation == "visual-token":
@@ -337,17 +314,17 @@ def batches_of(records: list, size: int) -> list[list]:
     return [records[start:start + size] for start in range(0, len(records), size)]
 
 
-def run(args, model_dir: Path, data_path: Path, image_folder: Path) -> dict | None:
+def run(config: GenerateConfig, model_dir: Path, data_path: Path, image_folder: Path) -> dict | None:
     """Stages 1-2 over the data (resuming); returns the summary on rank 0 (None on other ranks)."""
-    validate_args(args)
-    group = ProcessGroup(args.device)
+    group = ProcessGroup(config.execution.device)
     try:
-        return _run(args, group, model_dir, data_path, image_folder)
+        return _run(config, group, model_dir, data_path, image_folder)
     finally:
         group.close()
 
 
-def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_folder: Path) -> dict | None:
+def _run(config: GenerateConfig, group: ProcessGroup, model_dir: Path, data_path: Path,
+         image_folder: Path) -> dict | None:
     import torch
     from tqdm import tqdm
 
@@ -355,20 +332,19 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
     from hscr_fast.models.vlm import load_vlm
     from hscr_fast.preferences.rerank import SentenceSimilarity
 
-    refuse_unexpressible_perturbation(args.perturbation, model_dir)
-    args.dtype = resolve_dtype(args.dtype, group.device)  # the effective value goes into the fingerprint
-    if args.literal_top_n:  # one name for the rule in the fingerprint and the summary's args
-        args.min_sensitivity = None
+    refuse_unexpressible_perturbation(config.stage1.perturbation, model_dir)
+    dtype = resolve_dtype(config.execution.dtype, group.device)  # the effective value goes into the fingerprint
+    num_samples = config.inputs.num_samples
     records, input_skips = load_llava_med_json(data_path, on_error="skip")
-    selected = records[:args.num_samples] if args.num_samples else records
-    paths = OutputPaths(Path(args.out))
+    selected = records[:num_samples] if num_samples else records
+    paths = OutputPaths(Path(config.inputs.out))
     check_writable(paths.out, "--out", folder=False)
     refuse_outputs_over_inputs({"--out": paths.out, "the skip file of --out": paths.skipped,
                                 "the summary of --out": paths.summary},
                                {"--data": data_path, "--image-folder": image_folder, "--model": model_dir})
     # Resuming: the settings file names any setting or input record that differs from the run that made OUT; the
     # lines' fingerprint covers outputs from before that file existed.
-    settings = output_settings(args, model_dir, data_path, image_folder)
+    settings = output_settings(config, dtype, model_dir, data_path, image_folder)
     record_hashes = {record.id: content_hash(record.to_llava_med()) for record in selected}
     check_same_settings(paths.settings, paths.out, settings, record_hashes)
     fingerprint = fingerprint_of(settings)
@@ -377,15 +353,15 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
         record_settings(paths.settings, settings, record_hashes)
     group.barrier()  # every rank has read the finished ids (and the settings are recorded) before any rank appends
 
-    batches = [batch for number, batch in enumerate(batches_of(selected, args.batch_size))
+    batches = [batch for number, batch in enumerate(batches_of(selected, config.execution.batch_size))
                if number % group.world == group.rank and any(record.id not in done for record in batch)]
     builder = None
     if batches:  # a finished run re-invoked only merges
-        vlm = load_vlm(model_dir, dtype=args.dtype, device=group.device)
-        builder = PreferenceBuilder(args, vlm, SentenceSimilarity(args.similarity_model, device=str(group.device)),
-                                    image_folder, fingerprint)
+        vlm = load_vlm(model_dir, dtype=dtype, device=group.device)
+        similarity = SentenceSimilarity(config.rerank.similarity_model, device=str(group.device))
+        builder = PreferenceBuilder(config, vlm, similarity, image_folder, fingerprint)
     records_path, skips_path = paths.writers(group.rank, group.world)
-    to_show = args.show if group.rank == 0 else 0
+    to_show = config.execution.show if group.rank == 0 else 0
     processed = 0
     start = time.perf_counter()
     def ours(line: dict) -> bool:  # a torn last line is dropped only from a file these lines prove is this run's
@@ -439,7 +415,8 @@ def _run(args, group: ProcessGroup, model_dir: Path, data_path: Path, image_fold
         "output": str(paths.out),
         "skipped_file": str(paths.skipped),
         "args_fingerprint": fingerprint,
-        "args": {**vars(args), "model": str(model_dir), "data": str(data_path), "image_folder": str(image_folder)},
+        "args": {**config.flags(), "dtype": dtype, "model": str(model_dir), "data": str(data_path),
+                 "image_folder": str(image_folder)},
     }
     atomic_write_json(paths.summary, summary)
     return summary

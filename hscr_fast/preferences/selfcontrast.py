@@ -55,12 +55,11 @@ from dataclasses import dataclass, field
 import torch
 
 from hscr_fast.listwise import ListwiseExample, answer_hidden_states, pack_examples
-from hscr_fast.models.dropout import DROPOUT_MODES, VisualDropout, visual_dropout
-from hscr_fast.models.perturbation import PERTURBATIONS, ImagePerturbation, check_perturbation
+from hscr_fast.models.dropout import VisualDropout, visual_dropout
+from hscr_fast.models.perturbation import ImagePerturbation, check_perturbation
 from hscr_fast.models.prompting import PromptTokens
+from hscr_fast.preferences.config import CONTRAST_MODES, SelfContrastConfig
 
-CONTRAST_MODES = ("parallel", "sequential")
-SENSITIVITY_KINDS = ("logprob", "logit")
 # replacement rule -> the kernel's (rule, alpha_drop); alpha_drop None: the same as alpha
 REPLACEMENT_RULES = {
     "pdiff-ascending": ("pdiff", 0.0),
@@ -68,48 +67,6 @@ REPLACEMENT_RULES = {
     "deprived-contrast": ("deprived", None),
     "deprived-contrast-uncut": ("deprived", 0.0),
 }
-
-
-@dataclass(frozen=True)
-class SelfContrastConfig:
-    """Stage 1 settings; defaults are the paper's where it gives them, else chosen by measurement (docs/method.md)."""
-
-    seed: int = 0
-    perturbation: str = "visual-token"
-    drop_ratio: float = 0.7
-    dropout_mode: str = "remove"  # of the visual-token perturbation
-    sensitivity: str = "logprob"
-    min_sensitivity: float | None = 0.0  # positions need s_t above it; None: the literal top-n
-    beta: float = 0.9
-    top_n: int = 10
-    alpha: float = 0.1
-    replacement: str = "deprived-contrast-uncut"  # measured: docs/method.md
-    num_candidates: int = 8
-    num_variants: int = 5
-    num_alternatives: int = 2  # next-best replacements per sensitive position when cumulative variants run short
-    mode: str = "parallel"
-    include_punctuation: bool = False
-    backend: str = "auto"  # of the contrastive_select kernel
-
-    def __post_init__(self):
-        if self.perturbation not in PERTURBATIONS:
-            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {self.perturbation!r}")
-        if self.replacement not in REPLACEMENT_RULES:
-            raise ValueError(f"replacement must be one of {tuple(REPLACEMENT_RULES)}, got {self.replacement!r}")
-        if self.dropout_mode not in DROPOUT_MODES:
-            raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {self.dropout_mode!r}")
-        if self.mode not in CONTRAST_MODES:
-            raise ValueError(f"mode must be one of {CONTRAST_MODES}, got {self.mode!r}")
-        if self.sensitivity not in SENSITIVITY_KINDS:
-            raise ValueError(f"sensitivity must be one of {SENSITIVITY_KINDS}, got {self.sensitivity!r}")
-        if not 0.0 <= self.drop_ratio < 1.0:
-            raise ValueError(f"drop_ratio must be in [0, 1), got {self.drop_ratio}")
-        if self.top_n < 1 or self.num_variants < 1:
-            raise ValueError(f"top_n and num_variants must be >= 1, got {self.top_n} and {self.num_variants}")
-        if self.num_candidates < 0 or not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"need num_candidates >= 0 and alpha in [0, 1], got {self.num_candidates}, {self.alpha}")
-        if self.num_alternatives < 0:
-            raise ValueError(f"num_alternatives must be >= 0, got {self.num_alternatives}")
 
 
 @dataclass
@@ -304,7 +261,7 @@ class SelfContrast:
             num_candidates=config.num_candidates, sensitivity=config.sensitivity,
             content_mask=torch.tensor(eligible, dtype=torch.bool, device=device), rule=rule,
             exclude=self._exclusions(len(labels), taken), min_sensitivity=config.min_sensitivity,
-            backend=config.backend)
+            backend=config.kernel_backend)
 
     @staticmethod
     def _ranked(selection, limit: int) -> list[tuple[int, int, float]]:

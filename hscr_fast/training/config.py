@@ -1,13 +1,12 @@
 """The settings of a Stage 3 run: every flag of `torchrun -m hscr_fast.train`, with the paper's defaults (Table 7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from hscr_fast.runtime.flags import flag_parser, parse_flags
+from hscr_fast.runtime.flags import setting as _arg
 
 DESCRIPTION = "Stage 3 — multi-level preference optimisation (MLPO) on the prefix-shared listwise forward."
-
-
-def _arg(default, help_text, **extra):
-    return field(default=default, metadata={"help": help_text, **extra})
 
 
 @dataclass
@@ -86,10 +85,9 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> TrainConfig:
-        """The flags parsed by transformers' `HfArgumentParser`: one --flag (and --flag_name) per field, typed from
-        the annotation, help from the metadata; a bool field defaulting to True also gets --no-flag."""
-        from transformers import HfArgumentParser
-
-        parser = HfArgumentParser(cls, prog="torchrun -m hscr_fast.train", description=DESCRIPTION)
-        (config,) = parser.parse_args_into_dataclasses(args=argv)
+        """The flags parsed by transformers' `HfArgumentParser` (hscr_fast.runtime.flags): one --flag (and
+        --flag_name) per field, typed from the annotation, help from the metadata; a bool field defaulting to True
+        also gets --no-flag."""
+        parser = flag_parser(cls, prog="torchrun -m hscr_fast.train", description=DESCRIPTION)
+        (config,) = parse_flags(parser, argv)
         return config
