@@ -48,6 +48,8 @@ class TrainConfig:
     token_kl_lambda: float = _arg(0.5, "λ in λ·KL(ref‖π) + (1−λ)·KL(π‖ref)")
     token_kl_scope: str = _arg("preferred", "tokens the KL covers: the whole preferred response, or only its "
                                             "<mask>…</mask> spans", choices=("preferred", "marked"))
+    chosen_nll_weight: float = _arg(0.0, "α of a length-normalised NLL of the preferred response added to the "
+                                         "preference loss (RPO, Pang et al. 2024; not in the HSCR paper; 0 = off)")
     explicit: bool = _arg(True, "include the explicit loss L_E (y_w vs each y_l)")
     implicit: bool = _arg(True, "include the implicit loss L_I (y_lj vs each worse y_lm)")
     lora_r: int = _arg(16, "LoRA rank (paper: 16)")

@@ -11,7 +11,8 @@ from hscr_fast.runtime.io import atomic_output, read_jsonl
 PLOTTED = [("loss", "preference loss (MLPO: L_E + L_I)"), ("loss_explicit", "L_E"), ("loss_implicit", "L_I"),
            ("margin_explicit", "explicit reward margin"), ("margin_implicit", "implicit reward margin"),
            ("accuracy_explicit", "explicit accuracy"), ("accuracy_implicit", "implicit accuracy"),
-           ("token_kl", "token KL to reference"), ("lr", "learning rate"), ("tokens_per_second", "tokens/s")]
+           ("token_kl", "token KL to reference"), ("chosen_nll", "NLL of y_w per token"), ("lr", "learning rate"),
+           ("tokens_per_second", "tokens/s")]
 
 
 class MetricsLog:

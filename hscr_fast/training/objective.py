@@ -3,8 +3,8 @@
 - `score_batch`: the listwise prefix-shared forward of each prompt's responses → sequence log-probs under the policy,
   the cached reference log-probs, the valid-response mask, per-sample weights and (when token-level alignment is on)
   each sample's token KL to the reference. Everything the loss needs, nothing vocabulary-sized.
-- `batch_loss`: the preference loss (MLPO, DPO, weighted DPO, Plackett–Luce or LiPO-λ) plus the weighted token KL,
-  from those tensors alone.
+- `batch_loss`: the preference loss (MLPO, DPO, weighted DPO, Plackett–Luce or LiPO-λ) plus the weighted token KL
+  and the preferred response's NLL when they are on, from those tensors alone.
 
 Because `batch_loss` needs only per-sample tensors, held-out evaluation (`hscr_fast.training.heldout`) scores its
 batches with
@@ -32,6 +32,7 @@ class ScoredBatch:
     weights: torch.Tensor | None  # [B] per-sample loss weights, None when all are 1
     token_kl: torch.Tensor | None  # [B] token KL to the reference on the covered tokens, None when off
     num_real_tokens: int  # unpadded tokens the forward processed (throughput)
+    chosen_tokens: torch.Tensor | None = None  # [B] tokens of y_w (the NLL's length normalisation), None when off
 
 
 
@@ -49,22 +50,30 @@ class Objective:
     token_kl_lambda: float = 0.5  # λ in λ·KL(ref‖π) + (1−λ)·KL(π‖ref)
     token_kl_scope: str = "preferred"  # "preferred" (the whole response) or "marked" (its <mask>…</mask> spans)
     kind_weights: tuple[tuple[str, float], ...] = ()  # (kind, weight) pairs, sorted
+    # α of −log π(y_w)/|y_w|. Preferred and dispreferred responses that differ in one token (stage 1's swaps) are the
+    # case where DPO-style losses lower log π(y_w) together with log π(y_l) ("likelihood displacement"); an NLL on y_w,
+    # as in RPO (Pang et al. 2024), holds y_w up. Not part of HSCR's Eq. 7; 0 = off.
+    chosen_nll_weight: float = 0.0
 
     @classmethod
     def from_config(cls, config) -> Objective:
         """From the run's settings (`TrainConfig`); a malformed --kind-weight is an `HscrError`."""
         return cls(loss=config.loss, gamma=config.gamma, explicit=config.explicit, implicit=config.implicit,
                    token_kl_weight=config.token_kl_weight, token_kl_lambda=config.token_kl_lambda,
-                   token_kl_scope=config.token_kl_scope,
+                   token_kl_scope=config.token_kl_scope, chosen_nll_weight=config.chosen_nll_weight,
                    kind_weights=tuple(sorted(parse_kind_weights(config.kind_weight).items())))
 
     def kind_weight(self, kind: str | None) -> float:
         return dict(self.kind_weights).get(kind, 1.0)
 
     def run_identity(self) -> dict:
-        """The parts a resumed run must share with its checkpoint (the keys checkpoints have always recorded)."""
-        return {"loss": self.loss, "kind_weights": dict(self.kind_weights),
-                "token_kl": [self.token_kl_weight, self.token_kl_lambda, self.token_kl_scope]}
+        """The parts a resumed run must share with its checkpoint (the keys checkpoints have always recorded, plus the
+        NLL weight when it is on, so that checkpoints of runs without it still resume)."""
+        identity = {"loss": self.loss, "kind_weights": dict(self.kind_weights),
+                    "token_kl": [self.token_kl_weight, self.token_kl_lambda, self.token_kl_scope]}
+        if self.chosen_nll_weight:
+            identity["chosen_nll_weight"] = self.chosen_nll_weight
+        return identity
 
 
 def parse_kind_weights(entries: list[str] | None) -> dict[str, float]:
@@ -137,8 +146,12 @@ def score_batch(vlm, items, reference: dict[str, list[float]], objective: Object
         per_token = fused_token_kl(hidden, reference_hidden, head, lam=objective.token_kl_lambda,
                                    mask=covered)
         token_kl = sum_by_slot(per_token, packed)[:, 0]
+    chosen_tokens = None
+    if objective.chosen_nll_weight > 0:
+        chosen_tokens = torch.bincount(packed.score_slots, minlength=packed.valid.numel()).view(
+            packed.valid.shape)[:, 0].to(policy_logps.dtype)
     return ScoredBatch(policy_logps, reference_tensor(reference, items, packed.num_slots, device), packed.valid,
-                       weights, token_kl, packed.num_real_tokens)
+                       weights, token_kl, packed.num_real_tokens, chosen_tokens)
 
 
 def batch_loss(scored: ScoredBatch, objective: Objective) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -162,6 +175,14 @@ def batch_loss(scored: ScoredBatch, objective: Objective) -> tuple[torch.Tensor,
         loss = loss + objective.token_kl_weight * kl_per_sample.mean()
         metrics["token_kl"] = kl_per_sample.detach().mean()
         metrics["loss"] = loss.detach()
+    if objective.chosen_nll_weight > 0:
+        if scored.chosen_tokens is None:
+            raise ValueError("the NLL term needs ScoredBatch.chosen_tokens (score_batch fills it when it is on)")
+        nll = -scored.policy_logps[:, 0] / scored.chosen_tokens.clamp(min=1)
+        nll = nll if scored.weights is None else nll * scored.weights
+        loss = loss + objective.chosen_nll_weight * nll.mean()
+        metrics["chosen_nll"] = nll.detach().mean()
+        metrics["loss"] = loss.detach()
     return loss, metrics
 
 
@@ -184,4 +205,5 @@ def concat_scored(batches: list[ScoredBatch]) -> ScoredBatch:
     return ScoredBatch(torch.cat([padded(b.policy_logps, 0.0) for b in batches]),
                        torch.cat([padded(b.ref_logps, 0.0) for b in batches]),
                        torch.cat([padded(b.valid, False) for b in batches]),
-                       joined("weights"), joined("token_kl"), sum(b.num_real_tokens for b in batches))
+                       joined("weights"), joined("token_kl"), sum(b.num_real_tokens for b in batches),
+                       joined("chosen_tokens"))
