@@ -42,9 +42,9 @@ How it runs: two passes over V per row pair; nothing vocabulary-sized is stored 
   pass 2 (candidates): candidate mask (top-k of L' by key, both cuts against max L and max L') and a running min
       over packed (contrast, token id) keys.
   The top-n over T positions is a stable sort of T floats.
-Triton form: each row's vocabulary is split across programs (grid rows × splits, so short answers still fill the
-GPU); a program streams BLOCK_V tiles and writes per-split partials that a few tiny torch ops merge. From logits,
-pass 1 reads both rows once (2·V·itemsize per row pair) and pass 2 reads them again.
+Triton form (`_triton/contrastive_select.py`): each row's vocabulary is split across programs (grid rows × splits,
+so short answers still fill the GPU); a program streams BLOCK_V tiles and writes per-split partials that a few tiny
+torch ops merge. From logits, pass 1 reads both rows once (2·V·itemsize per row pair) and pass 2 reads them again.
 Torch form: the same passes over tiles of about _TILE_ELEMENTS (blocks of whole rows from logits; vocabulary chunks
 from hidden states), with float comparisons on tiles and packed keys only on [T, k] data.
 `contrastive_select_from_hidden` computes [T, chunk] fp32 logit chunks from the hidden states and the lm_head, so
@@ -55,29 +55,20 @@ pass 1; only when they exceed a quarter of a chunk's elements (flat rows) does i
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
 import torch
 
-from ._common import check_labels, linear_logits_fp32, resolve_backend
+from ._common import check_head_inputs, check_labels, linear_logits_fp32, resolve_backend
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 _TILE_ELEMENTS = 2**21  # elements of one [T, chunk] fp32 tile in the torch form / from-hidden chunks
 _KEPT_PER_CHUNK_ELEMENTS = 4  # from hidden: pass 1 keeps at most one possible candidate per this many chunk elements
-_MAX_BLOCK_V = 2048
-_INTERPRETER_SPLITS = 4  # enough programs per row to exercise the split merge under TRITON_INTERPRET
 
 REPLACEMENT_RULES = ("pdiff", "deprived")
-
-# triton.language, the kernels and their constants, bound by _triton_kernels() on first use (see there).
-tl = None
-_KEY_MIN = _KEY_MAX = None
-_ordered_bits = _keys_by_value_desc = _keys_by_value_asc = _stats_kernel = _candidates_kernel = None
-
 
 @dataclass
 class ContrastiveSelection:
@@ -123,178 +114,6 @@ class _Partial(NamedTuple):
     max_drop: torch.Tensor
     sumexp_drop: torch.Tensor
     top_keys: torch.Tensor
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Triton form
-
-
-@functools.cache
-def _triton_kernels():
-    """Import triton and define the kernels on the first Triton-path call, not at module import.
-
-    `import hscr_fast.kernels` must work where triton is not installed (macOS), and Triton decides between compiling
-    and interpreting (TRITON_INTERPRET) when a kernel is decorated, so tests can still set it at their import time.
-    The names are module globals (`global`) because Triton resolves a kernel's names through its module's globals.
-    """
-    global tl, _KEY_MIN, _KEY_MAX, _ordered_bits, _keys_by_value_desc, _keys_by_value_asc
-    global _stats_kernel, _candidates_kernel
-    import triton
-    import triton.language as tl
-
-    _KEY_MIN = tl.constexpr(INT64_MIN)
-    _KEY_MAX = tl.constexpr(INT64_MAX)
-
-    @triton.jit
-    def _ordered_bits(values):
-        # fp32 -> int32 with the same order; -0.0 first becomes +0.0 so that equal floats give equal integers
-        values = tl.where(values == 0.0, 0.0, values)
-        bits = values.to(tl.int32, bitcast=True)
-        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
-
-    @triton.jit
-    def _keys_by_value_desc(values, ids):
-        # max key = largest value, then lowest id
-        return (_ordered_bits(values).to(tl.int64) << 32) | (0x7FFFFFFF - ids)
-
-    @triton.jit
-    def _keys_by_value_asc(values, ids):
-        # min key = smallest value, then lowest id
-        return (_ordered_bits(values).to(tl.int64) << 32) | ids
-
-    @triton.jit
-    def _stats_kernel(
-        full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span, vocab_offset,
-        max_full_ptr, sumexp_full_ptr, max_drop_ptr, sumexp_drop_ptr, top_keys_ptr, num_splits,
-        K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        start = split * span
-        stop = tl.minimum(start + span, n_cols)
-        full_row = full_ptr + row * full_row_stride
-        drop_row = drop_ptr + row * drop_row_stride
-        max_full = float("-inf")
-        sumexp_full = 0.0
-        max_drop = float("-inf")
-        sumexp_drop = 0.0
-        slots = tl.arange(0, K_PAD)
-        # empty slots hold the smallest key; padding slots (>= K) the largest, so they are never the one replaced
-        top = tl.where(slots < K, _KEY_MIN, _KEY_MAX)
-        for block_start in range(start, stop, BLOCK_V):
-            cols = block_start + tl.arange(0, BLOCK_V)
-            in_range = cols < stop
-            full = tl.load(full_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
-            drop = tl.load(drop_row + cols, mask=in_range, other=float("-inf")).to(tl.float32)
-
-            new_max = tl.maximum(max_full, tl.max(full, 0))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            sumexp_full = sumexp_full * tl.exp(max_full - shift) + tl.sum(tl.exp(full - shift), 0)
-            max_full = new_max
-            new_max = tl.maximum(max_drop, tl.max(drop, 0))
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            sumexp_drop = sumexp_drop * tl.exp(max_drop - shift) + tl.sum(tl.exp(drop - shift), 0)
-            max_drop = new_max
-
-            # Merge the tile into the running top-k: move the tile's best key in while it beats the worst kept one.
-            # Keys are unique (they hold the token id), so each move takes out exactly one tile element; after the
-            # first tiles only the few tokens that enter the top-k cost an iteration.
-            keys = tl.where(in_range, _keys_by_value_desc(drop, cols.to(tl.int64) + vocab_offset), _KEY_MIN)
-            best = tl.max(keys, 0)
-            worst_kept = tl.min(top, 0)
-            while best > worst_kept:
-                top = tl.where(slots == tl.argmin(top, 0), best, top)
-                keys = tl.where(keys == best, _KEY_MIN, keys)
-                best = tl.max(keys, 0)
-                worst_kept = tl.min(top, 0)
-        out = row * num_splits + split
-        tl.store(max_full_ptr + out, max_full)
-        tl.store(sumexp_full_ptr + out, sumexp_full)
-        tl.store(max_drop_ptr + out, max_drop)
-        tl.store(sumexp_drop_ptr + out, sumexp_drop)
-        tl.store(top_keys_ptr + out * K + slots, top, mask=slots < K)
-
-    @triton.jit
-    def _candidates_kernel(
-        full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span, vocab_offset,
-        labels_ptr, exclude_ptr, max_full_ptr, max_drop_ptr, kth_key_ptr, best_ptr, num_splits, log_alpha,
-        log_alpha_drop, coef_full, coef_drop, NUM_EXCLUDED: tl.constexpr, BLOCK_V: tl.constexpr,
-    ):
-        row = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        start = split * span
-        stop = tl.minimum(start + span, n_cols)
-        full_row = full_ptr + row * full_row_stride
-        drop_row = drop_ptr + row * drop_row_stride
-        label = tl.load(labels_ptr + row)
-        max_full = tl.load(max_full_ptr + row)
-        max_drop = tl.load(max_drop_ptr + row)
-        kth_key = tl.load(kth_key_ptr + row)
-        best = tl.full([], _KEY_MAX, tl.int64)
-        for block_start in range(start, stop, BLOCK_V):
-            cols = block_start + tl.arange(0, BLOCK_V)
-            in_range = cols < stop
-            ids = cols.to(tl.int64) + vocab_offset
-            full = tl.load(full_row + cols, mask=in_range, other=0.0).to(tl.float32)
-            drop = tl.load(drop_row + cols, mask=in_range, other=0.0).to(tl.float32)
-            # deprived side: in the top-k of L' and plausible without the image; full side: plausible with it
-            deprived = (_keys_by_value_desc(drop, ids) >= kth_key) & ((drop - max_drop) >= log_alpha_drop)
-            plausible = (full - max_full) >= log_alpha
-            candidate = in_range & (deprived | plausible) & (ids != label)
-            for slot in tl.static_range(NUM_EXCLUDED):  # a handful of ids per row: one comparison each
-                candidate = candidate & (ids != tl.load(exclude_ptr + row * NUM_EXCLUDED + slot))
-            contrast = coef_full * full - coef_drop * drop
-            keys = tl.where(candidate, _keys_by_value_asc(contrast, ids), _KEY_MAX)
-            best = tl.minimum(best, tl.min(keys, 0))
-        tl.store(best_ptr + row * num_splits + split, best)
-
-    return _stats_kernel, _candidates_kernel
-
-
-def _split_layout(rows: int, cols: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_V, span, splits): each row's `cols` go to `splits` programs of `span` columns (a multiple of BLOCK_V)."""
-    import triton
-
-    block = min(_MAX_BLOCK_V, triton.next_power_of_2(cols))
-    blocks = triton.cdiv(cols, block)
-    if device.type == "cuda":
-        # about 4 programs per SM in all, however few rows there are
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(blocks, triton.cdiv(programs, max(rows, 1))))
-    else:
-        splits = min(blocks, _INTERPRETER_SPLITS)
-    span = triton.cdiv(blocks, splits) * block
-    return block, span, triton.cdiv(cols, span)
-
-
-def _stats_triton(full, drop, vocab_offset, k):
-    import triton
-
-    stats_kernel, _ = _triton_kernels()
-    rows, cols = full.shape
-    block, span, splits = _split_layout(rows, cols, full.device)
-    partial = [full.new_empty(rows, splits, dtype=torch.float32) for _ in range(4)]
-    top_keys = full.new_empty(rows, splits * k, dtype=torch.int64)
-    stats_kernel[(rows, splits)](
-        full, drop, full.stride(0), drop.stride(0), cols, span, vocab_offset, *partial, top_keys, splits,
-        K=k, K_PAD=triton.next_power_of_2(max(k, 1)), BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
-    )
-    return _Partial(*partial, top_keys)
-
-
-def _candidates_triton(full, drop, vocab_offset, labels, exclude, stats, options):
-    _, candidates_kernel = _triton_kernels()
-    rows, cols = full.shape
-    block, span, splits = _split_layout(rows, cols, full.device)
-    best = full.new_empty(rows, splits, dtype=torch.int64)
-    num_excluded = 0 if exclude is None else exclude.shape[1]
-    candidates_kernel[(rows, splits)](
-        full, drop, full.stride(0), drop.stride(0), cols, span, vocab_offset,
-        labels, labels if exclude is None else exclude, stats.max_full, stats.max_drop, stats.kth_key, best, splits,
-        options.log_alpha, options.log_alpha_drop, options.coef_full, options.coef_drop, NUM_EXCLUDED=num_excluded,
-        BLOCK_V=block, num_warps=8 if block >= 2048 else 4,
-    )
-    return best.amin(dim=1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -506,7 +325,7 @@ def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, exclude, optio
     (`_KeptTokens`) and skip pass 2 when they fit.
     """
     if backend == "triton":
-        stats_pass, candidates_pass = _stats_triton, _candidates_triton
+        from ._triton.contrastive_select import candidates_pass, stats_pass  # triton on this path only (see _triton)
     else:
         stats_pass, candidates_pass = _stats_torch, _candidates_torch
     rows, device = labels.shape[0], labels.device
@@ -519,7 +338,7 @@ def _score_rows(chunks: Chunks, vocab: int, labels: torch.Tensor, exclude, optio
     kept = _KeptTokens(vocab, keep_budget, device) if keeping else None
     running = None
     for vocab_offset, full, drop in chunks():
-        part = stats_pass(full, drop, vocab_offset, tracked_k)
+        part = _Partial(*stats_pass(full, drop, vocab_offset, tracked_k))
         running = _fold(running, part, tracked_k)
         if kept is not None:
             kept.add(full, drop, vocab_offset, part.top_keys, running.max_full.squeeze(1), options)
@@ -721,16 +540,8 @@ def contrastive_select_from_hidden(
     candidate rule included (`alpha_drop`: None = `alpha`, 0 = the paper's literal rule), are `contrastive_select`'s.
     """
     op = "contrastive_select_from_hidden"
-    if hidden_full.dim() != 2 or hidden_full.shape != hidden_drop.shape or weight.dim() != 2:
-        raise ValueError(f"{op}: hidden_full and hidden_drop must both be [T, D] and weight [V, D], got "
-                         f"{list(hidden_full.shape)}, {list(hidden_drop.shape)}, {list(weight.shape)}")
-    if hidden_full.shape[1] != weight.shape[1]:
-        raise ValueError(f"{op}: hidden states have D={hidden_full.shape[1]} but weight has D={weight.shape[1]}")
-    if not weight.is_floating_point() or not hidden_full.dtype == hidden_drop.dtype == weight.dtype:
-        raise TypeError(f"{op}: hidden states and weight must share one floating dtype, got "
-                        f"{hidden_full.dtype}, {hidden_drop.dtype}, {weight.dtype}")
-    if not hidden_full.device == hidden_drop.device == weight.device == labels.device:
-        raise ValueError(f"{op}: hidden states, weight and labels must be on one device")
+    check_head_inputs(op, {"hidden_full": hidden_full, "hidden_drop": hidden_drop}, weight, rows="T",
+                      on_same_device={"labels": labels})
     rows, vocab = hidden_full.shape[0], weight.shape[0]
     options = _check_options(rows, beta, top_n, alpha, alpha_drop, num_candidates, sensitivity, content_mask,
                              ignore_index, weight.device, op, vocab=vocab, labels=labels, rule=rule,

@@ -57,22 +57,18 @@ def _logprob_rows_torch(logits, labels, ignore_index, *, lse=None, grad_scale=No
     return logp, lse, grad.to(grad_dtype)
 
 
-def _logprob_rows(backend, *args, **kwargs):
-    if backend == "triton":
-        from ._triton.logprob_rows import logprob_rows  # triton is imported on this path only (see _triton)
-
-        return logprob_rows(*args, **kwargs)
-    return _logprob_rows_torch(*args, **kwargs)
-
-
 class FusedLinearLogprobsFunction(ChunkedLinearRowsFunction):
     """Rows: (hidden, labels); setting: ignore_index; statistics: lse [N]."""
 
     @staticmethod
     def chunk_rows(backend, weight, rows, ignore_index, *, stats=None, grad_scale=None, grad_dtype=None):
+        if backend == "triton":  # triton is imported on this path only (see _triton)
+            from ._triton.logprob_rows import logprob_rows as row_work
+        else:
+            row_work = _logprob_rows_torch
         hidden, labels = rows
-        return _logprob_rows(backend, linear_logits_fp32(hidden, weight), labels, ignore_index, lse=stats,
-                             grad_scale=grad_scale, grad_dtype=grad_dtype)
+        return row_work(linear_logits_fp32(hidden, weight), labels, ignore_index, lse=stats, grad_scale=grad_scale,
+                        grad_dtype=grad_dtype)
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, backend):

@@ -108,14 +108,6 @@ def _token_kl_rows_torch(policy_logits, reference_logits, lam, *, stats=None, gr
     return kl, stats, grad.to(grad_dtype)
 
 
-def _token_kl_rows(backend, *args, **kwargs):
-    if backend == "triton":
-        from ._triton.token_kl_rows import token_kl_rows  # triton is imported on this path only (see _triton)
-
-        return token_kl_rows(*args, **kwargs)
-    return _token_kl_rows_torch(*args, **kwargs)
-
-
 class FusedTokenKLFunction(ChunkedLinearRowsFunction):
     """Rows: (policy_hidden, reference_hidden); setting: lam; statistics: lse(a), lse(b), E_π[gap] [3, N]."""
 
@@ -123,10 +115,13 @@ class FusedTokenKLFunction(ChunkedLinearRowsFunction):
 
     @staticmethod
     def chunk_rows(backend, weight, rows, lam, *, stats=None, grad_scale=None, grad_dtype=None):
+        if backend == "triton":  # triton is imported on this path only (see _triton)
+            from ._triton.token_kl_rows import token_kl_rows as row_work
+        else:
+            row_work = _token_kl_rows_torch
         policy_hidden, reference_hidden = rows
-        return _token_kl_rows(backend, linear_logits_fp32(policy_hidden, weight),
-                              linear_logits_fp32(reference_hidden, weight), lam, stats=stats, grad_scale=grad_scale,
-                              grad_dtype=grad_dtype)
+        return row_work(linear_logits_fp32(policy_hidden, weight), linear_logits_fp32(reference_hidden, weight), lam,
+                        stats=stats, grad_scale=grad_scale, grad_dtype=grad_dtype)
 
     @staticmethod
     def forward(ctx, policy_hidden, reference_hidden, weight, lam, chunk_rows, backend):

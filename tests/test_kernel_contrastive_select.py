@@ -14,10 +14,10 @@ import math
 
 import pytest
 import torch
-from helpers import LargestTensor, assert_compiles_for_hopper
+from helpers import LargestTensor
 from hscr_fast.kernels import ContrastiveSelection, contrastive_select, contrastive_select_from_hidden
-from hscr_fast.kernels._common import linear_logits_fp32, triton_available
-from kernel_backends import BACKENDS, DEVICE, NEEDS_TRITON
+from hscr_fast.kernels._common import linear_logits_fp32
+from kernel_backends import BACKENDS, DEVICE, NEEDS_TRITON, NEEDS_TRITON_PACKAGE, assert_kernels_compile_for_hopper
 
 CUT, LITERAL = None, 0.0  # alpha_drop: the default deprived-side cut (= alpha), and none (the paper's literal rule)
 
@@ -125,6 +125,19 @@ def assert_same_selection(ours: ContrastiveSelection, expected: ContrastiveSelec
     torch.testing.assert_close(ours.logprob_drop.double().cpu(), expected.logprob_drop, atol=atol, rtol=1e-5)
     assert ours.sensitive_positions.cpu().tolist() == expected.sensitive_positions.tolist()
     assert ours.replacement.cpu().tolist() == expected.replacement.tolist()
+
+
+def count_logit_chunks(monkeypatch) -> list[int]:
+    """From now on, the vocabulary width of every logit chunk contrastive_select_from_hidden computes, in order."""
+    module = importlib.import_module("hscr_fast.kernels.contrastive_select")
+    logit_chunks = []
+
+    def counting_linear_logits(hidden, head):
+        logit_chunks.append(head.shape[0])
+        return linear_logits_fp32(hidden, head)
+
+    monkeypatch.setattr(module, "linear_logits_fp32", counting_linear_logits)
+    return logit_chunks
 
 
 @pytest.mark.parametrize("backend,alpha_drop,sensitivity",
@@ -235,14 +248,7 @@ def test_from_hidden_torch_keeps_candidates_in_pass_one_or_falls_back(monkeypatc
     logits_full, logits_drop = hidden_full @ weight.T, hidden_drop @ weight.T
     labels[::3] = logits_full[::3].argmax(-1)
     labels[5] = -100
-    module = importlib.import_module("hscr_fast.kernels.contrastive_select")
-    logit_chunks = []
-
-    def counting_linear_logits(hidden, head):
-        logit_chunks.append(head.shape[0])
-        return linear_logits_fp32(hidden, head)
-
-    monkeypatch.setattr(module, "linear_logits_fp32", counting_linear_logits)
+    logit_chunks = count_logit_chunks(monkeypatch)
     ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, alpha_drop=alpha_drop,
                                           backend="torch", chunk_size=chunk_size)
     assert sum(logit_chunks) == passes * 2 * vocab  # both sides, each chunk once per pass
@@ -394,14 +400,7 @@ def test_exclude_from_hidden_in_the_one_pass_record(monkeypatch, rule):
     logits_full, logits_drop = hidden_full.double() @ weight.double().T, hidden_drop.double() @ weight.double().T
     first = reference_contrastive_select(logits_full, logits_drop, labels, **rule)
     exclude = next_best_exclusions(first, vocab, seed=2).cpu()
-    module = importlib.import_module("hscr_fast.kernels.contrastive_select")
-    logit_chunks = []
-
-    def counting_linear_logits(hidden, head):
-        logit_chunks.append(head.shape[0])
-        return linear_logits_fp32(hidden, head)
-
-    monkeypatch.setattr(module, "linear_logits_fp32", counting_linear_logits)
+    logit_chunks = count_logit_chunks(monkeypatch)
     ours = contrastive_select_from_hidden(hidden_full, hidden_drop, weight, labels, exclude=exclude, backend="torch",
                                           chunk_size=chunk_size, **rule)
     # the pdiff rule keeps its candidates in pass 1 (one pass); the deprived rule has no full-side cut to bound the
@@ -523,28 +522,18 @@ def test_bad_inputs_raise_specific_errors():
         contrastive_select_from_hidden(full[:, :8], drop[:, :8], torch.zeros(11, 8, dtype=torch.float64), labels % 11)
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@NEEDS_TRITON_PACKAGE
 def test_triton_kernels_compile_for_hopper():
-    """The interpreter does not type-check like the compiler: build both kernels for sm_90 (no GPU needed)."""
-    script = """
-import importlib, triton
-from triton.backends.compiler import GPUTarget
-module = importlib.import_module("hscr_fast.kernels.contrastive_select")
-stats_kernel, candidates_kernel = module._triton_kernels()
-common = {"drop_row_stride": "i64", "full_row_stride": "i64", "n_cols": "i32", "span": "i32", "vocab_offset": "i32",
-          "num_splits": "i32"}
-stats = {"max_full_ptr": "*fp32", "sumexp_full_ptr": "*fp32", "max_drop_ptr": "*fp32", "sumexp_drop_ptr": "*fp32",
-         "top_keys_ptr": "*i64"}
-candidates = {"labels_ptr": "*i64", "exclude_ptr": "*i64", "max_full_ptr": "*fp32", "max_drop_ptr": "*fp32",
-              "kth_key_ptr": "*i64",
-              "best_ptr": "*i64", "log_alpha": "fp32", "log_alpha_drop": "fp32", "coef_full": "fp32",
-              "coef_drop": "fp32"}
-for dtype in ("bf16", "fp32"):
-    inputs = {"full_ptr": "*" + dtype, "drop_ptr": "*" + dtype}
-    for kernel, signature, constexprs in ((stats_kernel, stats, {"K": 8, "K_PAD": 8, "BLOCK_V": 2048}),
-                                          (candidates_kernel, candidates, {"NUM_EXCLUDED": 3, "BLOCK_V": 2048})):
-        full_signature = {**inputs, **common, **signature, **{k: "constexpr" for k in constexprs}}
-        source = triton.compiler.ASTSource(fn=kernel, signature=full_signature, constexprs=constexprs)
-        assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
-"""
-    assert_compiles_for_hopper(script)
+    common = {"drop_row_stride": "i64", "full_row_stride": "i64", "n_cols": "i32", "span": "i32",
+              "vocab_offset": "i32", "num_splits": "i32"}
+    stats = {"max_full_ptr": "*fp32", "sumexp_full_ptr": "*fp32", "max_drop_ptr": "*fp32",
+             "sumexp_drop_ptr": "*fp32", "top_keys_ptr": "*i64"}
+    candidates = {"labels_ptr": "*i64", "exclude_ptr": "*i64", "max_full_ptr": "*fp32", "max_drop_ptr": "*fp32",
+                  "kth_key_ptr": "*i64", "best_ptr": "*i64", "log_alpha": "fp32", "log_alpha_drop": "fp32",
+                  "coef_full": "fp32", "coef_drop": "fp32"}
+    builds = []
+    for dtype in ("bf16", "fp32"):
+        inputs = {"full_ptr": "*" + dtype, "drop_ptr": "*" + dtype, **common}
+        builds += [("stats_kernel", {**inputs, **stats}, {"K": 8, "K_PAD": 8, "BLOCK_V": 2048}),
+                   ("candidates_kernel", {**inputs, **candidates}, {"NUM_EXCLUDED": 3, "BLOCK_V": 2048})]
+    assert_kernels_compile_for_hopper("hscr_fast.kernels._triton.contrastive_select", builds)

@@ -9,10 +9,18 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import LargestTensor, assert_compiles_for_hopper
+from helpers import LargestTensor
 from hscr_fast.kernels import fused_linear_logprobs
-from hscr_fast.kernels._common import triton_available
-from kernel_backends import BACKENDS, DEVICE, TRITON_RUNNABLE
+from kernel_backends import (
+    BACKENDS,
+    DEVICE,
+    NEEDS_TRITON_PACKAGE,
+    TRITON_RUNNABLE,
+    assert_error_within_pytorchs_own,
+    assert_kernels_compile_for_hopper,
+    saved_for_backward,
+    values_and_gradients,
+)
 
 
 def reference_fused_linear_logprobs(hidden, weight, labels, ignore_index=-100):
@@ -42,26 +50,8 @@ def make_inputs(rows, vocab, dim, *, dtype=torch.float32, logit_scale=3.0, ignor
 
 def run(hidden, weight, labels, upstream, *, weight_grad, fn=fused_linear_logprobs, **kwargs):
     """Values and gradients (hidden, and weight when weight_grad) for upstream gradient `upstream`."""
-    hidden = hidden.detach().clone().requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(weight_grad)
-    out = fn(hidden, weight, labels, **kwargs)
-    out.backward(upstream.to(out.dtype))
-    return out.detach().double(), hidden.grad.double(), (weight.grad.double() if weight_grad else None)
-
-
-def max_error(actual, expected):
-    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
-
-
-def assert_error_within_pytorchs_own(ours, plain, reference, *, factor=2.0, eps=1e-6):
-    """flash-attention's criterion: |ours - fp64| <= factor * |plain PyTorch in the input dtype - fp64| + eps,
-    for the values and every gradient (entries that are None were not computed)."""
-    names = ("log-prob", "grad hidden", "grad weight")
-    for name, ours_value, plain_value, ref_value in zip(names, ours, plain, reference):
-        if ref_value is None:
-            continue
-        ours_error, plain_error = max_error(ours_value, ref_value), max_error(plain_value, ref_value)
-        assert ours_error <= factor * plain_error + eps, f"{name}: {ours_error:.3g} vs PyTorch's {plain_error:.3g}"
+    return values_and_gradients(lambda hidden, weight: fn(hidden, weight, labels, **kwargs), hidden, weight, upstream,
+                                weight_grad=weight_grad)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -95,14 +85,8 @@ def test_output_is_float32_and_needs_no_graph_under_no_grad(backend):
     hidden, weight, labels, _ = make_inputs(9, 1031, 17)
     hidden.requires_grad_(True)
     assert fused_linear_logprobs(hidden, weight, labels, backend=backend).requires_grad  # with grad: a graph
-    saved = []
-
-    def record(tensor):
-        saved.append(tuple(tensor.shape))
-        return tensor
-
-    with torch.no_grad(), torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
-        out = fused_linear_logprobs(hidden, weight, labels, backend=backend)
+    with torch.no_grad():
+        out, saved = saved_for_backward(fused_linear_logprobs, hidden, weight, labels, backend=backend)
     assert out.dtype == torch.float32 and not out.requires_grad and saved == []  # nothing kept for a backward
     expected = reference_fused_linear_logprobs(hidden, weight, labels)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
@@ -178,14 +162,8 @@ def test_frozen_weight_keeps_the_gradient_direction_and_trained_weight_keeps_onl
     hidden, weight, labels, _ = make_inputs(rows, vocab, dim)
     # trained weight: hidden, labels, weight, lse
     for weight_grad, expected_shapes in ((False, [(rows, dim)]), (True, [(rows, dim), (rows,), (vocab, dim), (rows,)])):
-        saved = []
-        def record(tensor, saved=saved):
-            saved.append(tuple(tensor.shape))
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
-            fused_linear_logprobs(hidden.clone().requires_grad_(True), weight.clone().requires_grad_(weight_grad),
-                                  labels, backend="torch")
+        _, saved = saved_for_backward(fused_linear_logprobs, hidden.clone().requires_grad_(True),
+                                      weight.clone().requires_grad_(weight_grad), labels, backend="torch")
         assert saved == expected_shapes
 
 
@@ -215,23 +193,15 @@ def test_bad_inputs_raise_specific_errors():
         fused_linear_logprobs(hidden, weight, labels, backend="cuda")
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@NEEDS_TRITON_PACKAGE
 def test_triton_kernel_compiles_for_hopper():
-    """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin; no GPU)."""
-    script = """
-import triton
-from triton.backends.compiler import GPUTarget
-from hscr_fast.kernels._triton.logprob_rows import logprob_rows_kernel as kernel
-signature = {"logits_ptr": "*fp32", "logits_row_stride": "i32", "labels_ptr": "*i64", "lse_ptr": "*fp32",
-             "scale_ptr": "*fp32", "logp_ptr": "*fp32", "grad_ptr": "*bf16", "grad_row_stride": "i32",
-             "n_cols": "i32", "ignore_index": "i32"}
-for has_lse, write_grad, has_scale in [(False, False, False), (False, True, False), (True, True, True)]:
-    constexprs = {"HAS_LSE": has_lse, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "BLOCK_V": 4096}
-    source = triton.compiler.ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                       constexprs=constexprs)
-    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
-"""
-    assert_compiles_for_hopper(script)
+    signature = {"logits_ptr": "*fp32", "logits_row_stride": "i32", "labels_ptr": "*i64", "lse_ptr": "*fp32",
+                 "scale_ptr": "*fp32", "logp_ptr": "*fp32", "grad_ptr": "*bf16", "grad_row_stride": "i32",
+                 "n_cols": "i32", "ignore_index": "i32"}
+    builds = [("logprob_rows_kernel", signature,
+               {"HAS_LSE": has_lse, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "BLOCK_V": 4096})
+              for has_lse, write_grad, has_scale in [(False, False, False), (False, True, False), (True, True, True)]]
+    assert_kernels_compile_for_hopper("hscr_fast.kernels._triton.logprob_rows", builds)
 
 
 

@@ -9,10 +9,18 @@ from autograd, so the kernel's hand-derived gradient is checked against an indep
 
 import pytest
 import torch
-from helpers import LargestTensor, assert_compiles_for_hopper
+from helpers import LargestTensor
 from hscr_fast.kernels import fused_token_kl
-from hscr_fast.kernels._common import triton_available
-from kernel_backends import BACKENDS, DEVICE
+from kernel_backends import (
+    BACKENDS,
+    DEVICE,
+    NEEDS_TRITON_PACKAGE,
+    assert_error_within_pytorchs_own,
+    assert_kernels_compile_for_hopper,
+    max_error,
+    saved_for_backward,
+    values_and_gradients,
+)
 
 
 def token_kl_from_logits(policy_logits, reference_logits, lam):
@@ -56,31 +64,13 @@ def make_inputs(rows, vocab, dim, *, dtype=torch.float32, logit_scale=3.0, refer
 
 def run(policy, reference, weight, upstream, *, weight_grad, fn=fused_token_kl, **kwargs):
     """Values and gradients (policy hidden, and weight when weight_grad) for upstream gradient `upstream`."""
-    policy = policy.detach().clone().requires_grad_(True)
-    weight = weight.detach().clone().requires_grad_(weight_grad)
-    out = fn(policy, reference, weight, **kwargs)
-    out.backward(upstream.to(out.dtype))
-    return out.detach().double(), policy.grad.double(), (weight.grad.double() if weight_grad else None)
+    return values_and_gradients(lambda policy, weight: fn(policy, reference, weight, **kwargs), policy, weight,
+                                upstream, weight_grad=weight_grad)
 
 
 def reference_run(policy, reference, weight, upstream, *, weight_grad, **kwargs):
     return run(policy.double(), reference.double(), weight.double(), upstream.double(), weight_grad=weight_grad,
                fn=reference_fused_token_kl, **kwargs)
-
-
-def max_error(actual, expected):
-    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
-
-
-def assert_error_within_pytorchs_own(ours, plain, reference, *, factor=2.0, eps=1e-6):
-    """flash-attention's criterion: |ours - fp64| <= factor * |plain PyTorch in the input dtype - fp64| + eps,
-    for the values and every gradient (entries that are None were not computed)."""
-    for name, ours_value, plain_value, ref_value in zip(("kl", "grad policy", "grad weight"), ours, plain, reference):
-        if ref_value is None:
-            continue
-        ours_error, plain_error = max_error(ours_value, ref_value), max_error(plain_value, ref_value)
-        assert ours_error <= factor * plain_error + eps, (
-            f"{name}: error {ours_error:.3g} vs PyTorch's {plain_error:.3g}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -248,14 +238,8 @@ def test_frozen_weight_keeps_the_gradient_direction_and_trained_weight_keeps_onl
     policy, reference, weight, _, _ = make_inputs(rows, vocab, dim)
     for weight_grad, expected_shapes in ((False, [(rows, dim)]),
                                          (True, [(rows, dim), (rows, dim), (vocab, dim), (3, rows)])):
-        saved = []
-        def record(tensor, saved=saved):
-            saved.append(tuple(tensor.shape))
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
-            fused_token_kl(policy.clone().requires_grad_(True), reference, weight.clone().requires_grad_(weight_grad),
-                           backend="torch")
+        _, saved = saved_for_backward(fused_token_kl, policy.clone().requires_grad_(True), reference,
+                                      weight.clone().requires_grad_(weight_grad), backend="torch")
         assert saved == expected_shapes
 
 
@@ -279,20 +263,12 @@ def test_bad_inputs_raise_specific_errors():
         fused_token_kl(policy, reference, weight, backend="cuda")
 
 
-@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@NEEDS_TRITON_PACKAGE
 def test_triton_kernel_compiles_for_hopper():
-    """The interpreter does not type-check like the compiler: build the kernel for sm_90 (PTX + cubin, no GPU)."""
-    script = """
-import triton
-from triton.backends.compiler import GPUTarget
-from hscr_fast.kernels._triton.token_kl_rows import token_kl_rows_kernel as kernel
-signature = {"policy_ptr": "*fp32", "policy_row_stride": "i32", "reference_ptr": "*fp32",
-             "reference_row_stride": "i32", "stats_ptr": "*fp32", "stats_stride": "i32", "kl_ptr": "*fp32",
-             "scale_ptr": "*fp32", "grad_ptr": "*bf16", "grad_row_stride": "i32", "n_cols": "i32", "lam": "fp32"}
-for has_stats, write_grad, has_scale in [(False, False, False), (False, True, False), (True, True, True)]:
-    constexprs = {"HAS_STATS": has_stats, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "BLOCK_V": 4096}
-    source = triton.compiler.ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}},
-                                       constexprs=constexprs)
-    assert "cubin" in triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm
-"""
-    assert_compiles_for_hopper(script)
+    signature = {"policy_ptr": "*fp32", "policy_row_stride": "i32", "reference_ptr": "*fp32",
+                 "reference_row_stride": "i32", "stats_ptr": "*fp32", "stats_stride": "i32", "kl_ptr": "*fp32",
+                 "scale_ptr": "*fp32", "grad_ptr": "*bf16", "grad_row_stride": "i32", "n_cols": "i32", "lam": "fp32"}
+    builds = [("token_kl_rows_kernel", signature,
+               {"HAS_STATS": has_stats, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "BLOCK_V": 4096})
+              for has_stats, write_grad, has_scale in [(False, False, False), (False, True, False), (True, True, True)]]
+    assert_kernels_compile_for_hopper("hscr_fast.kernels._triton.token_kl_rows", builds)
