@@ -1,11 +1,12 @@
 """The autograd base of the ops whose value is one number per row of logits = hidden @ weight.T, computed a chunk of
 rows at a time (fused_linear_logprobs, fused_token_kl).
 
-An op supplies only its row work (`chunk_rows`): from one chunk of rows, the value per row, the per-row statistics
-backward needs to rebuild the chunk's gradient, and, when asked, G = dValue/dlogits [C, V] scaled by the upstream
-gradient. The base runs the chunk loop, chooses the gradient strategy and keeps what backward needs, so every op has
-the same memory behaviour: the chunk's logits (and G) are the only vocabulary-sized buffers alive, in forward and in
-backward; the [N, V] logits are never stored.
+An op supplies only its row work, in a torch form and a Triton form with one contract (`torch_rows`,
+`triton_rows`): from one chunk of logits, the value per row, the per-row statistics backward needs to rebuild the
+chunk's gradient, and, when asked, G = dValue/dlogits [C, V] scaled by the upstream gradient. The base computes the
+logits, runs the chunk loop, chooses the gradient strategy and keeps what backward needs, so every op has the same
+memory behaviour: the chunk's logits (and G) are the only vocabulary-sized buffers alive, in forward and in backward;
+the [N, V] logits are never stored.
 
 Gradient strategy, chosen in forward from which inputs need a gradient:
   * hidden needs grad, weight frozen (LoRA) -> precompute. The value is one number per row, so the upstream gradient
@@ -24,22 +25,37 @@ from __future__ import annotations
 
 import torch
 
-from ._common import compute_dtype
+from ._common import compute_dtype, linear_logits_fp32
 
 
 class ChunkedLinearRowsFunction(torch.autograd.Function):
     # Leading dimensions of the per-row statistics forward keeps for backward, [*stats_shape, N]: () for one number
     # per row.
     stats_shape: tuple[int, ...] = ()
+    # How many of the op's row tensors, from the first, go through the head; the rest (labels) reach the row work as
+    # they are. rows[0] is the hidden state that gets the gradient.
+    head_rows: int = 1
 
     @staticmethod
-    def chunk_rows(backend: str, weight: torch.Tensor, rows: tuple[torch.Tensor, ...], setting, *, stats=None,
-                   grad_scale=None, grad_dtype=None):
-        """Row work on one chunk; `rows` is the chunk of the op's row tensors, rows[0] the hidden states that get
-        the gradient. Without `stats` (forward): (value [C] float32, statistics [*stats_shape, C], gradient factor
-        or None). With `stats` (backward): (None, stats, gradient factor). The gradient factor, in `grad_dtype`
-        (None: not wanted), is G per row times `grad_scale` (the upstream gradient; 1 when None)."""
+    def torch_rows(*logits_and_rows, setting, stats=None, grad_scale=None, grad_dtype=None):
+        """Row work on one chunk: the fp32 logits [C, V] of the head rows (consumed: they may be overwritten), then
+        the chunk of the other row tensors. Without `stats` (forward): (value [C] float32, statistics
+        [*stats_shape, C], gradient factor or None). With `stats` (backward): (None, stats, gradient factor). The
+        gradient factor, in `grad_dtype` (None: not wanted), is G per row times `grad_scale` (the upstream gradient;
+        1 when None)."""
         raise NotImplementedError
+
+    @staticmethod
+    def triton_rows():
+        """The Triton form of `torch_rows`, imported when called: the Triton path is the only one that imports
+        triton (see `_triton`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _chunk(cls, backend, weight, rows, setting, **options):
+        row_work = cls.triton_rows() if backend == "triton" else cls.torch_rows
+        logits = [linear_logits_fp32(row, weight) for row in rows[:cls.head_rows]]
+        return row_work(*logits, *rows[cls.head_rows:], setting=setting, **options)
 
     @classmethod
     def chunked_forward(cls, ctx, rows: tuple[torch.Tensor, ...], weight: torch.Tensor, setting, chunk_rows: int,
@@ -54,9 +70,8 @@ class ChunkedLinearRowsFunction(torch.autograd.Function):
         direction = torch.empty_like(hidden, memory_format=torch.contiguous_format) if precompute else None
         for start in range(0, count, chunk_rows):
             chunk = slice(start, start + chunk_rows)
-            value[chunk], stats[..., chunk], grad_factor = cls.chunk_rows(
-                backend, weight, tuple(row[chunk] for row in rows), setting,
-                grad_dtype=weight.dtype if precompute else None,
+            value[chunk], stats[..., chunk], grad_factor = cls._chunk(
+                backend, weight, [row[chunk] for row in rows], setting, grad_dtype=weight.dtype if precompute else None
             )
             if precompute:
                 torch.mm(grad_factor, weight, out=direction[chunk])
@@ -84,9 +99,9 @@ class ChunkedLinearRowsFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             chunk = slice(start, start + ctx.chunk_rows)
-            _, _, grad_factor = cls.chunk_rows(ctx.backend, weight, tuple(row[chunk] for row in rows), ctx.setting,
-                                               stats=stats[..., chunk], grad_scale=grad_value[chunk],
-                                               grad_dtype=weight.dtype)
+            _, _, grad_factor = cls._chunk(ctx.backend, weight, [row[chunk] for row in rows], ctx.setting,
+                                           stats=stats[..., chunk], grad_scale=grad_value[chunk],
+                                           grad_dtype=weight.dtype)
             if grad_hidden is not None:
                 torch.mm(grad_factor, weight, out=grad_hidden[chunk])
             grad_weight.addmm_(grad_factor.T, hidden[chunk])

@@ -31,19 +31,19 @@ from ._common import (
     check_head_inputs,
     check_labels,
     default_chunk_rows,
-    linear_logits_fp32,
     resolve_backend,
 )
 
 
-def _logprob_rows_torch(logits, labels, ignore_index, *, lse=None, grad_scale=None, grad_dtype=None):
-    """Row work on one chunk of fp32 logits [C, V] (consumed: it may be overwritten).
+def _logprob_rows_torch(logits, labels, *, setting, stats=None, grad_scale=None, grad_dtype=None):
+    """Row work on one chunk of fp32 logits [C, V] (consumed: it may be overwritten); `setting` is ignore_index and
+    the statistics are lse [C].
 
-    Without `lse`: returns (log p(label), lse, grad factor or None). With `lse` (backward): skips the reduction and
-    returns (None, lse, grad factor). The grad factor, in `grad_dtype`, is scale·(e_label − p) per row, scale being
+    Without `stats`: returns (log p(label), lse, grad factor or None). With `stats` (backward): skips the reduction
+    and returns (None, lse, grad factor). The grad factor, in `grad_dtype`, is scale·(e_label − p) per row, scale being
     `grad_scale` (the upstream gradient) or 1, and 0 on ignored rows.
     """
-    valid = labels != ignore_index
+    lse, valid = stats, labels != setting
     safe_labels = torch.where(valid, labels, 0)[:, None]
     logp = None
     if lse is None:
@@ -58,17 +58,15 @@ def _logprob_rows_torch(logits, labels, ignore_index, *, lse=None, grad_scale=No
 
 
 class FusedLinearLogprobsFunction(ChunkedLinearRowsFunction):
-    """Rows: (hidden, labels); setting: ignore_index; statistics: lse [N]."""
+    """Rows: hidden (through the head), labels; setting: ignore_index; statistics: lse [N]."""
+
+    torch_rows = staticmethod(_logprob_rows_torch)
 
     @staticmethod
-    def chunk_rows(backend, weight, rows, ignore_index, *, stats=None, grad_scale=None, grad_dtype=None):
-        if backend == "triton":  # triton is imported on this path only (see _triton)
-            from ._triton.logprob_rows import logprob_rows as row_work
-        else:
-            row_work = _logprob_rows_torch
-        hidden, labels = rows
-        return row_work(linear_logits_fp32(hidden, weight), labels, ignore_index, lse=stats, grad_scale=grad_scale,
-                        grad_dtype=grad_dtype)
+    def triton_rows():
+        from ._triton.logprob_rows import logprob_rows
+
+        return logprob_rows
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, backend):

@@ -52,7 +52,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._chunked_rows import ChunkedLinearRowsFunction
-from ._common import check_chunk_rows, check_head_inputs, default_chunk_rows, linear_logits_fp32, resolve_backend
+from ._common import check_chunk_rows, check_head_inputs, default_chunk_rows, resolve_backend
 
 # two logit blocks (policy, reference) and one scratch block in the torch form
 _LOGIT_BLOCKS = 3
@@ -75,15 +75,14 @@ def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _token_kl_rows_torch(policy_logits, reference_logits, lam, *, stats=None, grad_scale=None, grad_dtype=None):
-    """Row work on one chunk of fp32 logits [C, V] for both models (consumed: they are overwritten).
+def _token_kl_rows_torch(policy_logits, reference_logits, *, setting, stats=None, grad_scale=None, grad_dtype=None):
+    """Row work on one chunk of fp32 logits [C, V] for both models (consumed: they are overwritten); `setting` is λ.
 
     Without `stats`: returns (out [C] float32, statistics [3, C], gradient factor or None). With `stats` (backward):
     skips the reductions and returns (None, stats, gradient factor). The gradient factor, in `grad_dtype`, is
     scale·G per row (module docstring), scale being `grad_scale` (the upstream gradient) or 1.
     """
-    gap = policy_logits - reference_logits
-    kl = None
+    lam, gap, kl = setting, policy_logits - reference_logits, None
     if stats is None:
         max_policy, sum_policy = _max_and_sumexp_(policy_logits)
         max_reference, sum_reference = _max_and_sumexp_(reference_logits)
@@ -109,19 +108,18 @@ def _token_kl_rows_torch(policy_logits, reference_logits, lam, *, stats=None, gr
 
 
 class FusedTokenKLFunction(ChunkedLinearRowsFunction):
-    """Rows: (policy_hidden, reference_hidden); setting: lam; statistics: lse(a), lse(b), E_π[gap] [3, N]."""
+    """Rows: policy_hidden and reference_hidden (both through the head); setting: lam; statistics: lse(a), lse(b),
+    E_π[gap] [3, N]."""
 
     stats_shape = (3,)
+    head_rows = 2
+    torch_rows = staticmethod(_token_kl_rows_torch)
 
     @staticmethod
-    def chunk_rows(backend, weight, rows, lam, *, stats=None, grad_scale=None, grad_dtype=None):
-        if backend == "triton":  # triton is imported on this path only (see _triton)
-            from ._triton.token_kl_rows import token_kl_rows as row_work
-        else:
-            row_work = _token_kl_rows_torch
-        policy_hidden, reference_hidden = rows
-        return row_work(linear_logits_fp32(policy_hidden, weight), linear_logits_fp32(reference_hidden, weight), lam,
-                        stats=stats, grad_scale=grad_scale, grad_dtype=grad_dtype)
+    def triton_rows():
+        from ._triton.token_kl_rows import token_kl_rows
+
+        return token_kl_rows
 
     @staticmethod
     def forward(ctx, policy_hidden, reference_hidden, weight, lam, chunk_rows, backend):

@@ -37,17 +37,24 @@ def _keys_by_value_asc(values, ids):
 
 
 @triton.jit
+def _program_columns(full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span):
+    """Programs (row, split) cover each row's vocabulary in splits of `span` columns: this program's row, split,
+    columns [start, stop) and the two rows' pointers (int64 offsets: rows·V exceeds 2**31 on long answers)."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    start = split * span
+    stop = tl.minimum(start + span, n_cols)
+    return row, split, start, stop, full_ptr + row * full_row_stride, drop_ptr + row * drop_row_stride
+
+
+@triton.jit
 def stats_kernel(
     full_ptr, drop_ptr, full_row_stride, drop_row_stride, n_cols, span, vocab_offset,
     max_full_ptr, sumexp_full_ptr, max_drop_ptr, sumexp_drop_ptr, top_keys_ptr, num_splits,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    start = split * span
-    stop = tl.minimum(start + span, n_cols)
-    full_row = full_ptr + row * full_row_stride
-    drop_row = drop_ptr + row * drop_row_stride
+    row, split, start, stop, full_row, drop_row = _program_columns(full_ptr, drop_ptr, full_row_stride,
+                                                                   drop_row_stride, n_cols, span)
     max_full = float("-inf")
     sumexp_full = 0.0
     max_drop = float("-inf")
@@ -95,12 +102,8 @@ def candidates_kernel(
     labels_ptr, exclude_ptr, max_full_ptr, max_drop_ptr, kth_key_ptr, best_ptr, num_splits, log_alpha,
     log_alpha_drop, coef_full, coef_drop, NUM_EXCLUDED: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
-    start = split * span
-    stop = tl.minimum(start + span, n_cols)
-    full_row = full_ptr + row * full_row_stride
-    drop_row = drop_ptr + row * drop_row_stride
+    row, split, start, stop, full_row, drop_row = _program_columns(full_ptr, drop_ptr, full_row_stride,
+                                                                   drop_row_stride, n_cols, span)
     label = tl.load(labels_ptr + row)
     max_full = tl.load(max_full_ptr + row)
     max_drop = tl.load(max_drop_ptr + row)

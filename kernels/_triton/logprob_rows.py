@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import grad_buffer, upstream_scale
+
 _MAX_BLOCK_V = 4096
 
 
@@ -40,10 +42,7 @@ def logprob_rows_kernel(
         tl.store(logp_ptr + row, tl.where(valid, label_logit - lse, 0.0))
         tl.store(lse_ptr + row, lse)
     if WRITE_GRAD:
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + row).to(tl.float32)
-        else:
-            scale = 1.0
+        scale = upstream_scale(scale_ptr, row, HAS_SCALE)
         grad_row = grad_ptr + row * grad_row_stride
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
@@ -54,15 +53,13 @@ def logprob_rows_kernel(
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def logprob_rows(logits, labels, ignore_index, *, lse=None, grad_scale=None, grad_dtype=None):
+def logprob_rows(logits, labels, *, setting, stats=None, grad_scale=None, grad_dtype=None):
     """The Triton form of fused_linear_logprobs' row work, `_logprob_rows_torch` there (same arguments and results)."""
+    ignore_index, lse = setting, stats
     rows, vocab = logits.shape
     logp = logits.new_empty(rows, dtype=torch.float32)
     lse_buffer = lse if lse is not None else logits.new_empty(rows, dtype=torch.float32)
-    if grad_dtype is None or grad_dtype == logits.dtype:
-        grad = logits  # written in place (or not at all): the chunk's logits are not needed afterwards
-    else:
-        grad = logits.new_empty(rows, vocab, dtype=grad_dtype)
+    grad = grad_buffer(logits, grad_dtype)
     block = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab))
     logprob_rows_kernel[(rows,)](
         logits, logits.stride(0), labels, lse_buffer, grad_scale if grad_scale is not None else logp, logp,

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._rows import grad_buffer, upstream_scale
+
 _MAX_BLOCK_V = 4096
 
 
@@ -69,10 +71,7 @@ def token_kl_rows_kernel(
         tl.store(stats_ptr + stats_stride + row, lse_reference)
         tl.store(stats_ptr + 2 * stats_stride + row, mean_gap)
     if WRITE_GRAD:
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + row).to(tl.float32)
-        else:
-            scale = 1.0
+        scale = upstream_scale(scale_ptr, row, HAS_SCALE)
         grad_row = grad_ptr + row * grad_row_stride
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
@@ -85,15 +84,13 @@ def token_kl_rows_kernel(
             tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
-def token_kl_rows(policy_logits, reference_logits, lam, *, stats=None, grad_scale=None, grad_dtype=None):
+def token_kl_rows(policy_logits, reference_logits, *, setting, stats=None, grad_scale=None, grad_dtype=None):
     """The Triton form of fused_token_kl's row work, `_token_kl_rows_torch` there (same arguments and results)."""
+    lam = setting
     rows, vocab = policy_logits.shape
     kl = policy_logits.new_empty(rows, dtype=torch.float32)
     stats_buffer = stats if stats is not None else policy_logits.new_empty(3, rows, dtype=torch.float32)
-    if grad_dtype is None or grad_dtype == policy_logits.dtype:
-        grad = policy_logits  # written in place (or not at all): each tile is read before it is overwritten
-    else:
-        grad = policy_logits.new_empty(rows, vocab, dtype=grad_dtype)
+    grad = grad_buffer(policy_logits, grad_dtype)
     block = min(_MAX_BLOCK_V, triton.next_power_of_2(vocab))
     token_kl_rows_kernel[(rows,)](
         policy_logits, policy_logits.stride(0), reference_logits, reference_logits.stride(0),
