@@ -18,12 +18,14 @@ Gradient strategy, chosen in forward from which inputs need a gradient:
     recomputes each chunk's logits, turns them into g·G in one pass and runs the two gradient GEMMs.
   * nothing needs grad -> forward only.
 
-A subclass's `forward` and `backward` hand their arguments to `chunked_forward` and `chunked_backward`, as Liger's
-chunked-loss base classes are used.
+A subclass declares its row work and the layout of its row tensors; forward and backward are the base's (forward a
+classmethod, as in Liger's chunked-loss bases, so that it reaches the subclass's declarations). Every op is called
+as `Op.apply(*rows, weight, setting, chunk_rows, backend)`.
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._common import compute_dtype, linear_logits_fp32
 
@@ -58,8 +60,9 @@ class ChunkedLinearRowsFunction(torch.autograd.Function):
         return row_work(*logits, *rows[cls.head_rows:], setting=setting, **options)
 
     @classmethod
-    def chunked_forward(cls, ctx, rows: tuple[torch.Tensor, ...], weight: torch.Tensor, setting, chunk_rows: int,
-                        backend: str, *, hidden_needs_grad: bool, weight_needs_grad: bool) -> torch.Tensor:
+    def forward(cls, ctx, *inputs) -> torch.Tensor:
+        *rows, weight, setting, chunk_rows, backend = inputs
+        hidden_needs_grad, weight_needs_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[len(rows)]
         hidden = rows[0]
         count = hidden.shape[0]
         precompute = hidden_needs_grad and not weight_needs_grad
@@ -75,17 +78,23 @@ class ChunkedLinearRowsFunction(torch.autograd.Function):
             )
             if precompute:
                 torch.mm(grad_factor, weight, out=direction[chunk])
-        ctx.precompute, ctx.hidden_needs_grad = precompute, hidden_needs_grad
-        ctx.setting, ctx.chunk_rows, ctx.backend = setting, chunk_rows, backend
+        ctx.precompute, ctx.hidden_needs_grad, ctx.row_count = precompute, hidden_needs_grad, len(rows)
+        ctx.op, ctx.setting, ctx.chunk_rows, ctx.backend = cls, setting, chunk_rows, backend
         if precompute:
             ctx.save_for_backward(direction)
         elif weight_needs_grad:
             ctx.save_for_backward(*rows, weight, stats)
         return value
 
-    @classmethod
-    def chunked_backward(cls, ctx, grad_value: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(grad of rows[0] or None, grad of weight or None)."""
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_value):
+        # no gradient to the other row tensors (labels, the reference's hidden states), the setting and the options
+        grad_hidden, grad_weight = ChunkedLinearRowsFunction._hidden_and_weight_grads(ctx, grad_value)
+        return grad_hidden, *[None] * (ctx.row_count - 1), grad_weight, None, None, None
+
+    @staticmethod
+    def _hidden_and_weight_grads(ctx, grad_value: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if ctx.precompute:
             (direction,) = ctx.saved_tensors
             # fp32 multiply, one rounding into the hidden dtype; `out=` avoids an fp32 [N, D] temporary
@@ -99,9 +108,9 @@ class ChunkedLinearRowsFunction(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         for start in range(0, hidden.shape[0], ctx.chunk_rows):
             chunk = slice(start, start + ctx.chunk_rows)
-            _, _, grad_factor = cls._chunk(ctx.backend, weight, [row[chunk] for row in rows], ctx.setting,
-                                           stats=stats[..., chunk], grad_scale=grad_value[chunk],
-                                           grad_dtype=weight.dtype)
+            _, _, grad_factor = ctx.op._chunk(ctx.backend, weight, [row[chunk] for row in rows], ctx.setting,
+                                              stats=stats[..., chunk], grad_scale=grad_value[chunk],
+                                              grad_dtype=weight.dtype)
             if grad_hidden is not None:
                 torch.mm(grad_factor, weight, out=grad_hidden[chunk])
             grad_weight.addmm_(grad_factor.T, hidden[chunk])

@@ -23,7 +23,6 @@ the same chunks with torch.logsumexp and an in-place exp on the chunk buffer.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._chunked_rows import ChunkedLinearRowsFunction
 from ._common import (
@@ -68,19 +67,6 @@ class FusedLinearLogprobsFunction(ChunkedLinearRowsFunction):
 
         return logprob_rows
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows, backend):
-        return FusedLinearLogprobsFunction.chunked_forward(
-            ctx, (hidden, labels), weight, ignore_index, chunk_rows, backend,
-            hidden_needs_grad=ctx.needs_input_grad[0], weight_needs_grad=ctx.needs_input_grad[1],
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_logp):
-        grad_hidden, grad_weight = FusedLinearLogprobsFunction.chunked_backward(ctx, grad_logp)
-        return grad_hidden, grad_weight, None, None, None, None
-
 
 def fused_linear_logprobs(
     hidden: torch.Tensor,
@@ -105,5 +91,5 @@ def fused_linear_logprobs(
     check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index, op=op)
     backend = resolve_backend(backend, hidden.device)
     chunk_rows = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype, logit_blocks=1)
-    return FusedLinearLogprobsFunction.apply(hidden, weight, labels.long().contiguous(), ignore_index, chunk_rows,
+    return FusedLinearLogprobsFunction.apply(hidden, labels.long().contiguous(), weight, ignore_index, chunk_rows,
                                              backend)

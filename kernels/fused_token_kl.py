@@ -49,7 +49,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._chunked_rows import ChunkedLinearRowsFunction
 from ._common import check_chunk_rows, check_head_inputs, default_chunk_rows, resolve_backend
@@ -120,19 +119,6 @@ class FusedTokenKLFunction(ChunkedLinearRowsFunction):
         from ._triton.token_kl_rows import token_kl_rows
 
         return token_kl_rows
-
-    @staticmethod
-    def forward(ctx, policy_hidden, reference_hidden, weight, lam, chunk_rows, backend):
-        return FusedTokenKLFunction.chunked_forward(
-            ctx, (policy_hidden, reference_hidden), weight, lam, chunk_rows, backend,
-            hidden_needs_grad=ctx.needs_input_grad[0], weight_needs_grad=ctx.needs_input_grad[2],
-        )
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_kl):
-        grad_policy, grad_weight = FusedTokenKLFunction.chunked_backward(ctx, grad_kl)
-        return grad_policy, None, grad_weight, None, None, None
 
 
 def _check_inputs(policy_hidden, reference_hidden, weight, lam, mask, chunk_size, op):
