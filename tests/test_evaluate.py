@@ -156,6 +156,28 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_file(fresh_run, tin
     assert (out / "predictions.jsonl").read_bytes() == before
 
 
+
+def test_resume_refusal_names_each_answer_setting_and_lets_the_others_change(fresh_run, tiny_model_dir, eval_set,
+                                                                            tmp_path, monkeypatch):
+    """The settings that change the answers must match run.json (named, then and now, in one SettingsChangedError);
+    the batch size, device and --limit may differ on resume."""
+    from hscr_fast.runtime.resume import SettingsChangedError
+
+    out = tmp_path / "run"
+    shutil.copytree(fresh_run, out)
+    before = (out / "predictions.jsonl").read_bytes()
+    monkeypatch.setattr("hscr_fast.evaluation.run.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SettingsChangedError, match=r"predictions\.jsonl was made with other settings: drop_ratio: 0\.0 "
+                                                   r"there, 0\.25 now; seed: 0 there, 3 now; use another --out, or the "
+                                                   r"same settings to resume"):
+        evaluate_model(tiny_model_dir, eval_set[0], eval_set[1], out, visual=VisualCondition("full", 0.25, "remove", 3),
+                       max_new_tokens=6, batch_size=3, progress=False)
+    assert (out / "predictions.jsonl").read_bytes() == before
+    monkeypatch.undo()
+    assert main(_args(tiny_model_dir, *eval_set, out, "--batch-size", 2, "--limit", 5, "--device", "cpu")) == 0
+    assert (out / "predictions.jsonl").read_bytes() == before  # every answer was there: nothing generated again
+
+
 # -- scoring an existing answer file -------------------------------------------------------------------------------
 
 HAND_DATA = [  # (id, answer, answer_type, organ, prediction)

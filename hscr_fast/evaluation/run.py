@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # only for annotations: the generation code is imported where
     from hscr_fast.evaluation.generation import GenerationPrompt
 from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.precision import resolve_dtype, torch_dtype
+from hscr_fast.runtime.resume import refuse_changes, setting_differences
 
 logger = logging.getLogger(__name__)
 
@@ -393,12 +394,9 @@ def _check_resume_settings(out_dir: Path, run: dict[str, Any]) -> None:
         earlier = json.loads(run_path.read_text())
     except json.JSONDecodeError:
         return
-    differences = [f"{key}: {earlier.get(key)!r} there, {run.get(key)!r} now" for key in ANSWER_DETERMINING_SETTINGS
-                   if earlier.get(key) != run.get(key)]
-    if differences:
-        raise EvaluationError(f"{predictions_path} holds answers generated with other settings "
-                              f"({'; '.join(differences)}); use another --out, or the same settings to resume (the "
-                              f"file is left as it is)")
+    refuse_changes(predictions_path, setting_differences(earlier, run, keys=ANSWER_DETERMINING_SETTINGS,
+                                                         wording="{key}: {earlier!r} there, {now!r} now"),
+                   "use another --out, or the same settings to resume (the file is left as it is)")
 
 
 def evaluate_vlm(vlm, records: list[VQARecord], out_dir: str | Path, *, image_folder: str | Path | None,

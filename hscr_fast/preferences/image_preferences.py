@@ -60,10 +60,9 @@ from hscr_fast.runtime.io import (
     OutputFiles,
     atomic_output,
     atomic_write_json,
-    check_same_arguments,
-    fingerprint_of,
     read_jsonl,
 )
+from hscr_fast.runtime.resume import check_same_arguments, fingerprint_of
 
 KIND = "image-dispreference"
 SOURCES = ("phantom", "slake")

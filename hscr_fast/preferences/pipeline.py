@@ -51,13 +51,17 @@ from hscr_fast.runtime.io import (
     OutputFiles,
     atomic_write_json,
     atomic_write_text,
-    check_same_arguments,
     check_writable,
-    fingerprint_of,
     refuse_outputs_over_inputs,
 )
 from hscr_fast.runtime.precision import resolve_dtype
-from hscr_fast.runtime.resume import check_same_settings, content_hash, record_settings
+from hscr_fast.runtime.resume import (
+    check_same_arguments,
+    check_same_settings,
+    content_hash,
+    fingerprint_of,
+    record_settings,
+)
 
 FINGERPRINT_ARGS = ("seed", "perturbation", "drop_ratio", "dropout_mode", "sensitivity", "min_sensitivity", "beta",
                     "top_n", "alpha", "replacement", "num_alternatives",

@@ -11,7 +11,6 @@ Two rules keep an interrupted run from leaving a broken file behind:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -336,16 +335,3 @@ class OutputFiles:
     @property
     def summary(self) -> Path:
         return self.stem.with_name(self.stem.name + ".summary.json")
-
-
-def fingerprint_of(values: dict[str, Any]) -> str:
-    """16 hex digits identifying the arguments that decide a record's content; stored on every output line."""
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_same_arguments(path: PathLike, line: dict, fingerprint: str) -> None:
-    """A resumed run may only add to output made with the same arguments; an `HscrError` naming both otherwise."""
-    if line.get("args_fingerprint") != fingerprint:
-        raise HscrError(f"{path} holds results made with different arguments (args_fingerprint "
-                         f"{line.get('args_fingerprint')!r}, this run {fingerprint!r}). Re-run with the original "
-                         f"arguments to resume, or choose a new --out.")

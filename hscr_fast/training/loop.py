@@ -18,6 +18,7 @@ import torch
 from hscr_fast.runtime.distributed import init_distributed
 from hscr_fast.runtime.errors import HscrError, TrainingDiverged
 from hscr_fast.runtime.precision import resolve_dtype, torch_dtype
+from hscr_fast.runtime.resume import refuse_changes, setting_differences
 from hscr_fast.training.config import TrainConfig
 
 LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
@@ -191,11 +192,11 @@ def train(config: TrainConfig) -> TrainResult:
     if config.resume and engine.latest_tag():
         state = engine.load(engine.latest_tag())
         # A checkpoint written before a setting existed recorded nothing for it: it ran with that setting's default.
-        saved = {**RUN_IDENTITY_DEFAULTS, **state["run"]}
-        mismatched = {k: (saved.get(k), v) for k, v in run_identity.items() if saved.get(k) != v}
-        if mismatched:
-            raise HscrError(f"cannot resume {out}: the run changed since the checkpoint "
-                             f"(saved, now): {mismatched}")
+        refuse_changes(engine.checkpoint_dir / engine.latest_tag(),
+                       setting_differences(state["run"], run_identity, keys=run_identity,
+                                           defaults=RUN_IDENTITY_DEFAULTS),
+                       "resume with the settings it was made with, or give --overwrite instead of --resume to start "
+                       "the run in --out afresh")
         step, micro_step = state["step"], state["micro_step"]
         best_eval_loss = state.get("best_eval_loss", math.inf)
         say(f"[hscr] resumed from {engine.checkpoint_dir / engine.latest_tag()} at step {step}/{total_steps}")

@@ -4,13 +4,14 @@ The reference model of MLPO/DPO is the SFT model. With LoRA it is the base model
 instead of holding a second 7B model we run the same listwise forward once over the data, without gradients, and
 cache log π_ref(y) for every response. Training then holds one model.
 
-The cache is keyed by a fingerprint of everything that changes the numbers: the model (config, weight file names,
-sizes and modification times — hashing 14 GB of weights would take longer than recomputing), the preference file's
-bytes, the prompt format and the dtype. Under torchrun every rank computes a shard and rank 0 writes the file.
+The cache is keyed by the `content_hash` (hscr_fast.runtime.resume) of everything that changes the numbers: the model
+(config, weight file names, sizes and modification times — hashing 14 GB of weights would take longer than
+recomputing), the preference file's bytes, the prompt format and the dtype. Other settings name another cache file;
+the same fingerprint is the training run's `preferences_fingerprint`, so a checkpoint resumes only on the same data and
+reference. Under torchrun every rank computes a shard and rank 0 writes the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -19,22 +20,27 @@ from tqdm.auto import tqdm
 
 from hscr_fast.listwise import listwise_logprobs, pack_examples
 from hscr_fast.runtime.io import atomic_output
+from hscr_fast.runtime.resume import content_hash, file_digest
 from hscr_fast.training.data import TokenizedPreference, to_examples
+
+
+def reference_settings(model_dir: str | Path, preferences_path: str | Path, *, prompt_format: str,
+                       dtype: torch.dtype) -> dict:
+    """What the reference log-probs depend on. Of the model's files, the JSON ones by content, the weights by name,
+    size and modification time."""
+    model_files = {}
+    for path in sorted(Path(model_dir).glob("*")):
+        if path.suffix in (".json", ".safetensors", ".bin", ".model"):
+            stat = path.stat()
+            model_files[path.name] = [stat.st_size, stat.st_mtime_ns,
+                                      file_digest(path) if path.suffix == ".json" else None]
+    return {"model_files": model_files, "preferences": file_digest(preferences_path), "prompt_format": prompt_format,
+            "dtype": str(dtype)}
 
 
 def reference_fingerprint(model_dir: str | Path, preferences_path: str | Path, *, prompt_format: str,
                           dtype: torch.dtype) -> str:
-    digest = hashlib.sha256()
-    model_dir = Path(model_dir)
-    for path in sorted(model_dir.glob("*")):
-        if path.suffix in (".json", ".safetensors", ".bin", ".model"):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-            if path.suffix == ".json":
-                digest.update(path.read_bytes())
-    digest.update(Path(preferences_path).read_bytes())
-    digest.update(f"{prompt_format}:{dtype}".encode())
-    return digest.hexdigest()[:16]
+    return content_hash(reference_settings(model_dir, preferences_path, prompt_format=prompt_format, dtype=dtype))
 
 
 def reference_cache_path(preferences_path: str | Path, fingerprint: str) -> Path:
