@@ -94,18 +94,21 @@ def lists(tmp_path_factory):
 
 def test_train_resume_names_the_changed_setting_and_allows_the_schedule_free_ones(lists, tmp_path, train_config):
     out = tmp_path / "run"
-    assert train(train_config(lists, out, stop_after_steps=2)).steps == 2
+    assert train(train_config(lists, out, stop_after_steps=2, chosen_nll_weight=0.1)).steps == 2
     with pytest.raises(SettingsChangedError) as refused:
-        train(train_config(lists, out, resume=True, epochs=3, gamma=0.2))
+        train(train_config(lists, out, resume=True, epochs=3, gamma=0.2, chosen_nll_weight=0.1))
     message = str(refused.value)
     assert re.match(r".*checkpoints/step-2 was made with other settings: epochs 2 then, 3 now; resume with the "
                     r"settings it was made with, or give --overwrite", message), message
     assert "gamma" not in message  # the reward scale may change on resume: it is not part of the run's identity
+    # the NLL weight is recorded only when it is on: dropping it is a difference too
+    with pytest.raises(SettingsChangedError, match=r"chosen_nll_weight 0\.1 then, None now"):
+        train(train_config(lists, out, resume=True))
     with pytest.raises(SettingsChangedError, match=r"kind_weights \{\} then, \{'image-dispreference': 0\.5\} now"):
-        train(train_config(lists, out, resume=True, kind_weight=["image-dispreference=0.5"]))
+        train(train_config(lists, out, resume=True, chosen_nll_weight=0.1, kind_weight=["image-dispreference=0.5"]))
     # the learning rate and the save interval are not part of it: the run resumes
-    assert train(train_config(lists, out, resume=True, learning_rate=1e-3, save_steps=3, stop_after_steps=3)).steps \
-        == 3
+    assert train(train_config(lists, out, resume=True, chosen_nll_weight=0.1, learning_rate=1e-3, save_steps=3,
+                              stop_after_steps=3)).steps == 3
 
 
 # -- the reference cache ----------------------------------------------------------------------------------------------

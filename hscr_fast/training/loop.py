@@ -192,9 +192,9 @@ def train(config: TrainConfig) -> TrainResult:
     if config.resume and engine.latest_tag():
         state = engine.load(engine.latest_tag())
         # A checkpoint written before a setting existed recorded nothing for it: it ran with that setting's default.
+        # Both sides' keys count: a setting recorded only when it is on (the NLL weight) is a difference either way.
         refuse_changes(engine.checkpoint_dir / engine.latest_tag(),
-                       setting_differences(state["run"], run_identity, keys=run_identity,
-                                           defaults=RUN_IDENTITY_DEFAULTS),
+                       setting_differences(state["run"], run_identity, defaults=RUN_IDENTITY_DEFAULTS),
                        "resume with the settings it was made with, or give --overwrite instead of --resume to start "
                        "the run in --out afresh")
         step, micro_step = state["step"], state["micro_step"]
