@@ -70,6 +70,7 @@ _KEPT_PER_CHUNK_ELEMENTS = 4  # from hidden: pass 1 keeps at most one possible c
 
 REPLACEMENT_RULES = ("pdiff", "deprived")
 
+
 @dataclass
 class ContrastiveSelection:
     """Stage-1 selection for one sequence of T answer positions."""
@@ -464,12 +465,10 @@ def contrastive_select(
     which on peaked rows picks tokens implausible even without the image (the module docstring has the example).
     `rule="deprived"` takes instead the highest (1+β)·L' − β·L among the top-`num_candidates` tokens of L' with
     p_drop ≥ alpha_drop·max p_drop (`alpha` then plays no part). `exclude` [T, E] int64 (−1: padding) names tokens
-    never to
-    choose at row t (special tokens; replacements already taken). `min_sensitivity`: positions need s_t above it
-    (0.0: only tokens the image supports); None takes the top-n whatever their sign.
-    Logits may be bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is
-    fp32. `chunk_size`: vocabulary columns per tile in the torch form (default: whole rows, in blocks of about
-    2M elements).
+    never to choose at row t (special tokens; replacements already taken). `min_sensitivity`: positions need s_t
+    above it (0.0: only tokens the image supports); None takes the top-n whatever their sign. Logits may be
+    bf16/fp16/fp32 (fp64 is read as fp32); all arithmetic is fp32. `chunk_size`: vocabulary columns per tile in the
+    torch form (default: whole rows, in blocks of about 2M elements).
     """
     op = "contrastive_select"
     if logits_full.dim() != 2 or logits_full.shape != logits_drop.shape:

@@ -144,8 +144,6 @@ def test_low_precision_error_is_within_a_small_multiple_of_pytorchs_own(backend,
     assert_error_within_pytorchs_own(ours, plain, reference)
 
 
-
-
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
 def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad):
     rows, vocab, dim, chunk = 300, 1031, 40, 64
@@ -202,7 +200,6 @@ def test_triton_kernel_compiles_for_hopper():
                {"HAS_LSE": has_lse, "WRITE_GRAD": write_grad, "HAS_SCALE": has_scale, "BLOCK_V": 4096})
               for has_lse, write_grad, has_scale in [(False, False, False), (False, True, False), (True, True, True)]]
     assert_kernels_compile_for_hopper("hscr_fast.kernels._triton.logprob_rows", builds)
-
 
 
 # Liger's Triton kernels also run in Triton's interpreter, so the oracle runs on CPU too (small shapes only there).

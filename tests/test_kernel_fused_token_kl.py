@@ -220,8 +220,6 @@ def test_output_is_float32_and_reference_gets_no_gradient(backend):
     assert reference.grad is None and weight.grad is not None
 
 
-
-
 @pytest.mark.parametrize("weight_grad", [False, True], ids=["frozen-weight", "trained-weight"])
 def test_no_tensor_of_all_rows_by_vocabulary_is_ever_created(weight_grad):
     rows, vocab, dim, chunk = 150, 1031, 40, 32
