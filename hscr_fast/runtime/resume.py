@@ -8,8 +8,9 @@ are records, a content hash of each record. A rerun compares its own with the re
 settings count is each command's choice, made where it builds the dict:
 - generate (`OUT.settings.json`, written here by `record_settings`): every setting that decides a list, the model,
   data and image folder, the batch size, and every selected record; a larger --num-samples is new work, not a change;
-- train (the checkpoint's `run`): the data and reference (`preferences_fingerprint`), the objective, the batch
-  geometry, epochs, seed and held-out split; learning rate, save and log intervals may change on resume;
+- train (the checkpoint's `run`): the model and data (`preferences_fingerprint`), the loss kind and its weights
+  (kind weights, token KL, NLL), the world size, batch geometry, epochs, seed and held-out split; the learning rate,
+  γ, save and log intervals may change on resume;
 - evaluate (`run.json` beside the predictions): the settings that change the generated answers, not the batch size,
   device or --limit;
 - the reference log-prob cache is found by `content_hash` of its settings (model files, preference file, prompt
