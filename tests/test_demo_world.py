@@ -1,5 +1,7 @@
 """The demo world: the smoke preset built from nothing into a temporary directory, reloaded, reused, and its training
 pieces (schedule, patch targets, determinism) checked on their own."""
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -52,6 +54,10 @@ def test_smoke_world_is_built_from_nothing_within_budget(smoke_world):
         assert (world.model_dir / name).is_file(), name
     manifest = json.loads((world.root / MANIFEST_NAME).read_text())
     assert manifest["fingerprint"] == world.fingerprint == preset_fingerprint(PRESETS["smoke"])
+    # The weights' digest is recorded, and the build ran with the preset's thread count whatever the machine has.
+    weights = (world.model_dir / "model.safetensors").read_bytes()
+    assert manifest["sft_report"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    assert manifest["sft_report"]["sft"]["num_threads"] == PRESETS["smoke"].num_threads
     # No temporary directories are left behind by the atomic writes.
     assert not [p for p in world.root.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
@@ -121,6 +127,9 @@ def test_only_a_complete_world_of_the_same_recipe_is_reused(smoke_world, tmp_pat
     assert load_complete_world(world.root, "smoke") == world
     assert load_complete_world(world.root, "full") is None  # another preset's fingerprint
     assert preset_fingerprint(PRESETS["smoke"]) != preset_fingerprint(PRESETS["full"])
+    # The thread count changes the order of floating-point sums, hence the weights: it is part of the recipe.
+    assert preset_fingerprint(PRESETS["smoke"]) != preset_fingerprint(
+        dataclasses.replace(PRESETS["smoke"], num_threads=PRESETS["smoke"].num_threads + 1))
 
     copy = tmp_path / "copy"
     shutil.copytree(world.root, copy)
@@ -184,10 +193,11 @@ def test_patch_lesion_classes_follow_the_dominant_lesion():
         patch_lesion_classes(np.zeros((30, 28), dtype=np.uint8), [], 14)
 
 
-def test_sft_is_deterministic_and_trains_every_used_parameter(smoke_world):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sft_is_deterministic_and_trains_every_used_parameter(smoke_world, threads):
     world, _ = smoke_world
     records, _ = load_llava_med_json(world.train_json, world.image_folder)
-    config = SFTConfig(steps=3, batch_size=4, warmup_steps=1, num_threads=1, seed=3)
+    config = SFTConfig(steps=3, batch_size=4, warmup_steps=1, num_threads=threads, seed=3)
     runs = []
     for _ in range(2):
         vlm = build_demo_model(PRESETS["smoke"])

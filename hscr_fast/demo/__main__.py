@@ -1,4 +1,4 @@
-"""`python -m hscr_fast.demo [--root DIR] [--preset full|smoke] [--force] [--threads N]`
+"""`python -m hscr_fast.demo [--root DIR] [--preset full|smoke] [--force]`
 
 Prepares the demo world from nothing (phantom data, a tiny LLaVA SFT-trained on it; see `hscr_fast.demo.world`), or
 finds it already prepared, then prints where everything is and the model's Med-VQA scores and report hallucination
@@ -52,15 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                                        f"{default_root('PRESET').parent}/demo-PRESET)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete world is there")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for the build (default: the preset's, 2 for full; on a busy shared machine "
-                             "1 is often faster)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or build messages")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    world = ensure_demo_world(args.root, preset=args.preset, progress=not args.quiet, force=args.force,
-                              num_threads=args.threads)
+    world = ensure_demo_world(args.root, preset=args.preset, progress=not args.quiet, force=args.force)
     print(summary(world, time.perf_counter() - started))
     return 0
 

@@ -12,7 +12,8 @@ Every hscr_fast command falls back to it when given no model or data (`from hscr
    with it) with and without the visual tokens, and a question-only baseline;
 5. the checkpoint under `ROOT/model` (transformers `save_pretrained` model + processor + the `hscr_fast.json` sidecar),
    written in a temporary sibling directory and moved into place with `os.replace`;
-6. `ROOT/world.json`, written last: the preset's fingerprint and the SFT report. Its presence with a matching
+6. `ROOT/world.json`, written last: the preset's fingerprint, the SFT report and the SHA-256 of the trained weights
+   (what to compare when two builds' numbers differ). Its presence with a matching
    fingerprint is what "complete" means, so a later call is a no-op and an interrupted build is redone.
 
 A file lock (`ROOT/.lock`) serialises concurrent builders (several torchrun ranks falling back to the demo at once):
@@ -52,7 +53,7 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "proce
 
 @dataclass(frozen=True)
 class DemoPreset:
-    """Everything that decides the world's contents; all of it (but the thread count) goes into the fingerprint."""
+    """Everything that decides the world's contents; all of it goes into the fingerprint."""
 
     name: str
     dataset: dict[str, int]  # keyword arguments of `build_phantom_dataset`
@@ -60,8 +61,10 @@ class DemoPreset:
     vision_warmup: VisionWarmupConfig
     sft: SFTConfig
     eval_questions: int  # the first N test questions of each split are answered with and without visual tokens
-    # torch threads for the build: the demo's budget is 2 cores; the smoke model's ops are too small to gain from a
-    # second thread, and on a busy machine every op of a 2-thread run waits for the slower thread.
+    # torch threads for the build, always this many whatever the machine has: a CPU reduction split over 2 threads
+    # adds in another order than one over 1, and after 500 SFT steps the worlds differ (a 1-thread build of "full"
+    # answered a few test questions differently from a 2-thread one). 2 is the demo's budget of cores; the smoke
+    # model's ops are too small to gain from a second thread.
     num_threads: int = 2
 
 
@@ -117,15 +120,17 @@ def default_root(preset: str = "full") -> Path:
 
 
 def preset_fingerprint(preset: DemoPreset) -> str:
-    """A short hash of everything that decides the world's contents (the thread count changes only the speed)."""
+    """A short hash of everything that decides the world's contents, the thread count included (it changes the
+    order of floating-point sums)."""
     from hscr_fast.demo.phantom import PHANTOM_VERSION, phantom_corpus
 
-    def recipe(config) -> dict:  # everything but the thread count
+    def recipe(config) -> dict:  # the stage configs run with the preset's thread count, recorded once below
         return {k: v for k, v in dataclasses.asdict(config).items() if k != "num_threads"}
 
     described = {"world_version": WORLD_VERSION, "phantom_version": PHANTOM_VERSION, "preset": preset.name,
                  "dataset": preset.dataset, "model": preset.model, "vision_warmup": recipe(preset.vision_warmup),
                  "sft": recipe(preset.sft), "eval_questions": preset.eval_questions,
+                 "num_threads": preset.num_threads,
                  "corpus": hashlib.sha256("\n".join(phantom_corpus()).encode()).hexdigest()}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -199,7 +204,7 @@ def _exclusive(root: Path):
 
 
 def ensure_demo_world(root: str | os.PathLike | None = None, *, preset: str = "full", progress: bool = True,
-                      force: bool = False, num_threads: int | None = None) -> DemoWorld:
+                      force: bool = False) -> DemoWorld:
     """The demo world at `root` (default: `default_root(preset)`), built first if it is missing, incomplete, or from
     another recipe (or when `force`). A complete world with the same fingerprint is returned without any work.
 
@@ -214,11 +219,8 @@ def ensure_demo_world(root: str | os.PathLike | None = None, *, preset: str = "f
         # Another process may have finished the world while this one waited for the lock.
         if not force and (world := load_complete_world(root, preset)) is not None:
             return world
-        threads = num_threads if num_threads is not None else min(spec.num_threads, os.cpu_count() or 1)
-        if threads < 1:
-            raise ValueError(f"num_threads must be ≥ 1, got {num_threads}")
-        spec = dataclasses.replace(spec, num_threads=threads,
-                                   vision_warmup=dataclasses.replace(spec.vision_warmup, num_threads=threads),
+        threads = spec.num_threads
+        spec = dataclasses.replace(spec, vision_warmup=dataclasses.replace(spec.vision_warmup, num_threads=threads),
                                    sft=dataclasses.replace(spec.sft, num_threads=threads))
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(threads)  # also for the data preparation and the evaluation around the training
@@ -309,6 +311,7 @@ def _build(root: Path, spec: DemoPreset, progress: bool) -> DemoWorld:
         "seconds": timings,
     }
     fingerprint = preset_fingerprint(spec)
+    report["weights_sha256"] = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
     atomic_write_json(root / MANIFEST_NAME, {"fingerprint": fingerprint, "preset": spec.name,
                                              "world_version": WORLD_VERSION, "sft_report": report})
     _say(progress, f"demo world ready in {timings['total']:.0f} s: {model_dir}")
