@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import grad_buffer, upstream_scale
+from ._rows import grad_buffer, gradient_row
 
 _MAX_BLOCK_V = 4096
 
@@ -42,8 +42,7 @@ def logprob_rows_kernel(
         tl.store(logp_ptr + row, tl.where(valid, label_logit - lse, 0.0))
         tl.store(lse_ptr + row, lse)
     if WRITE_GRAD:
-        scale = upstream_scale(scale_ptr, row, HAS_SCALE)
-        grad_row = grad_ptr + row * grad_row_stride
+        scale, grad_row = gradient_row(scale_ptr, grad_ptr, grad_row_stride, row, HAS_SCALE)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < n_cols

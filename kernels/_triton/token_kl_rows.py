@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import grad_buffer, upstream_scale
+from ._rows import grad_buffer, gradient_row
 
 _MAX_BLOCK_V = 4096
 
@@ -71,8 +71,7 @@ def token_kl_rows_kernel(
         tl.store(stats_ptr + stats_stride + row, lse_reference)
         tl.store(stats_ptr + 2 * stats_stride + row, mean_gap)
     if WRITE_GRAD:
-        scale = upstream_scale(scale_ptr, row, HAS_SCALE)
-        grad_row = grad_ptr + row * grad_row_stride
+        scale, grad_row = gradient_row(scale_ptr, grad_ptr, grad_row_stride, row, HAS_SCALE)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             in_row = cols < n_cols
