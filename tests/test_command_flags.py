@@ -1,6 +1,7 @@
-"""The flags of `python -m hscr_fast.generate` and `python -m hscr_fast.evaluate`, now dataclasses parsed by
-HfArgumentParser: every flag the hand-written argparse parsers had keeps its name, default, choices and type, and a
-bad value is refused in one line with exit 2 (as train's are)."""
+"""The flags of `python -m hscr_fast.generate`, `python -m hscr_fast.evaluate` and the sibling data builders
+(`hscr_fast.preferences.image_preferences`, `.minimal_edits`), now dataclasses parsed by HfArgumentParser: every flag
+the hand-written argparse parsers had keeps its name, default, choices and type, and a bad value is refused in one
+line with exit 2 (as train's are)."""
 import dataclasses
 import typing
 
@@ -8,7 +9,9 @@ import pytest
 
 from hscr_fast import evaluate, generate, train
 from hscr_fast.evaluation.config import EvaluateConfig
+from hscr_fast.preferences import image_preferences, minimal_edits
 from hscr_fast.preferences.config import GenerateConfig, SelfContrastConfig
+from hscr_fast.runtime.flags import parse_flags
 
 SWITCH = object()  # a flag given without a value
 
@@ -76,6 +79,28 @@ EVALUATE_FLAGS = {
 }
 EVALUATE_CHOICES = {"--dtype": ("auto", "float32", "bfloat16", "float16"), "--visual": ("full", "none"),
                     "--dropout-mode": ("remove", "mask")}
+IMAGE_PREFERENCE_FLAGS = {
+    "--data": ("data", "lesions.json", "other.json", "other.json"),  # required: the value every case gives
+    "--image-folder": ("image_folder", None, "images", "images"),
+    "--source": ("source", "auto", "slake", "slake"),
+    "--mask-folder": ("mask_folder", None, "masks", "masks"),
+    "--annotation-folder": ("annotation_folder", None, "xmlab", "xmlab"),
+    "--out": ("out", "image_preferences.jsonl", "o.jsonl", "o.jsonl"),
+    "--out-images": ("out_images", None, "corrupted", "corrupted"),
+    "--num-samples": ("num_samples", 0, "5", 5),
+    "--mode": ("mode", "replace", "add", "add"),
+    "--sigma": ("sigma", None, "10", 10.0),
+    "--fill-mean": ("fill_mean", None, "0", 0.0),
+    "--seed": ("seed", 0, "4", 4),
+    "--labels": ("labels", None, "Nodule,Mass", "Nodule,Mass"),
+    "--margin": ("margin", 0, "2", 2),
+}
+IMAGE_PREFERENCE_CHOICES = {"--source": ("phantom", "slake", "auto"), "--mode": ("replace", "add")}
+MINIMAL_EDIT_FLAGS = {
+    "--preferences": ("preferences", "prefs.jsonl", "other.jsonl", "other.jsonl"),  # required
+    "--out": ("out", "edits.jsonl", "o.jsonl", "o.jsonl"),  # required
+    "--max-edited-words": ("max_edited_words", 3, "5", 5),
+}
 
 
 def _argv(flag, typed) -> list[str]:
@@ -92,8 +117,24 @@ def _evaluate_values(argv):
     return dataclasses.asdict(EvaluateConfig.from_args(argv))
 
 
-COMMANDS = {"generate": (GENERATE_FLAGS, GENERATE_CHOICES, _generate_values, generate.build_parser),
-            "evaluate": (EVALUATE_FLAGS, EVALUATE_CHOICES, _evaluate_values, evaluate.build_parser)}
+def _with_required(build_parser, required):
+    """The parsed flags of a command that requires some (given first, each overridable by a later flag)."""
+    def values(argv):
+        (config,) = parse_flags(build_parser(), [*required, *argv])
+        return dataclasses.asdict(config)
+    return values
+
+
+COMMANDS = {
+    "generate": (GENERATE_FLAGS, GENERATE_CHOICES, _generate_values, generate.build_parser),
+    "evaluate": (EVALUATE_FLAGS, EVALUATE_CHOICES, _evaluate_values, evaluate.build_parser),
+    "image_preferences": (IMAGE_PREFERENCE_FLAGS, IMAGE_PREFERENCE_CHOICES,
+                          _with_required(image_preferences.build_parser, ["--data", "lesions.json"]),
+                          image_preferences.build_parser),
+    "minimal_edits": (MINIMAL_EDIT_FLAGS, {}, _with_required(minimal_edits.build_parser,
+                                                             ["--preferences", "prefs.jsonl", "--out", "edits.jsonl"]),
+                      minimal_edits.build_parser),
+}
 CASES = [(command, flag) for command, (flags, *_) in COMMANDS.items() for flag in flags]
 
 
@@ -144,6 +185,9 @@ def test_stage1_settings_are_parsed_straight_into_the_library_config():
     (evaluate.main, ["--drop-ratio", "half"], r"^error: argument --drop_ratio/--drop-ratio: invalid float"),
     (train.main, ["--epochs", "1.5"], r"^error: argument --epochs: invalid int value: '1.5'"),
     (train.main, ["--epochs", "1", "--no-such-flag"], r"^error: unrecognized arguments: --no-such-flag"),
+    (image_preferences.main, ["--data", "d.json", "--sigma", "loud"], r"^error: argument --sigma: invalid float"),
+    (image_preferences.main, [], r"^error: the following arguments are required: --data"),
+    (minimal_edits.main, ["--preferences", "p.jsonl"], r"^error: the following arguments are required: --out"),
 ])
 def test_a_value_argparse_cannot_take_is_one_line_and_exit_2(main, argv, message, capsys):
     import re

@@ -46,15 +46,16 @@ the reader accepts (0 = all); records the reader rejects are counted in the summ
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hscr_fast.runtime.errors import HscrError, exit_code_of
+from hscr_fast.runtime.flags import flag_parser, parse_flags, setting
 from hscr_fast.runtime.io import (
     JsonlAppender,
     OutputFiles,
@@ -69,38 +70,38 @@ SOURCES = ("phantom", "slake")
 FINGERPRINT_ARGS = ("source", "mode", "sigma", "fill_mean", "seed", "labels", "margin")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hscr_fast.preferences.image_preferences",
-        description="Write image-side preference records: the same answer under the clean image (preferred) and under "
-                    "a lesion-corrupted copy (dispreferred).")
-    io = parser.add_argument_group("inputs and outputs")
-    io.add_argument("--data", required=True, help="LLaVA-Med JSON list with lesion annotations")
-    io.add_argument("--image-folder", help="folder the data's image paths are relative to (default: the data's folder)")
-    io.add_argument("--source", choices=(*SOURCES, "auto"), default="auto",
-                    help="where lesion regions come from (default: auto = phantom when the records carry "
-                         "'mask'/'lesions', else slake)")
-    io.add_argument("--mask-folder",
-                    help="phantom: folder of the records' 'mask' files (default: IMAGE_FOLDER/../masks)")
-    io.add_argument("--annotation-folder",
-                    help="slake: folder holding xmlabN/detection.json and mask.png (default: the image folder)")
-    io.add_argument("--out", default="image_preferences.jsonl", help="output JSONL (default: %(default)s)")
-    io.add_argument("--out-images", help="folder for the corrupted images (default: OUT without .jsonl + '.images')")
-    io.add_argument("--num-samples", type=int, default=0, help="use the first N valid records (default: 0 = all)")
-    noise = parser.add_argument_group("corruption")
-    noise.add_argument("--mode", choices=("replace", "add"), default="replace",
-                       help="replace: region := N(fill_mean, sigma^2) (MMedPO); add: region += N(0, sigma^2) "
-                            "(default: %(default)s)")
-    noise.add_argument("--sigma", type=float, default=None,
-                       help="noise standard deviation in 8-bit levels (default: the image's own outside the region)")
-    noise.add_argument("--fill-mean", type=float, default=None,
-                       help="replace: noise mean (default: the image's per-channel mean outside the region; MMedPO's "
-                            "script uses 0 with sigma 10)")
-    noise.add_argument("--seed", type=int, default=0,
-                       help="global seed; each image's seed is derived from it (default: 0)")
-    noise.add_argument("--labels", help="slake: comma-separated lesion labels (default: every non-organ label)")
-    noise.add_argument("--margin", type=int, default=0, help="pixels added around every lesion box (default: 0)")
-    return parser
+@dataclass
+class ImagePreferencesConfig:
+    """Every flag of the command (`--help` groups them: what to read and write, how to corrupt)."""
+
+    data: str = field(metadata={"help": "LLaVA-Med JSON list with lesion annotations"})
+    image_folder: str | None = setting(None, "folder the data's image paths are relative to (default: the data's "
+                                             "folder)")
+    source: str = setting("auto", "where lesion regions come from (auto = phantom when the records carry "
+                                  "'mask'/'lesions', else slake)", choices=(*SOURCES, "auto"))
+    mask_folder: str | None = setting(None, "phantom: folder of the records' 'mask' files (default: "
+                                            "IMAGE_FOLDER/../masks)")
+    annotation_folder: str | None = setting(None, "slake: folder holding xmlabN/detection.json and mask.png "
+                                                  "(default: the image folder)")
+    out: str = setting("image_preferences.jsonl", "output JSONL")
+    out_images: str | None = setting(None, "folder for the corrupted images (default: OUT without .jsonl + "
+                                           "'.images')")
+    num_samples: int = setting(0, "use the first N valid records (0 = all)")
+    mode: str = setting("replace", "replace: region := N(fill_mean, sigma^2) (MMedPO); add: region += N(0, sigma^2)",
+                        choices=("replace", "add"))
+    sigma: float | None = setting(None, "noise standard deviation in 8-bit levels (default: the image's own outside "
+                                        "the region)")
+    fill_mean: float | None = setting(None, "replace: noise mean (default: the image's per-channel mean outside the "
+                                            "region; MMedPO's script uses 0 with sigma 10)")
+    seed: int = setting(0, "global seed; each image's seed is derived from it")
+    labels: str | None = setting(None, "slake: comma-separated lesion labels (default: every non-organ label)")
+    margin: int = setting(0, "pixels added around every lesion box")
+
+
+def build_parser():
+    return flag_parser(ImagePreferencesConfig, prog="python -m hscr_fast.preferences.image_preferences",
+                       description="Write image-side preference records: the same answer under the clean image "
+                                   "(preferred) and under a lesion-corrupted copy (dispreferred).")
 
 
 # -- files ------------------------------------------------------------------------------------------------------------
@@ -347,7 +348,7 @@ def run(args) -> dict:
         "skipped_file": str(paths.skipped),
         "out_images": str(out_images),
         "args_fingerprint": fingerprint,
-        "args": {**vars(args), "image_folder": str(image_folder), "out_images": str(out_images)},
+        "args": {**dataclasses.asdict(args), "image_folder": str(image_folder), "out_images": str(out_images)},
     }
     atomic_write_json(paths.summary, summary)
     return summary
@@ -362,9 +363,8 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-
     def body() -> None:
+        (args,) = parse_flags(build_parser(), argv)
         summary = run(args)
         print(format_summary(summary))
         print(f"  → {OutputPaths(Path(args.out)).summary}")

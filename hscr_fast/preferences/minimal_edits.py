@@ -10,13 +10,14 @@ not at all, are skipped with a reason.
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import sys
 from collections import Counter
+from dataclasses import dataclass, field
 
 from hscr_fast.models.prompting import MARK_CLOSE, MARK_OPEN
 from hscr_fast.runtime.errors import exit_code_of
+from hscr_fast.runtime.flags import flag_parser, parse_flags, setting
 from hscr_fast.runtime.io import JsonlAppender, read_jsonl
 
 
@@ -55,14 +56,24 @@ def minimal_edit_pairs(record: dict, *, max_edited_words: int) -> tuple[list[dic
     return pairs, skipped
 
 
+@dataclass
+class MinimalEditsConfig:
+    preferences: str = field(metadata={"help": "preference lists JSONL (hscr_fast.generate output)"})
+    out: str = field(metadata={"help": "output JSONL of marked pairs (resumable)"})
+    max_edited_words: int = setting(3, "longest edit kept, in words")
+
+
+def build_parser():
+    return flag_parser(MinimalEditsConfig, prog="python -m hscr_fast.preferences.minimal_edits",
+                       description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hscr_fast.preferences.minimal_edits",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preferences", required=True, help="preference lists JSONL (hscr_fast.generate output)")
-    parser.add_argument("--out", required=True, help="output JSONL of marked pairs (resumable)")
-    parser.add_argument("--max-edited-words", type=int, default=3, help="longest edit kept, in words")
-    args = parser.parse_args(argv)
-    return exit_code_of(lambda: write_minimal_edits(args.preferences, args.out, max_edited_words=args.max_edited_words))
+    def body() -> None:
+        (args,) = parse_flags(build_parser(), argv)
+        write_minimal_edits(args.preferences, args.out, max_edited_words=args.max_edited_words)
+
+    return exit_code_of(body)
 
 
 def write_minimal_edits(preferences, out_path, *, max_edited_words: int) -> None:

@@ -10,6 +10,7 @@ library's own callers know the field); `parse_flags` reports it under the flag t
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from dataclasses import field
@@ -22,6 +23,15 @@ def setting(default, help_text: str, **extra):
     return field(default=default, metadata={"help": help_text, **extra})
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    # A help that already says its default in words ("default: the data's folder"), or a flag without one, is not
+    # followed by "(default: None)".
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def flag_parser(dataclass_types, **parser_options):
     """An `HfArgumentParser` over `dataclass_types` whose refusals are one line, like every other bad input."""
     from transformers import HfArgumentParser
@@ -31,7 +41,7 @@ def flag_parser(dataclass_types, **parser_options):
             # argparse would print the whole usage first: dozens of lines for these commands, the fault last.
             self.exit(2, f"error: {message} (all flags: {self.prog} --help)\n")
 
-    return OneLineErrors(dataclass_types, **parser_options)
+    return OneLineErrors(dataclass_types, **{"formatter_class": _DefaultsOnce, **parser_options})
 
 
 def parse_flags(parser, argv: list[str] | None) -> tuple:
