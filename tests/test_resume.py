@@ -104,6 +104,8 @@ def test_train_resume_names_the_changed_setting_and_allows_the_schedule_free_one
     # the NLL weight is recorded only when it is on: dropping it is a difference too
     with pytest.raises(SettingsChangedError, match=r"chosen_nll_weight 0\.1 then, None now"):
         train(train_config(lists, out, resume=True))
+    with pytest.raises(SettingsChangedError, match=r"implicit True then, False now"):  # which MLPO terms: identity
+        train(train_config(lists, out, resume=True, chosen_nll_weight=0.1, implicit=False))
     with pytest.raises(SettingsChangedError, match=r"kind_weights \{\} then, \{'image-dispreference': 0\.5\} now"):
         train(train_config(lists, out, resume=True, chosen_nll_weight=0.1, kind_weight=["image-dispreference=0.5"]))
     # the learning rate and the save interval are not part of it: the run resumes

@@ -66,8 +66,10 @@ def test_the_objective_carries_only_the_loss_settings_and_the_run_identity_keys_
                                   token_kl_lambda=0.5, token_kl_scope="marked",
                                   kind_weights=(("image-dispreference", 0.1),))
     assert objective.kind_weight("image-dispreference") == 0.1 and objective.kind_weight(None) == 1.0
-    # Checkpoints written before the objective existed recorded exactly these keys and values.
-    assert objective.run_identity() == {"loss": "dpo", "kind_weights": {"image-dispreference": 0.1},
+    # Checkpoints written before the objective existed recorded these keys and values (the MLPO terms came later and
+    # default to both on for those checkpoints: loop.RUN_IDENTITY_DEFAULTS).
+    assert objective.run_identity() == {"loss": "dpo", "explicit": False, "implicit": True,
+                                        "kind_weights": {"image-dispreference": 0.1},
                                         "token_kl": [0.01, 0.5, "marked"]}
     with pytest.raises(dataclasses.FrozenInstanceError):
         objective.loss = "mlpo"

@@ -5,8 +5,9 @@
 Rows (`ROWS`): the SFT model; DPO on y_w vs y_l1 of the HSCR lists; MLPO with the explicit term only, the implicit
 term only, and both (HSCR; the paper's Table 4); the stage-1 perturbations pixel-, patch- and latent-level masking
 beside visual-token dropout (Table 5); drop ratios 0.3 / 0.5 / 0.9 beside 0.7 (Table 6); the sibling methods
-MMedPO-style weighted DPO and token-level KL + grounding; and the listwise losses Plackett-Luce and LiPO-λ on the same
-lists. A row whose option this install lacks is recorded as "not available" with the reason, never approximated.
+MMedPO-style weighted DPO and token-level KL + grounding; the listwise losses Plackett-Luce and LiPO-λ on the same
+lists; and, beyond the paper, HSCR and DPO with an NLL term on y_w (RPO-style). A row whose option this install
+lacks is recorded as "not available" with the reason, never approximated.
 
 Protocol, the same for every row:
 1. Preference data per seed: the row's lists are built from the SFT model with that seed (stage 1's per-sample
@@ -86,6 +87,11 @@ ROWS = (
                ("kind_weight", ("image-dispreference=0.1",)))),
     Row("Plackett-Luce", "listwise losses", train=(("loss", "plackett-luce"),)),
     Row("LiPO-λ", "listwise losses", train=(("loss", "lipo-lambda"),)),
+    # Not in the paper: the NLL of y_w beside the preference loss (RPO). Stage 1's dispreferred responses differ from
+    # y_w in a token or two, the case where preference losses lower log π(y_w) with log π(y_l); these rows measure
+    # whether holding y_w up changes the answer on this world.
+    Row("HSCR + NLL on y_w (RPO-style)", "beyond the paper", train=(("chosen_nll_weight", 1.0),)),
+    Row("DPO + NLL on y_w (RPO-style)", "beyond the paper", train=(("loss", "dpo"), ("chosen_nll_weight", 1.0))),
 )
 # The HSCR row is also visual-token dropout at ratio 0.7: Tables 5 and 6 read it as their reference entry.
 HSCR_ROW = "HSCR: MLPO explicit + implicit"
@@ -315,6 +321,7 @@ def run_ablations(rows: list[Row], settings: Settings, *, work: Path, world_root
         if progress:
             print(f"[ablations] {message}", file=sys.stderr, flush=True)
 
+    started = time.perf_counter()
     world = ensure_demo_world(world_root, preset=settings.preset, progress=progress)
     runner = Runner(world, work, settings)
     results = []
@@ -336,8 +343,10 @@ def run_ablations(rows: list[Row], settings: Settings, *, work: Path, world_root
         results.append(entry)
     return {"date": datetime.date.today().isoformat(), "commit": _commit(), "versions": _versions(),
             "mode": _mode(settings), "settings": dataclasses.asdict(settings),
-            "training": TRAINING, "primary_metric": PRIMARY, "world": {"preset": settings.preset,
-                                                                       "fingerprint": world.fingerprint},
+            "seconds": time.perf_counter() - started,  # artifacts reused from --work took no time here
+            "training": TRAINING, "primary_metric": PRIMARY,
+            "world": {"preset": settings.preset, "fingerprint": world.fingerprint,
+                      "weights_sha256": world.sft_report.get("weights_sha256")},
             "rows": results}
 
 

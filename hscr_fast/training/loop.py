@@ -27,7 +27,7 @@ LORA_TARGET_LANGUAGE = (r".*language_model\.layers\.\d+\."
 LORA_TARGET_TEXT = (r".*model\.layers\.\d+\."
                     r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 # Settings added to a checkpoint's run identity after checkpoints existed, with the value older ones ran with.
-RUN_IDENTITY_DEFAULTS = {"eval_fraction": 0.0}
+RUN_IDENTITY_DEFAULTS = {"eval_fraction": 0.0, "explicit": True, "implicit": True}
 # The module that maps vision features into the language model, per model_type (--train-projector).
 PROJECTOR_MODULES = {"qwen2_vl": "merger", "qwen2_5_vl": "merger"}
 

@@ -67,9 +67,12 @@ class Objective:
         return dict(self.kind_weights).get(kind, 1.0)
 
     def run_identity(self) -> dict:
-        """The parts a resumed run must share with its checkpoint (the keys checkpoints have always recorded, plus the
-        NLL weight when it is on, so that checkpoints of runs without it still resume)."""
-        identity = {"loss": self.loss, "kind_weights": dict(self.kind_weights),
+        """The parts a resumed run must share with its checkpoint: which loss and which of its terms, the kind weights,
+        the token KL, and the NLL weight when it is on. (Checkpoints from before the MLPO terms were recorded read as
+        both on: `hscr_fast.training.loop.RUN_IDENTITY_DEFAULTS`.) The reward scale γ is not part of it: like the
+        learning rate, it may change on resume."""
+        identity = {"loss": self.loss, "explicit": self.explicit, "implicit": self.implicit,
+                    "kind_weights": dict(self.kind_weights),
                     "token_kl": [self.token_kl_weight, self.token_kl_lambda, self.token_kl_scope]}
         if self.chosen_nll_weight:
             identity["chosen_nll_weight"] = self.chosen_nll_weight
