@@ -1,5 +1,6 @@
 """Test-wide settings: offline hub, deterministic CPU threads, a throwaway home, shared fixtures (tiny models, real
 data paths)."""
+import atexit
 import os
 import shutil
 import site
@@ -14,6 +15,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Triton, Inductor and matplotlib caches): every such location points into one temporary folder, removed when the
 # session ends. Set at import, before any test module imports a library that reads these variables once.
 TEST_HOME = Path(tempfile.mkdtemp(prefix="hscr-tests-home-"))
+# Removed at exit rather than by a session fixture: pytest-xdist's controller imports this file too but runs no
+# fixtures, and left one folder behind per run.
+atexit.register(shutil.rmtree, TEST_HOME, ignore_errors=True)
 # Subprocesses (torchrun, the DeepSpeed runs) still find packages installed with `pip install --user`.
 os.environ.setdefault("PYTHONUSERBASE", site.getuserbase())
 os.environ.update(HOME=str(TEST_HOME), XDG_CACHE_HOME=str(TEST_HOME / ".cache"),
@@ -27,13 +31,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(tempfile.gettempdir()) / 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-
-@pytest.fixture(scope="session", autouse=True)
-def throwaway_home():
-    """The temporary home every test runs in (see TEST_HOME above); removed after the session."""
-    yield TEST_HOME
-    shutil.rmtree(TEST_HOME, ignore_errors=True)
 
 # Each pytest-xdist worker gets its share of the cores (the README's test command runs one worker per core): two
 # workers of two OpenMP threads each on a 2-core machine spin-wait for each other. Subprocesses (torchrun, the
