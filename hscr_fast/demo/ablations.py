@@ -245,9 +245,10 @@ class Runner:
 
     def run_row(self, row: Row, say) -> dict[str, Any]:
         started = time.perf_counter()
-        if row.lists == "none":
+        if row.lists == "none":  # scored on validation too: the yardstick for the trained rows' choices
+            validation = {"-": primary_metric(self.score(None, self.val, self.work / "runs" / "sft" / "val"))}
             scores = self.test_scores(None, self.work / "runs" / "sft" / "test")
-            return {"learning_rate": None, "validation": {}, "seeds": {"-": scores},
+            return {"learning_rate": None, "validation": validation, "seeds": {"-": scores},
                     "seconds": time.perf_counter() - started}
         validation = {}
         for learning_rate in self.settings.learning_rates:
