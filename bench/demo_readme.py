@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from hscr_fast.demo.ablations import TABLE_LEGEND, ablation_table
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
@@ -87,15 +89,7 @@ def demo_block(demo: dict, demo_name: str) -> list[str]:
     return lines
 
 
-def _stat(stat: dict | None) -> str:
-    if not stat or stat.get("mean") is None:
-        return "–"
-    spread = f" ± {stat['std']:.1f}" if stat.get("std") is not None else ""
-    return f"{stat['mean']:.1f}{spread}"
-
-
 def ablation_block(ablations: dict, name: str) -> list[str]:
-    run = [row for row in ablations["rows"] if row["status"] == "run"]
     settings = ablations["settings"]
     label = {"quick": "a **quick** run (one seed, tiny data, the smoke world: it shows the harness runs, the numbers "
                       "mean nothing)",
@@ -104,15 +98,7 @@ def ablation_block(ablations: dict, name: str) -> list[str]:
              "full": f"seeds {settings['seeds']}"}[ablations["mode"]]
     lines = [f"Ablations from `bench/results/{name}` ({label}; commit `{ablations['commit'][:12]}`). Primary metric: "
              f"{ablations['primary_metric']}, mean ± std across seeds; learning rate chosen on the validation split "
-             f"from {ablations['settings']['learning_rates']}.", "",
-             "| row | paper table | lr | prior-conflicting | prior-agreeing | hallucinating reports, conflicting |",
-             "|---|---|---:|---:|---:|---:|"]
-    for row in run:
-        test = row["test"]
-        lr = "–" if row["learning_rate"] is None else f"{row['learning_rate']:g}"
-        lines.append(f"| {row['name']} | {row['table']} | {lr} | {_stat(test['prior-conflicting']['primary'])} | "
-                     f"{_stat(test['prior-agreeing']['primary'])} | "
-                     f"{_stat(test['prior-conflicting']['hallucination_rate'])} |")
+             f"from {ablations['settings']['learning_rates']}. {TABLE_LEGEND}", "", *ablation_table(ablations)]
     if ablations.get("note"):
         lines += ["", f"Note: {ablations['note']}"]
     missing = [row for row in ablations["rows"] if row["status"] != "run"]

@@ -360,25 +360,38 @@ def _cell(stat: dict[str, Any] | None) -> str:
     return f"{stat['mean']:.1f}" + (f" ± {stat['std']:.1f}" if stat.get("std") is not None else "")
 
 
+TABLE_LEGEND = ("Reports: the share with a hallucinated finding, and the coverage of the true findings. The last "
+                "column is the validation score at each learning rate of the grid (first seed), the SFT model's "
+                "beside it.")
+
+
+def ablation_table(result: dict[str, Any]) -> list[str]:
+    """The rows that ran, as Markdown table lines (the result file's .md and the README's block share them)."""
+    lines = ["| row | paper table | lr | prior-conflicting | prior-agreeing | conflicting: hallucinating reports | "
+             "conflicting: coverage | agreeing: hallucinating reports | validation by lr |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for row in result["rows"]:
+        if row["status"] != "run":
+            continue
+        conflicting, agreeing = row["test"].get("prior-conflicting", {}), row["test"].get("prior-agreeing", {})
+        lr = "–" if row["learning_rate"] is None else f"{row['learning_rate']:g}"
+        validation = " / ".join("–" if value is None else f"{value:.1f}" for value in row["validation"].values())
+        lines.append(f"| {row['name']} | {row['table']} | {lr} | {_cell(conflicting.get('primary'))} | "
+                     f"{_cell(agreeing.get('primary'))} | {_cell(conflicting.get('hallucination_rate'))} | "
+                     f"{_cell(conflicting.get('finding_coverage'))} | {_cell(agreeing.get('hallucination_rate'))} | "
+                     f"{validation or '–'} |")
+    return lines
+
+
 def ablations_markdown(result: dict[str, Any]) -> str:
     lines = [f"## Ablations on the demo world ({result['mode']} run, {result['date']}, commit {result['commit']})", "",
              (f"Primary metric: {result['primary_metric']}; mean ± std over seeds {result['settings']['seeds']}; "
-              "learning rate chosen on the validation split. Hallucination: share of reports with a hallucinated "
-              "finding."), "",
-             ("| row | paper table | lr | conflicting: primary | agreeing: primary | conflicting: hallucination | "
-              "agreeing: hallucination |"), "|---|---|---:|---:|---:|---:|---:|"]
+              f"learning rate chosen on the validation split from {result['settings']['learning_rates']}. "
+              f"{TABLE_LEGEND}"), "", *ablation_table(result)]
     if result.get("note"):
         lines[1:1] = ["", f"Note: {result['note']}"]
-    for row in result["rows"]:
-        if row["status"] != "run":
-            lines.append(f"| {row['name']} | {row['table']} | – | {row['status']}: {row['reason']} | | | |")
-            continue
-        test = row["test"]
-        conflicting, agreeing = test.get("prior-conflicting", {}), test.get("prior-agreeing", {})
-        lr = "–" if row["learning_rate"] is None else f"{row['learning_rate']:g}"
-        lines.append(f"| {row['name']} | {row['table']} | {lr} | {_cell(conflicting.get('primary'))} | "
-                     f"{_cell(agreeing.get('primary'))} | {_cell(conflicting.get('hallucination_rate'))} | "
-                     f"{_cell(agreeing.get('hallucination_rate'))} |")
+    lines += [f"| {row['name']} | {row['table']} | – | {row['status']}: {row['reason']} | | | | | |"
+              for row in result["rows"] if row["status"] != "run"]
     return "\n".join(lines) + "\n"
 
 
