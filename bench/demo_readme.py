@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from hscr_fast.demo.ablations import TABLE_LEGEND, ablation_table
+from hscr_fast.demo.ablations import TABLE_LEGEND, ablation_table, targets_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -99,6 +99,8 @@ def ablation_block(ablations: dict, name: str) -> list[str]:
     lines = [f"Ablations from `bench/results/{name}` ({label}; commit `{ablations['commit'][:12]}`). Primary metric: "
              f"{ablations['primary_metric']}, mean ± std across seeds; learning rate chosen on the validation split "
              f"from {ablations['settings']['learning_rates']}. {TABLE_LEGEND}", "", *ablation_table(ablations)]
+    if summary := targets_summary(ablations):
+        lines += ["", summary]
     if ablations.get("note"):
         lines += ["", f"Note: {ablations['note']}"]
     missing = [row for row in ablations["rows"] if row["status"] != "run"]

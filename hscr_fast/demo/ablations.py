@@ -383,6 +383,39 @@ def ablation_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def targets_summary(result: dict[str, Any]) -> str | None:
+    """One sentence on the HSCR row against the SFT and DPO rows, in the terms of the demo world's targets: the gain on
+    the prior-conflicting split (≥ 5 points and > 3 standard deviations), at least DPO's score there, fewer
+    hallucinating reports, and at most 1 point lost on the prior-agreeing split. None when a row is missing."""
+    rows = {row["name"]: row for row in result["rows"] if row["status"] == "run"}
+    if not {"SFT", HSCR_ROW, "DPO (y_w vs y_l1)"} <= set(rows):
+        return None
+
+    def mean(name, split, metric="primary"):
+        return rows[name]["test"][split][metric]["mean"]
+
+    hscr = rows[HSCR_ROW]["test"]["prior-conflicting"]["primary"]
+    gain = hscr["mean"] - mean("SFT", "prior-conflicting")
+    spread = hscr["std"] if hscr["std"] is not None else float("nan")
+    against_dpo = hscr["mean"] - mean("DPO (y_w vs y_l1)", "prior-conflicting")
+    hallucination = (mean(HSCR_ROW, "prior-conflicting", "hallucination_rate")
+                     - mean("SFT", "prior-conflicting", "hallucination_rate"))
+    agreeing = mean(HSCR_ROW, "prior-agreeing") - mean("SFT", "prior-agreeing")
+
+    def verdict(met: bool) -> str:
+        return "met" if met else "not met"
+
+    def signed(value: float) -> str:
+        return f"{round(value, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+    return (f"HSCR against the targets, at the learning rate validation chose: prior-conflicting {signed(gain)} "
+            f"points over SFT (std {spread:.1f} across seeds; target ≥ +5 and > 3 std: "
+            f"{verdict(gain >= 5 and gain > 3 * spread)}), {signed(against_dpo)} against DPO (target ≥ 0: "
+            f"{verdict(against_dpo >= 0)}), hallucinating reports {signed(hallucination)} points (target < 0: "
+            f"{verdict(hallucination < 0)}), prior-agreeing {signed(agreeing)} points (target ≥ −1: "
+            f"{verdict(agreeing >= -1)}).")
+
+
 def ablations_markdown(result: dict[str, Any]) -> str:
     lines = [f"## Ablations on the demo world ({result['mode']} run, {result['date']}, commit {result['commit']})", "",
              (f"Primary metric: {result['primary_metric']}; mean ± std over seeds {result['settings']['seeds']}; "
@@ -392,6 +425,8 @@ def ablations_markdown(result: dict[str, Any]) -> str:
         lines[1:1] = ["", f"Note: {result['note']}"]
     lines += [f"| {row['name']} | {row['table']} | – | {row['status']}: {row['reason']} | | | | | |"
               for row in result["rows"] if row["status"] != "run"]
+    if summary := targets_summary(result):
+        lines += ["", summary]
     return "\n".join(lines) + "\n"
 
 
