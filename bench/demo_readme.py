@@ -56,8 +56,10 @@ def record(demo_report: Path, world: Path, out: Path = RESULTS, commit: str | No
 def demo_block(demo: dict, demo_name: str) -> list[str]:
     splits = demo["world"]["sft_report"]["splits"]
     report = demo["demo_report"]
+    digest = demo["world"]["sft_report"].get("weights_sha256")
+    world = f"world `{demo['world']['fingerprint']}`" + (f", SFT weights sha256 `{digest[:12]}`" if digest else "")
     lines = [f"From `bench/results/{demo_name}` (commit `{demo['commit'][:12]}`, torch {demo['versions']['torch']}, "
-             f"transformers {demo['versions']['transformers']}). The SFT model on the first "
+             f"transformers {demo['versions']['transformers']}; {world}). The SFT model on the first "
              f"{demo['world']['sft_report']['eval_questions']} questions of each test split, greedy answers:", "",
              "| split | visual tokens | closed accuracy | open recall | reports with a hallucinated finding |",
              "|---|---|---:|---:|---:|"]
