@@ -91,6 +91,22 @@ def demo_block(demo: dict, demo_name: str) -> list[str]:
     return lines
 
 
+def signal_block(signal: dict, name: str) -> list[str]:
+    """Where the preference signal lies (`bench/demo_signal.py`)."""
+    lists, errors = signal["lists"], signal["sft_test_errors"]
+    total = sum(group["lists"] for group in lists.values())
+    conflicts = lists["conflicts"]
+    wrong = errors["prior-conflicting"]
+    return [f"Where the signal is (`bench/results/{name}`, judged by the phantom's ground truth). Of the {total} "
+            f"preference lists of seed 0, {conflicts['lists']} come from training questions whose history conflicts "
+            f"with the scan, and {conflicts['history_answer_among_dispreferred']} of those have the history's answer "
+            f"(the answer for lesions exactly where the history puts them) among their dispreferred responses: the "
+            f"pairs that teach the image over the text. The other lists reject what the image-deprived model "
+            f"preferred for other reasons. Of the SFT model's {wrong['wrong']} wrong answers on the prior-conflicting "
+            f"test split, {wrong['wrong_and_history_answer']} are exactly the history's answer; on the prior-agreeing "
+            f"split it gives {errors['prior-agreeing']['wrong']} wrong answers."]
+
+
 def ablation_block(ablations: dict, name: str) -> list[str]:
     settings = ablations["settings"]
     label = {"quick": "a **quick** run (one seed, tiny data, the smoke world: it shows the harness runs, the numbers "
@@ -113,7 +129,7 @@ def ablation_block(ablations: dict, name: str) -> list[str]:
 
 
 def render() -> str:
-    demo_path = _latest("demo-*.json")
+    demo_path = _latest("demo-2*.json")
     ablations_path = (_latest("ablations-2*.json") or _latest("ablations-reduced-*.json")
                       or _latest("ablations-quick-*.json"))
     lines = [BEGIN]
@@ -121,6 +137,9 @@ def render() -> str:
         lines.append("No demo run has been recorded in `bench/results/` yet.")
     else:
         lines += demo_block(json.loads(demo_path.read_text()), demo_path.name)
+    signal_path = _latest("demo-signal-*.json")
+    if signal_path is not None:
+        lines += [""] + signal_block(json.loads(signal_path.read_text()), signal_path.name)
     if ablations_path is not None:
         lines += [""] + ablation_block(json.loads(ablations_path.read_text()), ablations_path.name)
     return "\n".join(lines + [END])

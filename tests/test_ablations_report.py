@@ -1,4 +1,7 @@
-"""The ablations' Markdown table and the sentence on the targets, from synthetic result files."""
+"""The ablations' Markdown table and the sentence on the targets, from synthetic result files; where the demo
+world's preference signal lies (bench/demo_signal.py)."""
+import json
+
 from hscr_fast.demo.ablations import HSCR_ROW, ablation_table, ablations_markdown, targets_summary
 
 
@@ -51,3 +54,33 @@ def test_table_lists_rows_that_ran_with_their_validation_scores():
     assert lines[4].endswith("| 80.0 / 81.0 |") and "86.0 ± 1.0" in lines[4]
     markdown = ablations_markdown(result(86.0, 1.0, 89.5, 30.0, 84.0))
     assert "| pixel-level mask | Table 5 | – | not run: --rows |" in markdown and "HSCR against the targets" in markdown
+
+
+def test_demo_signal_counts_lists_that_reject_the_historys_answer(tmp_path):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("demo_signal", bench / "demo_signal.py")
+    demo_signal = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_signal)
+    judge = demo_signal.PhantomJudge()
+    question = "Which lung has a lesion?"
+    right = [{"side": "right", "lobe": "upper", "size": "small"}]
+    records = {"a": {"history_locations": [["left", "lower"]], "lesions": right, "prior": "conflicts"},
+               "b": {"history_locations": [["left", "lower"]], "lesions": right, "prior": "conflicts"},
+               "c": {"history_locations": [["right", "upper"]], "lesions": right, "prior": "agrees"}}
+    prompt = f"History: earlier scan showed a lesion in the left lower lobe. {question}"
+    assert judge.question_of(prompt) == question
+    assert demo_signal.history_answers(judge, prompt, [["left", "lower"]]) == {"left lung"}
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text("\n".join(json.dumps(item) for item in [
+        {"id": "a", "prompt": prompt, "responses": ["right lung", "left lung", "both lungs"]},  # rejects the history
+        {"id": "b", "prompt": prompt, "responses": ["right lung", "both lungs", "Left lung"]},  # lower rung, any case
+        {"id": "c", "prompt": prompt, "responses": ["right lung", "left lung"]}]) + "\n")
+    counts = demo_signal.list_signal(judge, lists, records)
+    assert counts["conflicts"] == {"lists": 2, "history_answer_is_y_l1": 1, "history_answer_among_dispreferred": 2}
+    # An agreeing history's answer is the truth, which is never counted as the history's wrong answer.
+    assert counts["agrees"] == {"lists": 1, "history_answer_is_y_l1": 0, "history_answer_among_dispreferred": 0}
