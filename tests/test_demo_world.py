@@ -220,7 +220,8 @@ def test_quick_ablations_run_every_selected_row_and_record_the_rest(smoke_world,
     from hscr_fast.demo.ablations import ROWS, main
 
     world, _ = smoke_world
-    chosen = ["SFT", "HSCR: MLPO explicit + implicit", "pixel-level mask"]
+    # the token-level row trains on images outside the world's image folder (its grounding pairs' corrupted copies)
+    chosen = ["SFT", "HSCR: MLPO explicit + implicit", "pixel-level mask", "token-level KL + grounding"]
     assert main(["--quick", "--rows", *chosen, "--world", str(world.root), "--work", str(tmp_path / "work"),
                  "--out", str(tmp_path / "results")]) == 0
     (json_path,) = (tmp_path / "results").glob("ablations-quick-*.json")

@@ -223,8 +223,9 @@ class Runner:
         config = TrainConfig(model=str(self.world.model_dir), preferences=str(self.lists(row, seed)),
                              image_folder=str(self.world.image_folder), out=str(out), seed=seed,
                              learning_rate=learning_rate, overwrite=True,  # only an unfinished run of this row is there
-                             # MMedPO's corrupted images are written beside the run, outside the world's image folder
-                             allow_images_outside_folder=row.lists == "mmedpo",
+                             # the sibling methods' corrupted images (MMedPO's, token-level's grounding pairs) are
+                             # written beside their lists, outside the world's image folder
+                             allow_images_outside_folder=row.lists in ("mmedpo", "token-level"),
                              **{**TRAINING, "epochs": self.settings.epochs}, **overrides)
         return train(config).adapter_dir
 

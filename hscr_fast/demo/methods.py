@@ -90,12 +90,13 @@ def run_method(method: str, out_root: Path, *, learning_rate: float) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # Each comparison run rebuilds its method's lists in OUT and trains from scratch: it replaces its own last run.
     config = TrainConfig(model=str(world.model_dir), image_folder=str(world.image_folder), out=str(out),
-                         overwrite=True, **{**TRAINING, "learning_rate": learning_rate})
+                         overwrite=True, **{**TRAINING, "learning_rate": learning_rate},
+                         # both methods' corrupted images live beside the run, not in the world's image folder
+                         allow_images_outside_folder=True)
     if method == "mmedpo":
         config.preferences = str(with_lesion_weights(image_dispreference_records(world, out, mode="replace"),
                                                      out / "mmedpo.jsonl"))
         config.loss = "weighted-dpo"
-        config.allow_images_outside_folder = True  # the corrupted images live beside the run, not in the world
     else:
         config.preferences = str(token_level_records(world, out))
         config.loss = "dpo"
