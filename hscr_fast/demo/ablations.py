@@ -432,26 +432,60 @@ def ablations_markdown(result: dict[str, Any]) -> str:
 
 
 def plot_ablations(path: Path, result: dict[str, Any]) -> Path:
+    """Three panels: the primary metric per row and split on an axis zoomed to the data (differences of a point are
+    what the ablations are about), the prior-conflicting split's hallucinating reports and coverage, and each row's
+    validation score across the learning-rate grid. Dashed lines: the SFT model."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     rows = [row for row in result["rows"] if row["status"] == "run"]
-    figure = Figure(figsize=(max(6.0, 0.9 * len(rows) + 2), 4.5), dpi=110, layout="constrained")
+    sft = next((row for row in rows if row["learning_rate"] is None), None)
+    figure = Figure(figsize=(max(8.0, 0.75 * len(rows) + 3), 11), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
-    axis = figure.subplots()
+    primary, reports, validation = figure.subplots(3, 1, height_ratios=(1, 1, 1.1))
+    positions = range(len(rows))
     width = 0.38
-    for offset, split, colour in ((-width / 2, "prior-conflicting", "C3"), (width / 2, "prior-agreeing", "C0")):
-        stats = [row["test"].get(split, {}).get("primary", {}) for row in rows]
-        means = [stat.get("mean") or 0.0 for stat in stats]
-        errors = [stat.get("std") or 0.0 for stat in stats]
-        axis.bar([i + offset for i in range(len(rows))], means, width, yerr=errors, capsize=2, color=colour,
-                 label=f"{split} split")
-    axis.set_xticks(range(len(rows)), [row["name"] for row in rows], rotation=35, ha="right", fontsize=7)
-    axis.set_ylabel("closed accuracy / open recall mean (points)")
-    axis.set_ylim(0, 100)
-    axis.grid(axis="y", alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title(f"Demo-world ablations ({result['mode']} run, {result['date']})")
+
+    def stats(split: str, metric: str) -> tuple[list[float], list[float]]:
+        values = [row["test"].get(split, {}).get(metric) or {} for row in rows]
+        return [v.get("mean") or 0.0 for v in values], [v.get("std") or 0.0 for v in values]
+
+    def bars(axis, series) -> None:
+        for offset, (label, split, metric, colour) in zip((-width / 2, width / 2), series):
+            means, errors = stats(split, metric)
+            axis.bar([i + offset for i in positions], means, width, yerr=errors, capsize=2, color=colour,
+                     label=label)
+            if sft is not None:
+                axis.axhline(sft["test"][split][metric]["mean"], color=colour, linestyle="--", linewidth=0.8)
+        axis.set_xticks(list(positions), [])
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=8, loc="lower left")
+
+    bars(primary, (("prior-conflicting split", "prior-conflicting", "primary", "C3"),
+                   ("prior-agreeing split", "prior-agreeing", "primary", "C0")))
+    means = [m for split in ("prior-conflicting", "prior-agreeing") for m in stats(split, "primary")[0] if m]
+    if means:
+        primary.set_ylim(max(0.0, min(means) - 4), min(100.0, max(means) + 2))
+    primary.set_ylabel("closed accuracy / open recall\nmean (points)")
+    primary.set_title(f"Demo-world ablations ({result['mode']} run, {result['date']}); dashed: SFT")
+    bars(reports, (("hallucinating reports", "prior-conflicting", "hallucination_rate", "C1"),
+                   ("coverage of true findings", "prior-conflicting", "finding_coverage", "C2")))
+    reports.set_ylabel("prior-conflicting reports (%)")
+    reports.set_xticks(list(positions), [row["name"] for row in rows], rotation=35, ha="right", fontsize=7)
+
+    grid = result["settings"]["learning_rates"]
+    for index, row in enumerate(row for row in rows if row["learning_rate"] is not None):
+        values = [row["validation"].get(f"{lr:g}") for lr in grid]
+        validation.plot(grid, values, marker="o", markersize=3, linewidth=1,
+                        color=f"C{index % 10}", linestyle="-" if index < 10 else ":", label=row["name"])
+    if sft is not None and sft["validation"]:
+        validation.axhline(next(iter(sft["validation"].values())), color="black", linestyle="--", linewidth=0.8,
+                           label="SFT")
+    validation.set_xscale("log")
+    validation.set_xlabel("learning rate")
+    validation.set_ylabel("validation primary metric")
+    validation.grid(alpha=0.3)
+    validation.legend(fontsize=6, ncol=3)
     with atomic_output(path) as temporary:
         figure.savefig(temporary, format="png")
     return path
