@@ -84,3 +84,15 @@ def test_demo_signal_counts_lists_that_reject_the_historys_answer(tmp_path):
     assert counts["conflicts"] == {"lists": 2, "history_answer_is_y_l1": 1, "history_answer_among_dispreferred": 2}
     # An agreeing history's answer is the truth, which is never counted as the history's wrong answer.
     assert counts["agrees"] == {"lists": 1, "history_answer_is_y_l1": 0, "history_answer_among_dispreferred": 0}
+
+
+def test_plot_draws_rows_whose_metrics_do_not_apply(tmp_path):
+    from hscr_fast.demo.ablations import plot_ablations
+
+    data = result(86.0, 1.0, 89.5, 30.0, 84.0)
+    for row in data["rows"][:3]:  # a split without reports: no hallucination rate or coverage, for the SFT row too
+        for split in row["test"].values():
+            split["hallucination_rate"] = split["finding_coverage"] = {"mean": None, "std": None, "n": 0}
+    data["rows"][0]["validation"] = {"-": None}
+    path = plot_ablations(tmp_path / "plot.png", data)
+    assert path.read_bytes().startswith(b"\x89PNG")

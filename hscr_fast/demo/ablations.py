@@ -455,8 +455,9 @@ def plot_ablations(path: Path, result: dict[str, Any]) -> Path:
             means, errors = stats(split, metric)
             axis.bar([i + offset for i in positions], means, width, yerr=errors, capsize=2, color=colour,
                      label=label)
-            if sft is not None:
-                axis.axhline(sft["test"][split][metric]["mean"], color=colour, linestyle="--", linewidth=0.8)
+            reference = (sft["test"].get(split, {}).get(metric) or {}).get("mean") if sft is not None else None
+            if reference is not None:  # None: the metric does not apply (e.g. a split without reports)
+                axis.axhline(reference, color=colour, linestyle="--", linewidth=0.8)
         axis.set_xticks(list(positions), [])
         axis.grid(axis="y", alpha=0.3)
         axis.legend(fontsize=8, loc="lower left")
@@ -478,9 +479,9 @@ def plot_ablations(path: Path, result: dict[str, Any]) -> Path:
         values = [row["validation"].get(f"{lr:g}") for lr in grid]
         validation.plot(grid, values, marker="o", markersize=3, linewidth=1,
                         color=f"C{index % 10}", linestyle="-" if index < 10 else ":", label=row["name"])
-    if sft is not None and sft["validation"]:
-        validation.axhline(next(iter(sft["validation"].values())), color="black", linestyle="--", linewidth=0.8,
-                           label="SFT")
+    sft_validation = next(iter(sft["validation"].values()), None) if sft is not None else None
+    if sft_validation is not None:
+        validation.axhline(sft_validation, color="black", linestyle="--", linewidth=0.8, label="SFT")
     validation.set_xscale("log")
     validation.set_xlabel("learning rate")
     validation.set_ylabel("validation primary metric")
