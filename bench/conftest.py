@@ -33,6 +33,8 @@ from typing import Callable
 import pytest
 import torch
 
+from hscr_fast.runtime.provenance import source_commit
+
 _RESULTS: list[dict] = []
 _COMPARISON_THREADS = int(os.environ.get("HSCR_BENCH_THREADS", 1))
 
@@ -159,22 +161,7 @@ def side_by_side(benchmark, record_bench_result):
     return compare
 
 
-def _source_commit() -> str | None:
-    """The checkout's commit, with "+dirty" when tracked files differ from it (None outside a git checkout)."""
-    import subprocess
-
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
-
-
-_COMMIT_AT_START = _source_commit()  # the code the run loaded, whatever is edited while it runs
+_COMMIT_AT_START = source_commit()  # the code the run loaded, whatever is edited while it runs
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -37,11 +37,13 @@ def _latest(pattern: str) -> Path | None:
 
 def record(demo_report: Path, world: Path, out: Path = RESULTS, commit: str | None = None) -> Path:
     sys.path.insert(0, str(ROOT))
-    from hscr_fast.demo.ablations import _commit, _versions
+    from hscr_fast.demo.ablations import _versions
+    from hscr_fast.runtime.provenance import source_commit
 
     manifest = json.loads((world / "world.json").read_text())
     summary_path = demo_report.parent / "preferences.summary.json"
-    result = {"date": datetime.date.today().isoformat(), "commit": commit or _commit(), "versions": _versions(),
+    result = {"date": datetime.date.today().isoformat(), "commit": commit or source_commit() or "unknown",
+              "versions": _versions(),
               "world": {"fingerprint": manifest["fingerprint"], "preset": manifest["preset"],
                         "sft_report": manifest["sft_report"]},
               "demo_report": json.loads(demo_report.read_text()),

@@ -79,6 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of <split>/predictions.jsonl: the SFT model's answers on the test splits")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    for path, what in ((args.world / "data" / "train.json", "--world has no data/train.json"),
+                       (args.world / "world.json", "--world has no world.json (not a finished demo world)"),
+                       (args.lists, "--lists does not exist")):
+        if not path.is_file():
+            parser.error(f"{what}: {path}")
+    if not any(args.sft_predictions.glob("*/predictions.jsonl")):
+        parser.error(f"--sft-predictions holds no <split>/predictions.jsonl: {args.sft_predictions}")
     judge = PhantomJudge()
     records = {record["id"]: record for record in json.loads((args.world / "data" / "train.json").read_text())}
     manifest = json.loads((args.world / "world.json").read_text())

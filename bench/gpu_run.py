@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from hscr_fast.runtime.provenance import source_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 PARTS = {
     "kernel-tests": (["tests/test_kernel_fused_linear_logprobs.py", "tests/test_kernel_contrastive_select.py",
@@ -62,17 +64,6 @@ def device_description() -> dict:
     return {"cuda_device": properties.name, "cuda": torch.version.cuda,
             "memory_gib": round(properties.total_memory / 2 ** 30, 1), "cpu": f"{platform.machine()}, "
             f"{os.cpu_count()} cores"}
-
-
-def commit() -> str | None:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
 
 
 def run_part(name: str, out: Path, *, smoke: bool, limit_s: float) -> dict:
@@ -118,7 +109,7 @@ def main(argv=None) -> int:
     date = datetime.datetime.now(datetime.timezone.utc)
     label = (device["cuda_device"] or "cpu-smoke").lower().replace(" ", "-")
     report_path = args.out / f"gpu-{label}-{date:%Y-%m-%d}.json"
-    report = {"date": date.isoformat(timespec="seconds"), "commit": commit(), "smoke": args.smoke, **device,
+    report = {"date": date.isoformat(timespec="seconds"), "commit": source_commit(), "smoke": args.smoke, **device,
               "versions": versions(), "parts": {}}
     for name in selected:
         print(f"gpu_run: {name} (limit {PARTS[name][1]} s)", flush=True)

@@ -14,15 +14,16 @@ from hscr_fast.training.config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = TrainConfig.from_args(argv)
-    if config.model is None and config.preferences is None:
-        from hscr_fast.demo.pipeline import run_demo
+    def body() -> int | None:
+        config = TrainConfig.from_args(argv)  # a value the config refuses is bad input too: exit 2, one line
+        if config.model is None and config.preferences is None:
+            from hscr_fast.demo.pipeline import run_demo
 
-        return exit_code_of(lambda: run_demo(config))
-    from hscr_fast.training.loop import train
+            return run_demo(config)
+        from hscr_fast.training.loop import train
 
-    def body() -> None:
         train(config)
+        return None
 
     return exit_code_of(body)
 

@@ -205,6 +205,10 @@ def test_a_value_argparse_cannot_take_is_one_line_and_exit_2(main, argv, message
     (generate.main, ["--max-length", "0"], "error: --max-length must be >= 1, got 0"),
     (generate.main, ["--num-samples", "-2"], "error: --num-samples must be >= 0, got -2"),
     (evaluate.main, ["--limit", "0"], "error: --limit must be at least 1, got 0"),
+    (train.main, ["--learning-rate=-1e-4"], "error: --learning-rate must be in (0, inf), got -0.0001"),
+    (train.main, ["--chosen-nll-weight", "-1"], "error: --chosen-nll-weight must be in [0, inf), got -1.0"),
+    (train.main, ["--token-kl-lambda", "2"], "error: --token-kl-lambda must be in [0, 1], got 2.0"),
+    (train.main, ["--epochs", "0"], "error: --epochs must be in [1, inf), got 0"),
     (evaluate.main, ["--predictions", "a.jsonl", "--compare", "run"], "error: give --predictions or --compare, not "
                                                                        "both"),
 ])
@@ -219,6 +223,17 @@ def test_the_library_config_refuses_under_the_field_name():
 
     with pytest.raises(HscrError, match=r"^drop_ratio must be in \[0, 1\), got 1.0$"):
         SelfContrastConfig(drop_ratio=1.0)
+
+
+def test_training_settings_no_run_can_use_are_refused_by_the_library_config():
+    from hscr_fast import HscrError
+    from hscr_fast.training.config import TrainConfig
+
+    with pytest.raises(HscrError, match=r"^gamma must be in \(0, inf\), got 0$"):
+        TrainConfig(gamma=0)
+    with pytest.raises(HscrError, match=r"^warmup_ratio must be in \[0, 1\), got 1$"):
+        TrainConfig(warmup_ratio=1)
+    TrainConfig(max_grad_norm=0, eval_steps=0, warmup_ratio=0, stop_after_steps=None)  # the documented "off" values
 
 
 def test_spelled_out_choices_are_the_librarys():

@@ -35,7 +35,6 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from hscr_fast.runtime.io import atomic_output, atomic_write_json, atomic_write_text
+from hscr_fast.runtime.provenance import source_commit
 
 # The demo's training recipe (`hscr_fast.demo.pipeline.DEMO_TRAINING`) without its held-out split: rows are compared
 # on the validation questions instead.
@@ -290,18 +290,6 @@ def aggregate(seeds: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str
 
 # -- the command -----------------------------------------------------------------------------------------------------
 
-def _commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[2]
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return commit + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _versions() -> dict[str, str]:
     import peft
     import torch
@@ -346,7 +334,7 @@ def run_ablations(rows: list[Row], settings: Settings, *, work: Path, world_root
             entry.update(status="run", **runner.run_row(row, say))
             entry["test"] = aggregate(entry["seeds"])
         results.append(entry)
-    return {"date": datetime.date.today().isoformat(), "commit": _commit(), "versions": _versions(),
+    return {"date": datetime.date.today().isoformat(), "commit": source_commit() or "unknown", "versions": _versions(),
             "mode": _mode(settings), "settings": dataclasses.asdict(settings),
             "seconds": time.perf_counter() - started,  # artifacts reused from --work took no time here
             "training": TRAINING, "primary_metric": PRIMARY,

@@ -3,10 +3,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hscr_fast.runtime.errors import HscrError
 from hscr_fast.runtime.flags import flag_parser, parse_flags
 from hscr_fast.runtime.flags import setting as _arg
 
 DESCRIPTION = "Stage 3 — multi-level preference optimisation (MLPO) on the prefix-shared listwise forward."
+
+
+_INF = float("inf")
+# (field, low, high, (low included, high included)) for every number a run reads.
+_RANGES = (("learning_rate", 0, _INF, (False, False)), ("gamma", 0, _INF, (False, False)),
+           ("epochs", 1, _INF, (True, False)), ("per_device_batch_size", 1, _INF, (True, False)),
+           ("gradient_accumulation_steps", 1, _INF, (True, False)), ("warmup_ratio", 0, 1, (True, False)),
+           ("weight_decay", 0, _INF, (True, False)), ("max_grad_norm", 0, _INF, (True, False)),
+           ("token_kl_weight", 0, _INF, (True, False)), ("token_kl_lambda", 0, 1, (True, True)),
+           ("chosen_nll_weight", 0, _INF, (True, False)), ("lora_r", 1, _INF, (True, False)),
+           ("lora_dropout", 0, 1, (True, False)), ("eval_fraction", 0, 1, (True, False)),
+           ("eval_steps", 0, _INF, (True, False)), ("max_answer_tokens", 1, _INF, (True, False)),
+           ("save_steps", 1, _INF, (True, False)), ("save_total_limit", 1, _INF, (True, False)),
+           ("stop_after_steps", 1, _INF, (True, False)), ("log_every", 1, _INF, (True, False)))
 
 
 @dataclass
@@ -84,6 +99,16 @@ class TrainConfig:
         if self.kind_weight:
             self.kind_weight = [entry for group in self.kind_weight
                                 for entry in ([group] if isinstance(group, str) else group)]
+        # Values no run can use are refused here, before any file or model is opened (the command names the flag).
+        for name, low, high, closed in _RANGES:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            above = value >= low if closed[0] else value > low
+            below = value <= high if closed[1] else value < high
+            if not (above and below):
+                interval = f"{'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
+                raise HscrError(f"{name} must be in {interval}, got {value}")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> TrainConfig:
